@@ -1,0 +1,22 @@
+"""rwkv-lite: run RWKV language models on ordinary CPUs (NumPy + Numba, one memory-mapped quantized file).
+
+    import rwkv_lite
+    rwkv_lite.convert("RWKV-5-World-7B.pth", "eagle-7b-int8.safetensors", quant="int8")
+    model = rwkv_lite.load("eagle-7b-int8.safetensors")
+    logits, state = model.forward(model.tokenizer.encode("The Eiffel tower is in the city of"))
+"""
+__version__ = "0.1.0"
+
+from .errors import FormatError, NumericalError, RwkvLiteError, UnsafeCheckpointError  # noqa: E402
+from .model import Model, load  # noqa: E402
+from .state import State  # noqa: E402
+
+
+def convert(src, dst, quant="fp16", **kwargs):
+    """Convert a checkpoint to an rwkv-lite file; see rwkv_lite.quantize.convert.convert."""
+    from .quantize.convert import convert as _convert
+    return _convert(src, dst, quant, **kwargs)
+
+
+__all__ = ["load", "convert", "Model", "State", "RwkvLiteError", "FormatError", "NumericalError",
+           "UnsafeCheckpointError", "__version__"]

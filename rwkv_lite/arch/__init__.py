@@ -1,0 +1,51 @@
+"""One module per RWKV generation, each holding that version's math and its load-time transforms.
+
+Every module provides:
+    VERSIONS                                   version strings it runs ("4", "5.0", "5.1", "5.2", "6", "7")
+    infer_config(refs, version, source_kind)   dimensions from tensor shapes -> config dict
+    plan(refs, cfg, source_kind)               tensors of our file (load-time transforms) -> [PlannedTensor]
+    init_state(cfg, weights)                   fresh recurrent state: dict of float32 arrays
+    Weights(weights, cfg)                      the file's tensors arranged for the forward pass
+    forward(W, tokens, state, all_logits)      logits of one chunk of tokens, updating the state in place
+"""
+from __future__ import annotations
+
+from importlib import import_module
+
+from ..errors import FormatError
+
+_MODULES = {"5.0": "v5", "5.1": "v5", "5.2": "v5"}
+# versions with a module still to come are refused with a clear message
+KNOWN_VERSIONS = ("4", "5.0", "5.1", "5.2", "6", "7")
+
+
+def detect_version(names) -> str:
+    """RWKV version from BlinkDL tensor names and shapes (order-independent rule, reference doc section 1.1).
+
+    `names` maps tensor name -> object with a `.shape`."""
+    if "emb.weight" not in names or "head.weight" not in names:
+        raise FormatError("not an RWKV checkpoint (no emb.weight / head.weight)")
+    if any(n.endswith("att.r_k") for n in names):
+        return "7"
+    if any(n.endswith("att.time_maa_x") for n in names):
+        return "6"
+    if any(n.endswith("att.ln_x.weight") for n in names):
+        decay = names.get("blocks.0.att.time_decay")
+        shape = tuple(d for d in getattr(decay, "shape", ()))
+        # (H, N) in BlinkDL files, (H, N, 1) in rwkv.cpp files: 5.2 has a decay per channel
+        if len(shape) >= 2 and shape[1] > 1:
+            return "5.2"
+        if "blocks.0.att.gate.weight" in names:
+            return "5.1"
+        return "5.0"
+    return "4"
+
+
+def module_for(version: str):
+    """The module that runs `version`."""
+    name = _MODULES.get(version)
+    if name is None:
+        if version in KNOWN_VERSIONS:
+            raise FormatError(f"RWKV version {version} is not supported yet by this rwkv-lite")
+        raise FormatError(f"unknown RWKV version {version!r}")
+    return import_module(f".{name}", __name__)

@@ -1,0 +1,58 @@
+"""The recurrent state of a model: a few float32 arrays per layer (reference doc section 3).
+
+RWKV carries a fixed-size state instead of a KV cache, so a conversation can be paused, copied, saved to disk and
+resumed exactly. v5/v6/v7: att_x (L, C), ffn_x (L, C), wkv (L, H, N, N); v4: att_x, aa, bb, pp, ffn_x (L, C).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FormatError
+from .format import ModelWriter, read_model_file
+
+# config keys that must agree between a saved state and the model it is used with
+_IDENTITY_KEYS = ("arch", "n_layer", "n_embd", "n_head", "head_size", "vocab_size")
+
+
+class State:
+    def __init__(self, config: dict, arrays: dict[str, np.ndarray]):
+        self.config = {k: config[k] for k in _IDENTITY_KEYS if k in config}
+        self.arrays = arrays
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+    def copy(self) -> "State":
+        """An independent copy: continuing from it never changes this state."""
+        return State(self.config, {k: v.copy() for k, v in self.arrays.items()})
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the state to `path` (atomically: a temporary file renamed into place)."""
+        arrays = [(name, np.float32, a.shape) for name, a in self.arrays.items()]
+        with ModelWriter(path, {"kind": "state", "config": self.config, "tensors": {}}, arrays) as w:
+            for name, a in self.arrays.items():
+                w.append(name, a)
+            w.close()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "State":
+        f = read_model_file(path)
+        try:
+            if f.metadata.get("kind") != "state":
+                raise FormatError(f"{path}: not a state file (it is a model file)")
+            arrays = {name: np.array(a, dtype=np.float32) for name, a in f.arrays.items()}
+        finally:
+            f.close()
+        return cls(f.metadata["config"], arrays)
+
+    def check_compatible(self, config: dict, source: str | Path = "state") -> None:
+        for k in _IDENTITY_KEYS:
+            if k in config and self.config.get(k) != config[k]:
+                raise FormatError(f"{source}: state is for a model with {k}={self.config.get(k)}, "
+                                  f"this model has {k}={config[k]}")
