@@ -1,0 +1,399 @@
+"""The generation loop shared by every RWKV version, and a chat session built on it.
+
+    gen = generate(model, "The Eiffel tower is in the city of", max_tokens=50, params=SamplingParams(seed=1))
+    for piece in gen:                 # UTF-8-safe text pieces, as they are produced
+        print(piece, end="", flush=True)
+    gen.stats                         # token counts, timings, why it stopped
+    gen.state                         # the model state after the prompt and every generated token
+
+The loop, one token at a time (the prompt goes through the model in one call, in sequence mode):
+
+    logits --Penalties--> sample --> token --StreamDecoder--> text --stop filter--> yielded pieces
+       ^                                |
+       +-------- model.forward([token], state) (done just before the next sample) <-+
+
+Each sampled token is fed to the model only when the next token is needed. So a piece reaches the caller one
+forward pass earlier, and the last token of a generation is not fed at all unless someone asks for `.state`
+(which then feeds it, once).
+
+Only `model.forward(ids, state) -> (logits, new_state)`, `model.tokenizer` and states' `copy()`/`save()` are
+used, so this works for every model version. It relies on forward() leaving the state passed in untouched (as
+rwkv_lite.Model does): if a forward call is interrupted (Ctrl-C), the previous state is still valid and the
+tokens it had not seen are simply still pending.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from rwkv_lite.errors import RwkvLiteError
+from rwkv_lite.sampling import DIGITS_AND_SPACES, Penalties, SamplingParams, sample
+from rwkv_lite.tokenizer import StreamDecoder
+
+
+class GenerationError(RwkvLiteError, ValueError):
+    """A generation or chat request that cannot be run (empty prompt, bad stop strings, nothing to save...)."""
+
+
+@dataclass
+class GenerationStats:
+    """Counts and timings of one generation.
+
+    prompt_seconds      the forward call over the prompt
+    generation_seconds  model + sampler time for the generated tokens (time spent by the caller between pieces
+                        is not counted; the final token's forward pass, done only if .state is read, is not either)
+    stop_reason         "stop" (a stop string), "end_of_text", "max_tokens", or "interrupted" (closed early by
+                        the caller, an exception, Ctrl-C); "" while running
+    """
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generation_seconds: float = 0.0
+    stop_reason: str = ""
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def generation_tokens_per_second(self) -> float:
+        return self.generated_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
+
+
+class Generation:
+    """An iterator over text pieces of one generation; see `generate()`.
+
+    Attributes, live while iterating and final after it: `tokens` (generated ids, without a stopping
+    end-of-text), `text` (everything yielded so far), `stats` (GenerationStats), `finished`; and `state`.
+    Stop iterating at any time (break, close(), Ctrl-C): `tokens` and `state` stay consistent with each other.
+
+    Keyword arguments beyond generate()'s, used by ChatSession:
+      rng                  numpy Generator to draw from (default: params.make_rng())
+      ban_end_of_text      never sample end-of-text (the chat demos suppress it during a reply)
+      penalty_exempt_text  see Penalties (None: every generated token counts with weight 1)
+      on_finish            called once with this Generation when it ends, however it ends
+    """
+
+    def __init__(self, model, prompt: str | Sequence[int], *, max_tokens: int, params: SamplingParams | None = None,
+                 stop: Sequence[str] = (), state=None, on_token: Callable[[int], None] | None = None,
+                 rng: np.random.Generator | None = None, ban_end_of_text: bool = False,
+                 penalty_exempt_text: str | None = DIGITS_AND_SPACES,
+                 on_finish: Callable[["Generation"], None] | None = None):
+        tokenizer = model.tokenizer
+        if tokenizer is None:
+            raise GenerationError("this model has no tokenizer: it cannot generate text")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
+            raise GenerationError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
+        stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise GenerationError(f"stop strings must be non-empty strings, got {tuple(stop)!r}")
+
+        # End-of-text: id 0 for World/HF vocabularies; None for byte-level ones, where id 0 is the NUL byte.
+        self._eot = getattr(tokenizer, "eot_id", 0)
+        params = params if params is not None else SamplingParams()
+        if ban_end_of_text and self._eot is not None:
+            params = params.with_banned(self._eot)
+        self.params = params
+
+        prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not prompt_ids:
+            if state is not None or self._eot is None:
+                raise GenerationError("the prompt is empty: give at least one token to continue from")
+            prompt_ids = [self._eot]  # an empty prompt starts a fresh document, which follows end-of-text
+
+        self.model = model
+        self.tokens: list[int] = []
+        self.text = ""
+        self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        self.finished = False
+        self._max_tokens = int(max_tokens)
+        self._on_token = on_token
+        self._on_finish = on_finish
+        self._rng = rng if rng is not None else params.make_rng()
+        self._penalties = Penalties.from_params(params, tokenizer, exempt_text=penalty_exempt_text)
+        self._decoder = StreamDecoder(tokenizer)  # never emits half a UTF-8 character
+        self._stops = _StopFilter(stop)
+        # The model has seen (prompt + tokens) minus _unfed; _logits are its output after the last fed token.
+        self._state = state
+        self._unfed: list[int] = prompt_ids
+        self._logits = None
+        self.prompt_fed = False
+        self._steps = self._run()
+
+    # -- iteration ---------------------------------------------------------------------------------------------
+    def __iter__(self) -> "Generation":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._steps)
+
+    def close(self) -> None:
+        """Stop generating (also fine before the first piece or after the end)."""
+        self._steps.close()
+        self._finish("interrupted")
+
+    @property
+    def state(self):
+        """The model state after the prompt and every id in `tokens`.
+
+        The last sampled token is normally not fed to the model yet (it is fed just before the next sample);
+        reading `state` feeds it now, once (one forward call)."""
+        if self._unfed:
+            self._feed()
+        return self._state
+
+    @property
+    def unfed_tokens(self) -> list[int]:
+        """Ids in (prompt + tokens) that the model has not processed yet (usually the last sampled one)."""
+        return list(self._unfed)
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def _feed(self) -> None:
+        logits, state = self.model.forward(self._unfed, self._state)
+        # Assigned only after forward() returned: an interrupted call leaves the previous, valid state in place.
+        self._logits, self._state, self._unfed = logits, state, []
+        self.prompt_fed = True
+
+    def _run(self) -> Iterator[str]:
+        stats = self.stats
+        try:
+            start = time.perf_counter()
+            if self._unfed:  # (already fed if .state was read before iterating)
+                self._feed()  # the whole prompt, in one call (sequence mode)
+            stats.prompt_seconds = time.perf_counter() - start
+            reason = "max_tokens"
+            for _ in range(self._max_tokens):
+                start = time.perf_counter()
+                if self._unfed:
+                    self._feed()
+                logits = np.array(self._logits, dtype=np.float32)  # a copy: penalties are applied in place
+                self._penalties.apply(logits)
+                token = sample(logits, self.params, self._rng)
+                stats.generation_seconds += time.perf_counter() - start
+                if token == self._eot:
+                    reason = "end_of_text"
+                    break
+                self.tokens.append(token)
+                self._unfed = [token]
+                stats.generated_tokens += 1
+                self._penalties.update(token)
+                if self._on_token is not None:
+                    self._on_token(token)
+                piece, stopped = self._stops.push(self._decoder.push(token))
+                if piece:
+                    self.text += piece
+                    yield piece
+                if stopped:
+                    reason = "stop"
+                    break
+            if reason != "stop":
+                # Out of tokens: release what the decoder and the stop filter were holding back.
+                piece, stopped = self._stops.push(self._decoder.flush())
+                if stopped:
+                    reason = "stop"
+                else:
+                    piece += self._stops.flush()
+                if piece:
+                    self.text += piece
+                    yield piece
+            self._finish(reason)
+        finally:
+            self._finish("interrupted")
+
+    def _finish(self, reason: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.stats.stop_reason = reason
+        if self._on_finish is not None:
+            self._on_finish(self)
+
+
+def generate(model, prompt: str | Sequence[int], *, max_tokens: int, params: SamplingParams | None = None,
+             stop: Sequence[str] = (), state=None, on_token: Callable[[int], None] | None = None) -> Generation:
+    """Generate up to `max_tokens` tokens after `prompt`, yielding UTF-8-safe text pieces as they come.
+
+    prompt    text (encoded with model.tokenizer) or token ids; fed to the model in one call. Empty text starts
+              from end-of-text (a fresh document) when there is no `state`.
+    params    SamplingParams (default: SamplingParams()).
+    stop      strings that end the generation. They may span tokens; the stop string and anything after it is
+              not yielded (text that could be the start of a stop string is held back until it is not).
+    state     the state to continue from (None: the model's initial state). It is not modified.
+    on_token  called with every generated id (including ids whose text is still held back).
+
+    Stops at end-of-text (not fed, not in .tokens), at a stop string, or after max_tokens. Returns a Generation:
+    iterate it for the pieces, then read .stats, .tokens, .text and .state."""
+    return Generation(model, prompt, max_tokens=max_tokens, params=params, stop=stop, state=state,
+                      on_token=on_token)
+
+
+def generate_text(model, prompt: str | Sequence[int], **kwargs) -> str:
+    """generate() without streaming: the whole generated text (same arguments)."""
+    return "".join(generate(model, prompt, **kwargs))
+
+
+class _StopFilter:
+    """Passes text through until a stop string appears, holding back any tail that could start one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = tuple(stops)
+        self.held = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Returns (text that is safe to show, whether a stop string was found)."""
+        if not self.stops:
+            return text, False
+        buf = self.held + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return buf[:min(hits)], True
+        hold = max(_prefix_overlap(buf, s) for s in self.stops)
+        self.held = buf[len(buf) - hold:] if hold else ""
+        return buf[:len(buf) - hold], False
+
+    def flush(self) -> str:
+        text, self.held = self.held, ""
+        return text
+
+
+def _prefix_overlap(text: str, stop: str) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of `stop`."""
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chat
+
+# The reference chat demo's warm-up exchange (used when no saved state is loaded).
+DEFAULT_PREAMBLE = ("User: hi\n\nAssistant: Hi. I am your assistant and I will provide expert full response in "
+                    "full details. Please feel free to ask any question and I will always answer it.\n\n")
+TURN_SEPARATOR = "\n\n"
+
+
+def normalize_message(message: str) -> str:
+    """A user message as the World chat format needs it: stripped, "\\r\\n" -> "\\n", newline runs collapsed to
+    one "\\n" (so "\\n\\n" only ever separates turns). The reference collapses before converting "\\r\\n", which
+    lets "\\r\\n\\r\\n" through as "\\n\\n"; we convert first."""
+    text = message.replace("\r\n", "\n").replace("\r", "\n").strip()
+    return re.sub(r"\n+", "\n", text)
+
+
+class ChatSession:
+    """A conversation in the World chat format, with the state kept between turns.
+
+        chat = ChatSession(model)
+        for piece in chat.reply("What is the capital of France?"):
+            print(piece, end="", flush=True)
+
+    The transcript is  preamble + "User: <msg>\\n\\nAssistant:" + reply + "\\n\\n" + "User: ..."; the model writes
+    the space after "Assistant:" itself. A reply ends when the model writes "\\n\\n" (not shown), and end-of-text
+    is never sampled during a reply (as in the reference chat demo). Each reply uses fresh penalties with weight 1
+    for every token (the chat demo's convention) and `params` (default SamplingParams.chat()).
+
+    History is never re-processed: only new tokens go through the model. Tokens that are part of the
+    transcript but not yet seen by the model (the reply's last token, a closing "\\n\\n") are fed together with
+    the next message, in one call.
+
+    Interrupting a reply (break, close(), Ctrl-C) keeps the transcript consistent: the part of the reply
+    generated so far stays in the history and is closed with "\\n\\n" as if the model had ended it there (it
+    may include a little text that was held back and never shown). If the interruption comes while the new
+    message itself is being read (before the first reply token), the turn is dropped entirely.
+    """
+
+    def __init__(self, model, *, params: SamplingParams | None = None, preamble: str | None = DEFAULT_PREAMBLE,
+                 max_reply_tokens: int = 1024):
+        if model.tokenizer is None:
+            raise GenerationError("this model has no tokenizer: it cannot chat")
+        self.model = model
+        self.params = params if params is not None else SamplingParams.chat()
+        self.preamble = preamble or ""
+        self.max_reply_tokens = max_reply_tokens
+        self._active: Generation | None = None
+        self.reset()
+
+    @property
+    def history(self) -> list[int]:
+        """Token ids of the transcript since reset() / load_state() (preamble, turns, replies, separators)."""
+        return list(self._history)
+
+    @property
+    def transcript(self) -> str:
+        return self.model.tokenizer.decode(self._history)
+
+    def reset(self) -> None:
+        """Forget the conversation: back to the initial state (plus the preamble, read with the first message)."""
+        self._close_active()
+        self._state = None
+        self._pending = self.model.tokenizer.encode(self.preamble) if self.preamble else []
+        self._history = list(self._pending)
+        self._rng = self.params.make_rng()
+
+    def reply(self, message: str) -> Generation:
+        """Send `message`; returns a Generation streaming the reply's text (without the closing "\\n\\n")."""
+        self._close_active()
+        message = normalize_message(message)
+        if not message:
+            raise GenerationError("the message is empty")
+        turn = self.model.tokenizer.encode(f"User: {message}\n\nAssistant:")
+
+        def on_finish(gen: Generation) -> None:
+            self._active = None
+            if not gen.prompt_fed:
+                return  # interrupted while reading the message: the turn never happened
+            closing = self._closing(gen.tokens)
+            self._state = gen._state
+            self._pending = gen.unfed_tokens + closing
+            self._history += turn + gen.tokens + closing
+
+        self._active = Generation(
+            self.model, self._pending + turn, max_tokens=self.max_reply_tokens, params=self.params,
+            stop=(TURN_SEPARATOR,), state=self._state, rng=self._rng, ban_end_of_text=True,
+            penalty_exempt_text=None, on_finish=on_finish)
+        return self._active
+
+    def ask(self, message: str) -> str:
+        """reply() without streaming: the whole reply, stripped."""
+        gen = self.reply(message)
+        try:
+            return "".join(gen).strip()
+        finally:
+            gen.close()
+
+    def save_state(self, path) -> None:
+        """Save the model state at the end of the transcript (e.g. to resume the chat later with load_state)."""
+        self._close_active()
+        if self._pending:
+            _, self._state = self.model.forward(self._pending, self._state)
+            self._pending = []
+        if self._state is None:
+            raise GenerationError("nothing to save: the chat has not processed any text yet")
+        self._state.save(path)
+
+    def load_state(self, path) -> None:
+        """Continue from a state saved by save_state() (same model). `history` restarts empty."""
+        from rwkv_lite import State
+        self._close_active()
+        self._state = State.load(path)
+        self._pending = []
+        self._history = []
+
+    def _closing(self, reply_ids: list[int]) -> list[int]:
+        """The ids that end the reply's turn with "\\n\\n" (none if the reply already contains it)."""
+        text = self.model.tokenizer.decode(reply_ids)
+        if TURN_SEPARATOR in text:
+            return []
+        return self.model.tokenizer.encode("\n" if text.endswith("\n") else TURN_SEPARATOR)
+
+    def _close_active(self) -> None:
+        if self._active is not None:
+            self._active.close()  # runs its on_finish, which records the (partial) reply
+            self._active = None
