@@ -117,6 +117,7 @@ class Generation:
         self._rng = rng if rng is not None else params.make_rng()
         self._penalties = Penalties.from_params(params, tokenizer, exempt_text=penalty_exempt_text)
         self._decoder = StreamDecoder(tokenizer)  # never emits half a UTF-8 character
+        self._n_decodable = int(getattr(tokenizer, "vocab_size", 1 << 62))
         self._stops = _StopFilter(stop)
         # The model has seen (prompt + tokens) minus _unfed; _logits are its output after the last fed token.
         self._state = state
@@ -172,6 +173,9 @@ class Generation:
                 if self._unfed:
                     self._feed()
                 logits = np.array(self._logits, dtype=np.float32)  # a copy: penalties are applied in place
+                # The model may have more output rows than the tokenizer has tokens (World: 65536 vs 65530):
+                # those ids have no text, so they are never sampled.
+                logits[self._n_decodable:] = -np.inf
                 self._penalties.apply(logits)
                 token = sample(logits, self.params, self._rng)
                 stats.generation_seconds += time.perf_counter() - start
