@@ -1,26 +1,36 @@
 """The `rwkv-lite` command line: thin click commands over the Python API.
 
 Every command reports a user-caused problem as one line on stderr ("error: ...") and exits 1 (2 for usage
-errors, as click does); `--json` prints exactly one JSON document on stdout. See docs/cli.md.
+errors, as click does; 130 after Ctrl-C); `--json` prints exactly one JSON document on stdout. Model-using
+commands take the model as an optional first argument (or -m/--model); without one they use the built-in demo
+model. See docs/cli.md.
 """
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
+import re
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .errors import RwkvLiteError
+from .errors import FormatError, RwkvLiteError
+
+# Rough memory needed per byte of input text while it is tokenized and held as ids: the str (up to 4 bytes per
+# character) and its UTF-8 copy, a Python list of ids (8-byte slots, plus 28-byte int objects for ids > 256) and
+# the int64 array made from it. Generous on purpose: it only has to catch inputs that cannot possibly fit.
+MEMORY_PER_INPUT_BYTE = 64
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 1) -> None:
     click.echo(f"error: {message}", err=True)
-    sys.exit(1)
+    sys.exit(code)
 
 
 def friendly_errors(fn):
@@ -33,6 +43,10 @@ def friendly_errors(fn):
             _fail(str(e))
         except MemoryError:
             _fail("out of memory (try a smaller model, a smaller --quant, or a shorter prompt)")
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except BrokenPipeError:
+            _quiet_exit_after_broken_pipe()
         except OSError as e:
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""
             _fail(f"{where}{e.strerror or e}")
@@ -41,18 +55,293 @@ def friendly_errors(fn):
     return wrapper
 
 
+def _quiet_exit_after_broken_pipe() -> None:
+    """The reader of stdout went away (`rwkv-lite generate ... | head`): stop quietly. Python would otherwise
+    complain once more when it flushes stdout at exit, so point stdout at /dev/null first."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):     # (io.UnsupportedOperation is both OSError and ValueError)
+        pass
+    sys.exit(1)
+
+
 def _set_threads(threads: int | None) -> None:
     from .kernels.threads import set_threads
     set_threads(threads)
 
 
+def _utf8_stdout() -> None:
+    """Generated text is printed as UTF-8 whatever the locale says (a pipe under LANG=C or a latin-1 terminal
+    would otherwise raise UnicodeEncodeError on the first non-ASCII character). errors='strict' is safe: every
+    string we print comes from valid UTF-8 or from the decoder, which only produces U+FFFD for bad bytes."""
+    stream = sys.stdout
+    encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+    if encoding != "utf8" and hasattr(stream, "reconfigure"):
+        try:
+            stream.reconfigure(encoding="utf-8", errors="strict")
+        except (ValueError, OSError):     # a stream that cannot change (already read from): leave it
+            pass
+
+
+def _write(text: str) -> None:
+    """Generated text goes straight to stdout (click.echo would strip ANSI codes from it when piped)."""
+    if text:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+def _stdin_is_interactive() -> bool:
+    stream = sys.stdin
+    return stream is not None and hasattr(stream, "isatty") and stream.isatty()
+
+
+def _read_line(prompt: str) -> str:
+    """One line from the terminal, with line editing where readline exists (a seam for the tests)."""
+    return input(prompt)
+
+
+def _json_safe(value):
+    """Non-finite floats become null: the output must be strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+# A JSON array of numbers as pretty-printed by json.dumps: "[" and a newline can only start a real array (JSON
+# strings hold no raw newlines), so collapsing these is safe.
+_NUMBER_ARRAY = re.compile(r"\[\n[-+.\deE,\s]*\n\s*\]")
+
+
+def _print_json(doc) -> None:
+    """Indented JSON, with arrays of numbers (token ids, shapes) kept on one line."""
+    _utf8_stdout()
+    text = json.dumps(_json_safe(doc), indent=2, ensure_ascii=False, allow_nan=False)
+    text = _NUMBER_ARRAY.sub(lambda m: "[" + ", ".join(n.strip() for n in m[0][1:-1].split(",")) + "]", text)
+    click.echo(text)
+
+
+# ------------------------------------------------------------------------------------------------- shared options
 threads_option = click.option("--threads", "-t", type=click.IntRange(1, 1024), default=None,
                               help="Threads for the kernels and BLAS (default: all cores, or NUMBA_NUM_THREADS).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document (see docs/cli.md).")
 
 
-def _print_json(doc) -> None:
-    click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
+def model_argument(fn):
+    """MODEL as an optional first argument, with -m/--model as an alias (absent: the built-in demo model)."""
+    fn = click.option("--model", "-m", "model_opt", type=click.Path(path_type=Path), default=None,
+                      help="The model file (same as the MODEL argument).")(fn)
+    return click.argument("model", type=click.Path(path_type=Path), required=False)(fn)
+
+
+def _model_path(model, model_opt) -> Path:
+    if model is not None and model_opt is not None:
+        raise click.UsageError("give the model once: as the MODEL argument or with --model, not both")
+    path = model_opt or model
+    if path is None:
+        from .demo import demo_model_path
+        path = demo_model_path()
+        click.echo(f"(no model given: using the built-in demo model {path.name})", err=True)
+    return Path(path)
+
+
+def _load_model(path: Path):
+    """rwkv_lite.load, with a missing file reported before anything else is tried."""
+    import rwkv_lite
+    if not path.exists():
+        looks_like_text = " " in str(path) or not path.suffix
+        raise FormatError(f"{path}: no such model file" + (" (to give a prompt, use -p TEXT)" if looks_like_text
+                                                            else ""))
+    return rwkv_lite.load(path)
+
+
+def sampling_options(fn):
+    """The sampling options shared by generate and chat (defaults: see each command's help)."""
+    options = [
+        click.option("--temperature", type=click.FloatRange(min=0.0), default=None,
+                     help="Sharpness: 0 = greedy, 1 = the model's distribution, higher = flatter."),
+        click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=None,
+                     help="Keep the smallest set of most probable tokens whose probability reaches P (1 = off)."),
+        click.option("--top-k", type=click.IntRange(min=0), default=None,
+                     help="Keep the K most probable tokens (0 = off)."),
+        click.option("--min-p", type=click.FloatRange(0.0, 1.0), default=None,
+                     help="Keep tokens at least P times as probable as the most probable one (0 = off)."),
+        click.option("--presence-penalty", type=float, default=None,
+                     help="Subtracted from the logit of every token already generated."),
+        click.option("--frequency-penalty", type=float, default=None,
+                     help="Also subtracted per (decayed) occurrence of a generated token."),
+        click.option("--penalty-decay", type=click.FloatRange(0.0, 1.0), default=None,
+                     help="Occurrence counts are multiplied by this after every token."),
+        click.option("--seed", type=click.IntRange(min=0), default=None,
+                     help="Random seed: the same seed, model and options give the same text."),
+        click.option("--greedy", is_flag=True,
+                     help="Always pick the most probable token, without penalties (temperature 0)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _sampling_params(base: str, greedy: bool, **given):
+    """SamplingParams from the command line: `base` defaults ('default' or 'chat'), then the options given."""
+    from .sampling import SamplingError, SamplingParams
+    given = {k: v for k, v in given.items() if v is not None}
+    if greedy and given.get("temperature", 0.0) != 0.0:
+        raise click.UsageError("--greedy means temperature 0: drop one of --greedy and --temperature")
+    try:
+        if greedy:
+            return SamplingParams.greedy(**given)
+        return SamplingParams.chat(**given) if base == "chat" else SamplingParams(**given)
+    except SamplingError as e:          # e.g. --temperature nan: a bad option value, so a usage error (exit 2)
+        raise click.UsageError(str(e)) from None
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _max_input_bytes() -> int | None:
+    available = _available_memory()
+    return None if available is None else available // MEMORY_PER_INPUT_BYTE
+
+
+def _too_long(what: str, n_bytes: int, limit: int) -> RwkvLiteError:
+    return RwkvLiteError(f"{what}: {n_bytes / 1e6:.1f} MB of text is too long for the memory available "
+                         f"(about {n_bytes * MEMORY_PER_INPUT_BYTE / 1e9:.1f} GB needed to tokenize it, "
+                         f"{limit * MEMORY_PER_INPUT_BYTE / 1e9:.1f} GB free)")
+
+
+def _decode_utf8(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RwkvLiteError(f"{what}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                            "convert it to UTF-8 first") from None
+
+
+def _read_text_file(path: Path) -> str:
+    """A UTF-8 text file, refused in one line if it is missing, not UTF-8 or too large for memory."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise RwkvLiteError(f"{path}: no such file") from None
+    if path.is_dir():
+        raise RwkvLiteError(f"{path}: is a folder, not a text file")
+    limit = _max_input_bytes()
+    if limit is not None and size > limit:
+        raise _too_long(str(path), size, limit)
+    return _decode_utf8(path.read_bytes(), str(path))
+
+
+def _read_stdin_text() -> str:
+    stream = sys.stdin.buffer
+    limit = _max_input_bytes()
+    data = stream.read() if limit is None else stream.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise _too_long("stdin", len(data), limit)
+    return _decode_utf8(data, "stdin")
+
+
+def _parse_ids(text: str, vocab_size: int) -> list[int]:
+    """--tokens "1 2 3" (spaces and/or commas) -> [1, 2, 3], each checked against the vocabulary."""
+    parts = [p for p in re.split(r"[\s,]+", text.strip()) if p]
+    if not parts:
+        raise click.BadParameter("give at least one token id", param_hint="--tokens")
+    ids = []
+    for p in parts:
+        if not (p.isascii() and p.isdigit()):
+            raise click.BadParameter(f"{p!r} is not a token id (whole numbers separated by spaces)",
+                                     param_hint="--tokens")
+        if int(p) >= vocab_size:
+            raise click.BadParameter(f"token id {p} is outside the vocabulary (0..{vocab_size - 1})",
+                                     param_hint="--tokens")
+        ids.append(int(p))
+    return ids
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def _unescape(text: str) -> str:
+    """--stop '\\n\\n' means two newlines: \\n, \\t, \\r and \\\\ are understood; other backslashes stay."""
+    return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m[1], m[0]), text)
+
+
+def _peak_rss_bytes() -> int:
+    from .benchmark import peak_rss_bytes
+    return peak_rss_bytes()
+
+
+class _IdsTokenizer:
+    """Stands in for the tokenizer of a model that has none: output ids are printed as "12 345 6 ".
+
+    The prompt must then be given as ids (--tokens); there is no text to encode."""
+
+    kind = "ids"
+    eot_id = None
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        raise RwkvLiteError("this model has no tokenizer: give the prompt as token ids with --tokens")
+
+    def decode_bytes(self, ids) -> bytes:
+        return "".join(f"{int(i)} " for i in ids).encode()
+
+    def decode(self, ids) -> str:
+        return self.decode_bytes(ids).decode()
+
+
+class _WithIdsTokenizer:
+    """A model whose missing tokenizer is replaced by _IdsTokenizer (forward() is the model's own)."""
+
+    def __init__(self, model):
+        self._model = model
+        self.config = model.config
+        self.tokenizer = _IdsTokenizer(model.config["vocab_size"])
+
+    def forward(self, *args, **kwargs):
+        return self._model.forward(*args, **kwargs)
+
+
+def _stats_doc(stats) -> dict:
+    return {
+        "prompt_tokens": stats.prompt_tokens,
+        "generated_tokens": stats.generated_tokens,
+        "prompt_seconds": stats.prompt_seconds,
+        "generation_seconds": stats.generation_seconds,
+        "prompt_tokens_per_s": stats.prompt_tokens_per_second,
+        "generation_tokens_per_s": stats.generation_tokens_per_second,
+        "peak_rss_bytes": _peak_rss_bytes(),
+    }
+
+
+def _report_stats(stats) -> None:
+    click.echo(f"prompt      {stats.prompt_tokens} tokens in {stats.prompt_seconds:.3f} s "
+               f"({stats.prompt_tokens_per_second:.1f} tokens/s)", err=True)
+    click.echo(f"generated   {stats.generated_tokens} tokens in {stats.generation_seconds:.3f} s "
+               f"({stats.generation_tokens_per_second:.1f} tokens/s), stopped by {stats.stop_reason}", err=True)
+    click.echo(f"peak RSS    {_peak_rss_bytes() / 1e6:.1f} MB", err=True)
+
+
+def _load_state_for(model, path: Path):
+    from .state import State
+    state = State.load(path)
+    state.check_compatible(model.config, path)
+    return state
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,11 +349,16 @@ def _print_json(doc) -> None:
 def main():
     """Run RWKV language models on ordinary CPUs.
 
+    Commands that use a model take it as their first argument (or -m/--model); without one they use the
+    built-in demo model. `rwkv-lite COMMAND --help` shows each command's options and examples.
+
     \b
     Examples:
       rwkv-lite convert RWKV-5-World-7B.pth eagle-int8.safetensors --quant int8
       rwkv-lite generate eagle-int8.safetensors -p "The Eiffel tower is in" -n 40
       rwkv-lite chat eagle-int8.safetensors
+      rwkv-lite perplexity eagle-int8.safetensors book.txt
+      rwkv-lite bench eagle-int8.safetensors
       rwkv-lite info eagle-int8.safetensors
     """
 
@@ -118,15 +412,454 @@ def convert(src, dst, quant, group, head, vocab, quiet):
     click.echo(f"wrote {dst} ({size / 1e6:.1f} MB, {quant}) in {time.perf_counter() - start:.1f} s", err=True)
 
 
+# ------------------------------------------------------------------------------------------------- generate
+@main.command()
+@model_argument
+@click.option("--prompt", "-p", default=None, help="The text to continue.")
+@click.option("--file", "-f", "prompt_file", type=click.Path(path_type=Path), default=None,
+              help="Read the prompt from a UTF-8 text file.")
+@click.option("--tokens", "prompt_ids", default=None, metavar="IDS",
+              help='The prompt as token ids, e.g. "34 105 110" (for models without a tokenizer).')
+@click.option("--max-tokens", "-n", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Generate at most this many tokens.")
+@sampling_options
+@click.option("--stop", "stops", multiple=True, metavar="TEXT",
+              help=r"Stop when this text appears (not printed). Repeatable; \n, \t, \\ are understood.")
+@click.option("--state", "state_in", type=click.Path(path_type=Path), default=None,
+              help="Continue from a state saved with --save-state or chat's /save.")
+@click.option("--save-state", "state_out", type=click.Path(path_type=Path), default=None,
+              help="Save the state after the prompt and the generated text to this file.")
+@json_option
+@click.option("--verbose", "-v", is_flag=True,
+              help="At the end, print tokens/s of the prompt and of generation, and peak memory, to stderr.")
+@threads_option
+@friendly_errors
+def generate(model, model_opt, prompt, prompt_file, prompt_ids, max_tokens, temperature, top_p, top_k, min_p,
+             presence_penalty, frequency_penalty, penalty_decay, seed, greedy, stops, state_in, state_out,
+             as_json, verbose, threads):
+    """Continue a prompt, streaming the generated text to stdout.
+
+    The prompt comes from -p, -f FILE, --tokens, or stdin when it is piped. Defaults are the reference's
+    sampling settings (temperature 1, top-p 0.85, presence and frequency penalties 0.2, decay 0.996).
+
+    \b
+    Examples:
+      rwkv-lite generate -p "And God said"                      # the built-in demo model
+      rwkv-lite generate eagle-int8.safetensors -p "The Eiffel tower is in" -n 40 --greedy
+      rwkv-lite generate eagle-int8.safetensors -f story.txt --temperature 0.8 --top-p 0.9 --seed 7
+      echo "Q: What is 2+2?" | rwkv-lite generate eagle-int8.safetensors --stop '\\n' --json
+      rwkv-lite generate tiny.safetensors --tokens "34 105 110" -n 8
+    """
+    from .generate import generate as run_generate
+    given = [name for name, value in (("-p", prompt), ("-f", prompt_file), ("--tokens", prompt_ids))
+             if value is not None]
+    if len(given) > 1:
+        raise click.UsageError(f"give the prompt one way: {' and '.join(given)} were both given")
+    if not given and _stdin_is_interactive():
+        raise click.UsageError("no prompt: give one with -p TEXT or -f FILE, or pipe it on stdin")
+    params = _sampling_params("default", greedy, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                              penalty_decay=penalty_decay, seed=seed)
+    stops = [_unescape(s) for s in stops]
+    if any(not s for s in stops):
+        raise click.BadParameter("stop strings cannot be empty", param_hint="--stop")
+
+    path = _model_path(model, model_opt)
+    _set_threads(threads)
+    llm = _load_model(path)
+    if prompt_ids is not None:
+        prompt_value = _parse_ids(prompt_ids, llm.config["vocab_size"])
+    elif prompt_file is not None:
+        prompt_value = _read_text_file(prompt_file)
+    elif prompt is not None:
+        prompt_value = prompt
+    else:
+        prompt_value = _read_stdin_text()
+    if llm.tokenizer is None:
+        if isinstance(prompt_value, str):
+            raise RwkvLiteError(f"{path}: this model has no tokenizer, so it cannot read text: give the prompt as "
+                                "token ids with --tokens (or convert it again with --vocab)")
+        llm = _WithIdsTokenizer(llm)
+    state = _load_state_for(llm, state_in) if state_in is not None else None
+
+    gen = run_generate(llm, prompt_value, max_tokens=max_tokens, params=params, stop=stops, state=state)
+    _utf8_stdout()
+    interrupted = False
+    try:
+        for piece in gen:
+            if not as_json:
+                _write(piece)
+    except KeyboardInterrupt:
+        gen.close()
+        interrupted = True
+    if not as_json and sys.stdout.isatty() and gen.text and not gen.text.endswith("\n"):
+        _write("\n")        # leave the terminal's prompt on a line of its own (pipes get the exact text)
+    if state_out is not None and not interrupted:
+        gen.state.save(state_out)
+    if as_json:
+        _print_json({
+            "model": str(path),
+            "prompt": prompt_value if isinstance(prompt_value, str) else None,
+            "prompt_ids": None if isinstance(prompt_value, str) else prompt_value,
+            "text": gen.text,
+            "tokens": gen.tokens,
+            "stop_reason": gen.stats.stop_reason,
+            "params": {**asdict(params), "banned_tokens": list(params.banned_tokens)},
+            "stats": _stats_doc(gen.stats),
+        })
+    elif verbose:
+        _report_stats(gen.stats)
+    if interrupted:
+        _fail("interrupted", 130)
+
+
+# ------------------------------------------------------------------------------------------------- chat
+CHAT_HELP = """\
+Commands (type them as a message):
+  /reset        forget the conversation (back to the start, preamble included)
+  /save FILE    save the conversation's state to FILE
+  /load FILE    continue from a state saved with /save (same model)
+  /quit         leave (also /exit, Ctrl-D, or Ctrl-C twice at the prompt)
+  /help         this list
+  //text        send "/text" as a message
+Ctrl-C while the model answers stops the answer, not the chat."""
+
+
+class _ReplyPrinter:
+    """Prints a streamed reply without its leading and trailing whitespace (held back until more text comes)."""
+
+    def __init__(self):
+        self.started = False
+        self.pending_space = ""
+
+    def push(self, piece: str) -> None:
+        if not self.started:
+            piece = piece.lstrip()
+            if not piece:
+                return
+            self.started = True
+        piece = self.pending_space + piece
+        shown = piece.rstrip()
+        self.pending_space = piece[len(shown):]
+        _write(shown)
+
+
+class _ChatCommandError(RwkvLiteError):
+    """A chat command that cannot be run (unknown command, missing argument)."""
+
+
+@main.command()
+@model_argument
+@sampling_options
+@click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Longest reply, in tokens.")
+@click.option("--preamble", default=None,
+              help="Text read before the first message (default: a short greeting exchange, as in the "
+                   "reference chat demo).")
+@click.option("--no-preamble", is_flag=True, help="Start from the empty state.")
+@click.option("--state", "state_in", type=click.Path(path_type=Path), default=None,
+              help="Start from a state saved with /save (like /load FILE as the first command).")
+@click.option("--verbose", "-v", is_flag=True, help="After each reply, print its tokens and tokens/s to stderr.")
+@threads_option
+@friendly_errors
+def chat(model, model_opt, temperature, top_p, top_k, min_p, presence_penalty, frequency_penalty, penalty_decay,
+         seed, greedy, max_tokens, preamble, no_preamble, state_in, verbose, threads):
+    """Chat with a model in the World chat format ("User: ...\\n\\nAssistant: ...").
+
+    The model's state is kept between turns, so history is never read twice. Defaults are the reference chat
+    demo's settings (temperature 1, top-p 0.3, presence and frequency penalties 0.5, decay 0.996).
+
+    With piped stdin each line is one message (or command) and stdout gets each reply followed by an empty
+    line (replies never contain one), so a chat can be scripted.
+
+    \b
+    Commands (type them as a message):
+      /reset        forget the conversation
+      /save FILE    save the conversation's state
+      /load FILE    continue from a saved state
+      /quit         leave (also Ctrl-D, or Ctrl-C twice)
+      /help         list the commands
+
+    \b
+    Examples:
+      rwkv-lite chat eagle-int8.safetensors
+      rwkv-lite chat eagle-int8.safetensors --seed 1 --temperature 0.7
+      printf 'Hi!\\nWhat is the capital of France?\\n/save paris.state\\n' | rwkv-lite chat eagle-int8.safetensors
+      rwkv-lite chat eagle-int8.safetensors --state paris.state
+    """
+    from .generate import DEFAULT_PREAMBLE, ChatSession
+    if preamble is not None and no_preamble:
+        raise click.UsageError("--preamble and --no-preamble cannot be used together")
+    params = _sampling_params("chat", greedy, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                              penalty_decay=penalty_decay, seed=seed)
+    path = _model_path(model, model_opt)
+    _set_threads(threads)
+    llm = _load_model(path)
+    if llm.tokenizer is None:
+        raise RwkvLiteError(f"{path}: this model has no tokenizer, so it cannot chat")
+    session = ChatSession(llm, params=params, max_reply_tokens=max_tokens,
+                          preamble="" if no_preamble else (DEFAULT_PREAMBLE if preamble is None else preamble))
+    if state_in is not None:
+        _load_state_for(llm, state_in)      # checks that it fits this model
+        session.load_state(state_in)
+    _utf8_stdout()
+    interactive = _stdin_is_interactive()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        click.echo(f"Chatting with {path.name}. /help lists the commands; /quit or Ctrl-D leaves.", err=True)
+        lines = _terminal_lines()
+    else:
+        lines = _piped_lines()
+
+    for line in lines:
+        message = line.strip()
+        if not message:
+            continue
+        try:
+            if message.startswith("/") and not message.startswith("//"):
+                if not _chat_command(session, llm, message):
+                    break
+                continue
+            if message.startswith("//"):
+                message = message[1:]
+            _chat_turn(session, message, interactive, verbose)
+        except KeyboardInterrupt:           # between two steps of a turn or a command: drop it, keep chatting
+            if not interactive:
+                raise
+            click.echo("\n(stopped)", err=True)
+        except (RwkvLiteError, ValueError) as e:
+            if not interactive:
+                raise                       # a script should fail loudly
+            click.echo(f"error: {e}", err=True)
+        except OSError as e:                # /save into a missing folder, ...
+            if not interactive:
+                raise
+            click.echo(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", err=True)
+
+
+def _terminal_lines():
+    """Lines typed at the terminal. Ctrl-C at the prompt asks for confirmation; a second one (or Ctrl-D) ends."""
+    interrupted = False
+    while True:
+        try:
+            line = _read_line("User: ")
+        except EOFError:
+            click.echo("", err=True)
+            return
+        except KeyboardInterrupt:
+            if interrupted:
+                click.echo("", err=True)
+                return
+            interrupted = True
+            click.echo("\n(Ctrl-C again or Ctrl-D to quit)", err=True)
+            continue
+        except UnicodeDecodeError as e:     # a terminal that does not send what its locale says
+            click.echo(f"error: that line is not valid {e.encoding} text", err=True)
+            continue
+        interrupted = False
+        yield line
+
+
+def _piped_lines():
+    """Lines of piped stdin, one message each, decoded as UTF-8 (one line naming the line if it is not)."""
+    for number, raw in enumerate(sys.stdin.buffer, start=1):
+        yield _decode_utf8(raw.rstrip(b"\r\n"), f"stdin line {number}")
+
+
+def _chat_command(session, llm, message: str) -> bool:
+    """Run a /command; returns False when the chat should end."""
+    name, _, arg = message.partition(" ")
+    arg = arg.strip()
+    name = name.lower()
+    if name in ("/quit", "/exit", "/q"):
+        return False
+    if name == "/help":
+        click.echo(CHAT_HELP, err=True)
+    elif name == "/reset":
+        session.reset()
+        click.echo("(conversation reset)", err=True)
+    elif name in ("/save", "/load"):
+        if not arg:
+            raise _ChatCommandError(f"{name} needs a file name, e.g. {name} chat.state")
+        target = Path(arg).expanduser()
+        if name == "/save":
+            session.save_state(target)
+            click.echo(f"(state saved to {target})", err=True)
+        else:
+            _load_state_for(llm, target)
+            session.load_state(target)
+            click.echo(f"(state loaded from {target})", err=True)
+    else:
+        raise _ChatCommandError(f"unknown command {name} (/help lists the commands; //text sends \"/text\")")
+    return True
+
+
+def _chat_turn(session, message: str, interactive: bool, verbose: bool) -> None:
+    gen = session.reply(message)
+    printer = _ReplyPrinter()
+    if interactive:
+        _write("Assistant: ")
+    try:
+        for piece in gen:
+            printer.push(piece)
+    except KeyboardInterrupt:
+        gen.close()                 # the partial reply stays in the conversation, closed as a finished turn
+        if not interactive:
+            raise
+        _write("\n")
+        click.echo("(answer stopped)", err=True)
+        _write("\n")
+    else:
+        _write("\n\n")
+    if verbose:
+        s = gen.stats
+        click.echo(f"({s.prompt_tokens} tokens read at {s.prompt_tokens_per_second:.1f}/s, {s.generated_tokens} "
+                   f"generated at {s.generation_tokens_per_second:.1f}/s, stopped by {s.stop_reason})", err=True)
+
+
+# ------------------------------------------------------------------------------------------------- perplexity
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path), metavar="[MODEL] FILE")
+@click.option("--model", "-m", "model_opt", type=click.Path(path_type=Path), default=None,
+              help="The model file (same as the MODEL argument).")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=None,
+              help="Score only the first N tokens of the text.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@json_option
+@threads_option
+@friendly_errors
+def perplexity(paths, model_opt, max_tokens, quiet, as_json, threads):
+    """Score a UTF-8 text file: tokens, mean negative log-likelihood, perplexity and bits per byte.
+
+    The model reads the text from its initial state in sequence mode and predicts every token after the first.
+    Lower is better; bits per byte compares models with different tokenizers.
+
+    \b
+    Examples:
+      rwkv-lite perplexity eagle-int8.safetensors book.txt
+      rwkv-lite perplexity eagle-int4.safetensors book.txt --max-tokens 4096 --json
+      rwkv-lite perplexity held-out.txt                          # the built-in demo model
+    """
+    from .evaluate import perplexity as run_perplexity
+    if len(paths) == 2 and model_opt is None:
+        model, text_file = paths
+    elif len(paths) == 1:
+        model, text_file = None, paths[0]
+    else:
+        raise click.UsageError("expected [MODEL] FILE: the model (optional) and the text file to score")
+    path = _model_path(model, model_opt)
+    text = _read_text_file(text_file)           # before loading the model: cheap checks first
+    _set_threads(threads)
+    llm = _load_model(path)
+    if llm.tokenizer is None:
+        raise RwkvLiteError(f"{path}: this model has no tokenizer, so it cannot score text")
+    ids = llm.tokenizer.encode(text)
+    del text
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise RwkvLiteError(f"{text_file}: too short: perplexity needs at least 2 tokens of text")
+    n_bytes = len(llm.tokenizer.decode_bytes(ids[1:]))   # the bytes of the scored tokens (all but the first)
+    start = time.perf_counter()
+    show_bar = not quiet and sys.stderr.isatty()
+    with click.progressbar(length=len(ids), label="scoring", file=sys.stderr, hidden=not show_bar) as bar:
+        result = run_perplexity(llm, ids, n_bytes=n_bytes, progress=bar.update)
+    seconds = time.perf_counter() - start
+    doc = {"model": str(path), "file": str(text_file), **result.as_dict(), "bytes": n_bytes,
+           "seconds": seconds, "tokens_per_s": result.tokens / seconds if seconds > 0 else None}
+    if as_json:
+        _print_json(doc)
+        return
+    click.echo(f"tokens        {result.tokens:,} ({result.predicted:,} predicted, {n_bytes:,} bytes)")
+    click.echo(f"mean NLL      {result.nll:.4f} nats/token")
+    click.echo(f"perplexity    {result.perplexity:.3f}")
+    if result.bits_per_byte is not None:
+        click.echo(f"bits/byte     {result.bits_per_byte:.4f}")
+    click.echo(f"speed         {doc['tokens_per_s'] or 0:.1f} tokens/s ({seconds:.1f} s)")
+
+
+# ------------------------------------------------------------------------------------------------- bench
+class _LengthList(click.ParamType):
+    name = "N,N,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            lengths = tuple(int(v) for v in str(value).replace(" ", "").split(",") if v)
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of whole numbers", param, ctx)
+        if any(n < 1 for n in lengths):
+            self.fail(f"{value!r}: prompt lengths must be at least 1", param, ctx)
+        return lengths
+
+
+@main.command()
+@model_argument
+@click.option("--tokens", "decode_tokens", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Decode steps timed (the median is reported).")
+@click.option("--prompt-lengths", type=_LengthList(), default="128,1024", show_default=True,
+              help="Prompt lengths (tokens) whose sequence-mode speed is measured; empty to skip.")
+@click.option("--no-probe", is_flag=True,
+              help="Skip the memory-bandwidth probe (which puts decode speed against its memory-bound floor).")
+@json_option
+@threads_option
+@friendly_errors
+def bench(model, model_opt, decode_tokens, prompt_lengths, no_probe, as_json, threads):
+    """Measure speed and memory: load time, prompt tokens/s, decode ms/token, peak RSS.
+
+    Decode time is the median over --tokens single-token steps after two warm-up steps. The bandwidth probe
+    measures how fast this machine streams weights from RAM: the decode floor is bytes read per token / bandwidth.
+
+    \b
+    Examples:
+      rwkv-lite bench eagle-int8.safetensors
+      rwkv-lite bench eagle-int4.safetensors --threads 4 --tokens 32 --json
+      rwkv-lite bench tiny.safetensors --tokens 4 --prompt-lengths 16 --no-probe
+    """
+    from . import benchmark
+    from .format import read_model_file
+    path = _model_path(model, model_opt)
+    if not path.exists():
+        raise FormatError(f"{path}: no such model file")
+    read_model_file(path).close()      # a bad file is reported now, not after the bandwidth probe
+    progress = None if as_json else (lambda msg: click.echo(f"(measuring {msg})", err=True))
+    doc = benchmark.run(path, threads=threads, decode_tokens=decode_tokens, prompt_lengths=prompt_lengths,
+                        probe=not no_probe, progress=progress)
+    if as_json:
+        _print_json(doc)
+        return
+    rows = [
+        ("model", f"{doc['model']} ({doc['file_bytes'] / 1e6:.1f} MB, {doc['architecture']})"),
+        ("threads", str(doc["threads"])),
+        ("load", f"{doc['load_s'] * 1e3:.1f} ms (first logits after {doc['load_to_first_logits_s'] * 1e3:.1f} ms)"),
+        ("decode", f"{doc['decode_ms_per_token']:.2f} ms/token (median of {doc['decode_tokens']}; "
+                   f"min {doc['decode_ms_min']:.2f}, max {doc['decode_ms_max']:.2f})"),
+    ]
+    rows += [(f"prompt {n}", f"{speed:,.1f} tokens/s") for n, speed in doc["prompt_tokens_per_s"].items()]
+    rows.append(("weights/token", f"{doc['bytes_read_per_token'] / 1e6:.1f} MB read per decode step"))
+    if "bandwidth_gb_s" in doc:
+        rows.append(("bandwidth", f"{doc['bandwidth_gb_s']:.1f} GB/s: floor {doc['bandwidth_floor_ms']:.2f} ms/token, "
+                                  f"decode is {doc['decode_vs_bandwidth_floor']:.1f}x the floor"))
+    rows.append(("peak RSS", f"{doc['peak_rss_bytes'] / 1e6:.1f} MB"))
+    for name, value in rows:
+        click.echo(f"{name:<14}{value}")
+
+
 # ------------------------------------------------------------------------------------------------- info / verify
 @main.command()
-@click.argument("model", type=click.Path(path_type=Path), required=False)
-@click.option("--model", "-m", "model_opt", type=click.Path(path_type=Path), default=None, hidden=True)
+@model_argument
 @click.option("--tensors", is_flag=True, help="List every tensor with its storage scheme.")
 @json_option
 @friendly_errors
 def info(model, model_opt, tensors, as_json):
     """Describe a model file: architecture, parameters, storage, bits/weight, tokenizer, provenance.
+
+    Only the file's header is read, so this is instant even for a 15 GB model.
 
     \b
     Examples:
@@ -135,7 +868,10 @@ def info(model, model_opt, tensors, as_json):
       rwkv-lite info eagle-int8.safetensors --json
     """
     from .inspect import describe
-    doc = describe(_model_path(model, model_opt))
+    path = _model_path(model, model_opt)
+    if not path.exists():
+        raise FormatError(f"{path}: no such model file")
+    doc = describe(path)
     if as_json:
         _print_json(doc)
         return
@@ -161,16 +897,16 @@ def info(model, model_opt, tensors, as_json):
 
 
 @main.command()
-@click.argument("model", type=click.Path(path_type=Path), required=False)
-@click.option("--model", "-m", "model_opt", type=click.Path(path_type=Path), default=None, hidden=True)
+@model_argument
 @json_option
 @friendly_errors
 def verify(model, model_opt, as_json):
     """Check a model file's integrity: header, sizes and every array's checksum.
 
     \b
-    Example:
+    Examples:
       rwkv-lite verify eagle-int8.safetensors
+      rwkv-lite verify eagle-int8.safetensors --json
     """
     from .format import read_model_file, verify_checksums
     path = _model_path(model, model_opt)
@@ -190,14 +926,5 @@ def verify(model, model_opt, as_json):
         click.echo(f"{path}: OK ({total / 1e6:.1f} MB checked)")
 
 
-def _model_path(model, model_opt) -> Path:
-    path = model_opt or model
-    if path is None:
-        from .demo import demo_model_path
-        path = demo_model_path()
-        click.echo(f"(no model given: using the built-in demo model {path.name})", err=True)
-    return Path(path)
-
-
 if __name__ == "__main__":      # pragma: no cover
-    main()
+    main(prog_name="rwkv-lite")
