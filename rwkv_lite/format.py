@@ -297,7 +297,9 @@ def read_header(path: Path, file_size: int, read: Callable[[int, int], bytes]) -
         raise FormatError(f"{path}: too short to be a safetensors file ({file_size} bytes)")
     (n,) = struct.unpack("<Q", read(0, 8))
     if n == 0 or n > MAX_HEADER_BYTES or 8 + n > file_size:
-        raise FormatError(f"{path}: header length {n} does not fit the file ({file_size} bytes)")
+        if read(8, 1) != b"{":
+            raise FormatError(f"{path}: not a model file (no safetensors header)")
+        raise FormatError(f"{path}: header length {n} does not fit the file ({file_size} bytes; truncated?)")
     raw = read(8, n)
     try:
         header = json.loads(raw)

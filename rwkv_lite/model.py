@@ -67,7 +67,7 @@ class WeightStore:
                 raise FormatError(f"{self.file.path}: array {name + suffix!r} is {arr.dtype}{list(arr.shape)}, "
                                   f"expected {np.dtype(dtype)}{list(part_shape)}")
             parts[suffix] = arr
-        return make_matrix(info["scheme"], info.get("params", {}), parts)
+        return make_matrix(info["scheme"], info.get("params", {}), parts, shape)
 
 
 class Model:
@@ -85,7 +85,14 @@ class Model:
         store = WeightStore(model_file)
         self.weights = self.arch.Weights(store, self.config)
         self._store = store
-        self.tokenizer = _embedded_tokenizer(model_file)
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        """The embedded tokenizer (None if the file has none), built on first use: the model itself runs on ids."""
+        if self._tokenizer is None:
+            self._tokenizer = _embedded_tokenizer(self.file) or False
+        return self._tokenizer or None
 
     # -- state ---------------------------------------------------------------------------------------------------
     def new_state(self) -> State:

@@ -9,9 +9,12 @@ Heads are independent, so they run in parallel; tokens run in order inside each 
 import numpy as np
 from numba import njit, prange
 
+# Below this many state updates per call (T * H * N * N) a parallel launch costs more than it saves (and on a busy
+# machine much more): such calls run on one thread.
+PARALLEL_MIN_WORK = 1 << 17
 
-@njit(cache=True, parallel=True)
-def wkv5(r, k, v, w, u, state, out):
+
+def _wkv5(r, k, v, w, u, state, out):
     """r, k, v, out: (T, H*N) float32; w, u: (H, N); state: (H, N, N) updated in place."""
     T = r.shape[0]
     H, N = w.shape
@@ -34,8 +37,7 @@ def wkv5(r, k, v, w, u, state, out):
                 out[t, base + j] = acc[j]
 
 
-@njit(cache=True, parallel=True)
-def wkv6(r, k, v, w, u, state, out):
+def _wkv6(r, k, v, w, u, state, out):
     """As wkv5 but with a decay per token: w (T, H*N) float32."""
     T = r.shape[0]
     H, N = u.shape
@@ -56,3 +58,23 @@ def wkv6(r, k, v, w, u, state, out):
                     s[i, j] = kv + wi * s[i, j]
             for j in range(N):
                 out[t, base + j] = acc[j]
+
+
+_wkv5_serial = njit(cache=True)(_wkv5)
+_wkv5_parallel = njit(cache=True, parallel=True)(_wkv5)
+_wkv6_serial = njit(cache=True)(_wkv6)
+_wkv6_parallel = njit(cache=True, parallel=True)(_wkv6)
+
+
+def wkv5(r, k, v, w, u, state, out):
+    """r, k, v, out: (T, H*N) float32; w, u: (H, N); state: (H, N, N) updated in place."""
+    H, N = w.shape
+    kernel = _wkv5_parallel if H > 1 and r.shape[0] * H * N * N >= PARALLEL_MIN_WORK else _wkv5_serial
+    kernel(r, k, v, w, u, state, out)
+
+
+def wkv6(r, k, v, w, u, state, out):
+    """As wkv5 but with a decay per token: w (T, H*N) float32."""
+    H, N = u.shape
+    kernel = _wkv6_parallel if H > 1 and r.shape[0] * H * N * N >= PARALLEL_MIN_WORK else _wkv6_serial
+    kernel(r, k, v, w, u, state, out)
