@@ -15,3 +15,7 @@ class UnsafeCheckpointError(FormatError):
 
 class NumericalError(RwkvLiteError):
     """NaN or Inf appeared in the forward pass."""
+
+
+class ResourceError(RwkvLiteError):
+    """The machine cannot run this (e.g. the model does not fit in memory)."""

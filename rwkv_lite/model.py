@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import arch as arch_registry
-from .errors import FormatError, NumericalError
+from .errors import FormatError, NumericalError, ResourceError
 from .format import ModelFile, read_model_file, verify_checksums
 from .state import State
 
@@ -154,9 +154,37 @@ def _embedded_tokenizer(model_file: ModelFile):
     return tokenizer_from_embedded(kind, bytes(data) if data is not None else b"")
 
 
+def memory_bytes() -> tuple[int, int]:
+    """(total, available) physical memory in bytes, from /proc/meminfo (0, 0 where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info.get("MemTotal", 0), info.get("MemAvailable", 0)
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+
+
+def check_fits_memory(path: Path, file_bytes: int) -> None:
+    """Refuse a model whose weights cannot stay in RAM: every token reads all of them, so a model larger than the
+    machine's memory would re-read the disk for every token (minutes per token) or be killed."""
+    total, available = memory_bytes()
+    if total and file_bytes > total:
+        raise ResourceError(f"{path}: the model needs {file_bytes / 2**30:.1f} GiB but this machine has "
+                            f"{total / 2**30:.1f} GiB of memory; convert it with a smaller --quant (int8, int4)")
+    if available and file_bytes > available:
+        import warnings
+        warnings.warn(f"{path}: the model ({file_bytes / 2**30:.1f} GiB) is larger than the memory available now "
+                      f"({available / 2**30:.1f} GiB): expect it to run slowly", stacklevel=3)
+
+
 def load(path: str | os.PathLike, verify: bool = False) -> Model:
-    """Map a model file and return a Model. `verify=True` also checks every array's checksum (reads the file)."""
-    model_file = read_model_file(Path(path))
+    """Map a model file and return a Model. `verify=True` also checks every array's checksum (reads the file).
+
+    Refuses (ResourceError) a model larger than the machine's memory, before mapping it."""
+    path = Path(path)
+    if path.is_file():
+        check_fits_memory(path, path.stat().st_size)
+    model_file = read_model_file(path)
     if verify:
         bad = verify_checksums(model_file)
         if bad:
