@@ -14,8 +14,8 @@ from importlib import import_module
 
 from ..errors import FormatError
 
-_MODULES = {"5.0": "v5", "5.1": "v5", "5.2": "v5"}
-# versions with a module still to come are refused with a clear message
+_MODULES = {"4": "v4", "5.0": "v5", "5.1": "v5", "5.2": "v5", "6": "v6", "7": "v7"}
+# every version the reference knows; an unknown one is refused with a clear message
 KNOWN_VERSIONS = ("4", "5.0", "5.1", "5.2", "6", "7")
 
 

@@ -9,6 +9,8 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import FormatError
+
 LN_EPS = np.float32(1e-5)        # LayerNorm epsilon of every RWKV version (ln0, ln1, ln2, ln_out)
 
 
@@ -84,3 +86,77 @@ def streamed(ref, transform=None) -> Callable[[int, int], np.ndarray]:
             arr = transform(arr)
         return np.ascontiguousarray(arr, dtype=np.float32)
     return produce
+
+
+def layer_count(refs: dict) -> int:
+    """Number of blocks in a checkpoint, from its `blocks.<l>.` names."""
+    layers = [int(name.split(".")[1]) for name in refs if name.startswith("blocks.")]
+    if not layers:
+        raise FormatError("no blocks.<n>.* tensors: not an RWKV checkpoint")
+    return 1 + max(layers)
+
+
+class Planner:
+    """Collects the PlannedTensors of one conversion (used by arch/v4, v6, v7).
+
+    Every source tensor is looked up when planned, so a missing or misshapen tensor is a FormatError before any
+    byte is written. Vectors are reshaped to the declared shape after the (optional) transform; `expect_shape`
+    checks a source shape where a reshape could hide a transposition (LoRA matrices)."""
+
+    def __init__(self, refs: dict):
+        self.refs = refs
+        self.tensors: list[PlannedTensor] = []
+
+    def has(self, src: str) -> bool:
+        return src in self.refs
+
+    def ref(self, src: str):
+        if src not in self.refs:
+            raise FormatError(f"missing tensor {src}")
+        return self.refs[src]
+
+    def expect_shape(self, src: str, *allowed: tuple[int, ...]) -> tuple[int, ...]:
+        """The source shape of `src`, which must be one of `allowed` (FormatError otherwise)."""
+        shape = tuple(int(d) for d in self.ref(src).shape)
+        if shape not in [tuple(a) for a in allowed]:
+            want = " or ".join(str(list(a)) for a in allowed)
+            raise FormatError(f"tensor {src} has shape {list(shape)}, expected {want}")
+        return shape
+
+    def vector(self, name: str, shape, src: str | None = None, transform=None,
+               source_size: int | None = None) -> None:
+        """A float32 tensor of our file (role 'vector'), read whole from `src` (default: the same name).
+
+        The source must hold `source_size` values (default: as many as `shape`); `transform` maps the source
+        array to one that reshapes to `shape`."""
+        src = src or name
+        ref, shape = self.ref(src), tuple(int(d) for d in shape)
+        size = int(np.prod(shape, dtype=np.int64))
+        have = int(np.prod(ref.shape, dtype=np.int64))
+        if have != (size if source_size is None else source_size):
+            raise FormatError(f"tensor {src} has shape {list(ref.shape)}, expected {list(shape)}")
+
+        def produce(a, b):
+            arr = np.asarray(ref.load(), dtype=np.float32)
+            if transform is not None:
+                arr = transform(arr)
+            return np.ascontiguousarray(arr.reshape(shape)[a:b], dtype=np.float32)
+        self.tensors.append(PlannedTensor(name, shape, "vector", produce))
+
+    def matrix(self, name: str, src: str | None = None, shape=None) -> None:
+        """A linear layer's weight (out, in), streamed by row blocks; quantizable (role 'matrix')."""
+        src = src or name
+        ref = self.ref(src)
+        if shape is not None:
+            self.expect_shape(src, tuple(shape))
+        self.tensors.append(PlannedTensor(name, tuple(ref.shape), "matrix", streamed(ref)))
+
+    def embedding_with_ln0(self, n_embd: int) -> None:
+        """`emb.weight` with blocks.0.ln0 folded in (LayerNorm of every row in float32), role 'embedding'."""
+        emb = self.ref("emb.weight")
+        fold = None
+        if self.has("blocks.0.ln0.weight"):
+            w0 = np.asarray(self.ref("blocks.0.ln0.weight").load(), np.float32).reshape(n_embd)
+            b0 = np.asarray(self.ref("blocks.0.ln0.bias").load(), np.float32).reshape(n_embd)
+            fold = lambda rows: layer_norm(rows, w0, b0)     # noqa: E731
+        self.tensors.append(PlannedTensor("emb.weight", tuple(emb.shape), "embedding", streamed(emb, fold)))

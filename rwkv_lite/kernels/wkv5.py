@@ -14,67 +14,53 @@ from numba import njit, prange
 PARALLEL_MIN_WORK = 1 << 17
 
 
-def _wkv5(r, k, v, w, u, state, out):
-    """r, k, v, out: (T, H*N) float32; w, u: (H, N); state: (H, N, N) updated in place."""
+@njit(cache=True)
+def _head(r, k, v, w, w_per_token, u, s, out, h):
+    """All T tokens of head h. w is (H, N), or (T, H*N) when w_per_token (RWKV-6)."""
     T = r.shape[0]
-    H, N = w.shape
-    for h in prange(H):
-        base = h * N
-        s = state[h]
-        acc = np.empty(N, dtype=np.float32)
-        for t in range(T):
-            acc[:] = 0.0
-            for i in range(N):
-                ki = k[t, base + i]
-                ri = r[t, base + i]
-                ui = u[h, i]
-                wi = w[h, i]
-                for j in range(N):
-                    kv = ki * v[t, base + j]
-                    acc[j] += ri * (ui * kv + s[i, j])
-                    s[i, j] = kv + wi * s[i, j]
+    N = s.shape[0]
+    base = h * N
+    acc = np.empty(N, dtype=np.float32)
+    for t in range(T):
+        acc[:] = 0.0
+        for i in range(N):
+            ki = k[t, base + i]
+            ri = r[t, base + i]
+            ui = u[h, i]
+            wi = w[t, base + i] if w_per_token else w[h, i]
             for j in range(N):
-                out[t, base + j] = acc[j]
+                kv = ki * v[t, base + j]
+                acc[j] += ri * (ui * kv + s[i, j])
+                s[i, j] = kv + wi * s[i, j]
+        for j in range(N):
+            out[t, base + j] = acc[j]
 
 
-def _wkv6(r, k, v, w, u, state, out):
-    """As wkv5 but with a decay per token: w (T, H*N) float32."""
-    T = r.shape[0]
+@njit(cache=True, parallel=True)
+def _heads_parallel(r, k, v, w, w_per_token, u, state, out):
+    for h in prange(state.shape[0]):
+        _head(r, k, v, w, w_per_token, u, state[h], out, h)
+
+
+@njit(cache=True)
+def _heads_serial(r, k, v, w, w_per_token, u, state, out):
+    for h in range(state.shape[0]):
+        _head(r, k, v, w, w_per_token, u, state[h], out, h)
+
+
+def _run(r, k, v, w, w_per_token, u, state, out):
     H, N = u.shape
-    for h in prange(H):
-        base = h * N
-        s = state[h]
-        acc = np.empty(N, dtype=np.float32)
-        for t in range(T):
-            acc[:] = 0.0
-            for i in range(N):
-                ki = k[t, base + i]
-                ri = r[t, base + i]
-                ui = u[h, i]
-                wi = w[t, base + i]
-                for j in range(N):
-                    kv = ki * v[t, base + j]
-                    acc[j] += ri * (ui * kv + s[i, j])
-                    s[i, j] = kv + wi * s[i, j]
-            for j in range(N):
-                out[t, base + j] = acc[j]
-
-
-_wkv5_serial = njit(cache=True)(_wkv5)
-_wkv5_parallel = njit(cache=True, parallel=True)(_wkv5)
-_wkv6_serial = njit(cache=True)(_wkv6)
-_wkv6_parallel = njit(cache=True, parallel=True)(_wkv6)
+    if H > 1 and r.shape[0] * H * N * N >= PARALLEL_MIN_WORK:
+        _heads_parallel(r, k, v, w, w_per_token, u, state, out)
+    else:
+        _heads_serial(r, k, v, w, w_per_token, u, state, out)
 
 
 def wkv5(r, k, v, w, u, state, out):
     """r, k, v, out: (T, H*N) float32; w, u: (H, N); state: (H, N, N) updated in place."""
-    H, N = w.shape
-    kernel = _wkv5_parallel if H > 1 and r.shape[0] * H * N * N >= PARALLEL_MIN_WORK else _wkv5_serial
-    kernel(r, k, v, w, u, state, out)
+    _run(r, k, v, w, False, u, state, out)
 
 
 def wkv6(r, k, v, w, u, state, out):
     """As wkv5 but with a decay per token: w (T, H*N) float32."""
-    H, N = u.shape
-    kernel = _wkv6_parallel if H > 1 and r.shape[0] * H * N * N >= PARALLEL_MIN_WORK else _wkv6_serial
-    kernel(r, k, v, w, u, state, out)
+    _run(r, k, v, w, True, u, state, out)

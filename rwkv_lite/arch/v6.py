@@ -1,0 +1,202 @@
+"""RWKV-6 ("Finch"): data-dependent token shift and decay. Reference doc section 4.4.
+
+Per layer l, with a = LN1(x), p = the previous token's a and d = p - a:
+    x~    = a + d * maa_x
+    z     = tanh(x~ . maa_w1), split into 5 blocks of D_mix      (order w, k, v, r, g)
+    m_f   = z_f . maa_w2[f]                                       (C each)
+    x_f   = a + d * (maa_f + m_f)                                 for f in w, k, v, r, g
+    r, k, v = W_r x_r, W_k x_k, W_v x_v      g = silu(W_g x_g)    split into H heads of N channels
+    delta = time_decay + tanh(x_w . decay_w1) . decay_w2          w = exp(-exp(delta))   (per token and channel)
+    o     = WKV(r, k, v; w, u = time_faaaa, state S)              kernels/wkv5.py: wkv6, S[h, key, value]
+    x    += W_o (GroupNorm_H(o; ln_x, eps 64e-5) * g)
+    b     = LN2(x), q = previous b, d' = q - b
+    x    += sigmoid(W_r' (b + d' maa_r')) * (W_v' relu(W_k' (b + d' maa_k'))^2)
+logits = head(LN_out(x)).
+"." is a row-vector product with a LoRA-style matrix stored (in, out): (x . M)_o = sum_i x_i M[i, o].
+
+Our file keeps the LoRA matrices in float32 (role 'vector', BlinkDL orientation): time_maa_w1 (C, 5 D_mix),
+time_maa_w2 (5, D_mix, C), time_decay_w1 (C, D_dec), time_decay_w2 (D_dec, C); time_decay (C) raw; `bonus` (H, N) =
+time_faaaa; optional time_state (H, N, N) [head][key][value]. rwkv.cpp files store w1/decay_w1/decay_w2 transposed
+and maa_w2 as (5, C, D_mix); they are turned back here.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import FormatError
+from ..kernels.wkv5 import wkv6
+from .common import Planner, group_norm, layer_count, layer_norm, linear, shifted, sigmoid, silu
+
+VERSIONS = ("6",)
+LN_X_EPS = 64e-5     # reference, training code and rwkv.cpp agree for v6
+MIX_ORDER = "wkvrg"  # order of the five blocks of the time_maa LoRA
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conversion: source tensors (BlinkDL names) -> the tensors of our file
+
+def infer_config(refs: dict, version: str, source_kind: str) -> dict:
+    """Model dimensions from tensor shapes (the LoRA widths from the orientation of the source)."""
+    vocab_size, n_embd = refs["emb.weight"].shape
+    n_head = refs["blocks.0.att.time_faaaa"].shape[0]
+    dim_att = refs["blocks.0.att.key.weight"].shape[0]
+    if dim_att != n_embd:
+        raise FormatError(f"attention width {dim_att} != n_embd {n_embd}: not supported")
+    if n_embd % n_head:
+        raise FormatError(f"n_embd {n_embd} is not a multiple of the head count {n_head}")
+    from_rwkv_cpp = source_kind == "rwkv_cpp"
+    maa_w2 = refs["blocks.0.att.time_maa_w2"].shape              # (5, D, C); rwkv.cpp (5, C, D)
+    decay_w1 = refs["blocks.0.att.time_decay_w1"].shape          # (C, D);    rwkv.cpp (D, C)
+    return {
+        "arch": "rwkv6", "version": "6",
+        "n_layer": layer_count(refs), "n_embd": n_embd, "vocab_size": vocab_size,
+        "n_head": n_head, "head_size": n_embd // n_head,
+        "ffn_size": refs["blocks.0.ffn.key.weight"].shape[0],
+        "ln_x_eps": LN_X_EPS,
+        "d_mix": int(maa_w2[2] if from_rwkv_cpp else maa_w2[1]),
+        "d_decay": int(decay_w1[0] if from_rwkv_cpp else decay_w1[1]),
+    }
+
+
+def plan(refs: dict, cfg: dict, source_kind: str):
+    """Load-time transforms: fold ln0, squeeze, LoRAs to BlinkDL orientation (undoing rwkv.cpp's transposes)."""
+    C, H, N, F = cfg["n_embd"], cfg["n_head"], cfg["head_size"], cfg["ffn_size"]
+    D, Dd = cfg["d_mix"], cfg["d_decay"]
+    from_rwkv_cpp = source_kind == "rwkv_cpp"
+    P = Planner(refs)
+    P.embedding_with_ln0(C)
+    for l in range(cfg["n_layer"]):
+        p = f"blocks.{l}."
+        for norm in ("ln1", "ln2"):
+            P.vector(p + norm + ".weight", (C,))
+            P.vector(p + norm + ".bias", (C,))
+        for f in "x" + MIX_ORDER:
+            P.vector(p + f"att.time_maa_{f}", (C,))
+        if from_rwkv_cpp:
+            P.expect_shape(p + "att.time_maa_w1", (5 * D, C))
+            P.expect_shape(p + "att.time_maa_w2", (5, C, D))
+            P.expect_shape(p + "att.time_decay_w1", (Dd, C))
+            P.expect_shape(p + "att.time_decay_w2", (C, Dd))
+            transpose = lambda a: a.T                                  # noqa: E731
+            P.vector(p + "att.time_maa_w1", (C, 5 * D), transform=transpose)
+            P.vector(p + "att.time_maa_w2", (5, D, C), transform=lambda a: a.transpose(0, 2, 1))
+            P.vector(p + "att.time_decay_w1", (C, Dd), transform=transpose)
+            P.vector(p + "att.time_decay_w2", (Dd, C), transform=transpose)
+        else:
+            P.expect_shape(p + "att.time_maa_w1", (C, 5 * D))
+            P.expect_shape(p + "att.time_maa_w2", (5, D, C))
+            P.expect_shape(p + "att.time_decay_w1", (C, Dd))
+            P.expect_shape(p + "att.time_decay_w2", (Dd, C))
+            for name, shape in (("time_maa_w1", (C, 5 * D)), ("time_maa_w2", (5, D, C)),
+                                ("time_decay_w1", (C, Dd)), ("time_decay_w2", (Dd, C))):
+                P.vector(p + "att." + name, shape)
+        P.vector(p + "att.time_decay", (C,))                          # raw: the decay is computed per token
+        P.vector(p + "att.bonus", (H, N), p + "att.time_faaaa")
+        if P.has(p + "att.time_state"):                                # state-tuned initial state, [h][value][key]
+            P.vector(p + "att.time_state", (H, N, N),
+                     transform=lambda a: a.reshape(H, N, N).transpose(0, 2, 1))
+        P.vector(p + "att.ln_x.weight", (C,))
+        P.vector(p + "att.ln_x.bias", (C,))
+        for m in ("receptance", "key", "value", "gate", "output"):
+            P.matrix(p + f"att.{m}.weight", shape=(C, C))
+        P.vector(p + "ffn.time_maa_k", (C,))
+        P.vector(p + "ffn.time_maa_r", (C,))
+        P.matrix(p + "ffn.key.weight", shape=(F, C))
+        P.matrix(p + "ffn.receptance.weight", shape=(C, C))
+        P.matrix(p + "ffn.value.weight", shape=(C, F))
+    P.vector("ln_out.weight", (C,))
+    P.vector("ln_out.bias", (C,))
+    P.matrix("head.weight", shape=(cfg["vocab_size"], C))
+    return P.tensors
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running
+
+def init_state(cfg: dict, weights=None) -> dict[str, np.ndarray]:
+    L, C, H, N = cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["head_size"]
+    wkv = np.zeros((L, H, N, N), np.float32)
+    if weights is not None:
+        for l in range(L):
+            if weights.has(f"blocks.{l}.att.time_state"):
+                wkv[l] = weights.vector(f"blocks.{l}.att.time_state")
+    return {"att_x": np.zeros((L, C), np.float32), "ffn_x": np.zeros((L, C), np.float32), "wkv": wkv}
+
+
+class Layer:
+    """One block's weights, looked up once so the forward pass reads like the equations."""
+
+    def __init__(self, weights, l: int):
+        p = f"blocks.{l}."
+        v, m = weights.vector, weights.matrix
+        self.ln1_w, self.ln1_b = v(p + "ln1.weight"), v(p + "ln1.bias")
+        self.ln2_w, self.ln2_b = v(p + "ln2.weight"), v(p + "ln2.bias")
+        self.maa_x = v(p + "att.time_maa_x")
+        self.maa = [v(p + f"att.time_maa_{f}") for f in MIX_ORDER]          # w, k, v, r, g
+        self.maa_w1, self.maa_w2 = v(p + "att.time_maa_w1"), v(p + "att.time_maa_w2")
+        self.time_decay = v(p + "att.time_decay")
+        self.decay_w1, self.decay_w2 = v(p + "att.time_decay_w1"), v(p + "att.time_decay_w2")
+        self.bonus = v(p + "att.bonus")
+        self.ln_x_w, self.ln_x_b = v(p + "att.ln_x.weight"), v(p + "att.ln_x.bias")
+        self.W_r, self.W_k = m(p + "att.receptance.weight"), m(p + "att.key.weight")
+        self.W_v = m(p + "att.value.weight")
+        self.W_g, self.W_o = m(p + "att.gate.weight"), m(p + "att.output.weight")
+        self.ffn_maa_k, self.ffn_maa_r = v(p + "ffn.time_maa_k"), v(p + "ffn.time_maa_r")
+        self.F_k, self.F_v = m(p + "ffn.key.weight"), m(p + "ffn.value.weight")
+        self.F_r = m(p + "ffn.receptance.weight")
+
+
+class Weights:
+    def __init__(self, weights, cfg: dict):
+        self.cfg = cfg
+        self.emb = weights.matrix("emb.weight")
+        self.layers = [Layer(weights, l) for l in range(cfg["n_layer"])]
+        self.ln_out_w, self.ln_out_b = weights.vector("ln_out.weight"), weights.vector("ln_out.bias")
+        self.head = weights.matrix("head.weight")
+
+
+def time_mix(L: Layer, a, state, l, cfg):
+    """RWKV-6 attention replacement of layer l over T tokens; updates the layer's shift and WKV state."""
+    T = a.shape[0]
+    p = shifted(a, state["att_x"][l])
+    d = p - a
+    # data-dependent token shift: a LoRA of the mixed input gives each of w, k, v, r, g its own extra mix
+    z = np.tanh((a + d * L.maa_x) @ L.maa_w1).reshape(T, 5, -1)
+    extra = np.matmul(z.transpose(1, 0, 2), L.maa_w2)                 # (5, T, C)
+    xw, xk, xv, xr, xg = (a + d * (L.maa[f] + extra[f]) for f in range(5))
+    r, k, v = linear(L.W_r, xr), linear(L.W_k, xk), linear(L.W_v, xv)
+    g = silu(linear(L.W_g, xg))
+    # data-dependent decay, one per token and channel
+    delta = L.time_decay + np.tanh(xw @ L.decay_w1) @ L.decay_w2
+    w = np.exp(-np.exp(delta))
+    o = np.empty_like(r)
+    wkv6(r, k, v, w, L.bonus, state["wkv"][l], o)
+    y = group_norm(o, cfg["n_head"], L.ln_x_w, L.ln_x_b, cfg["ln_x_eps"]) * g
+    state["att_x"][l] = a[-1]
+    return linear(L.W_o, y)
+
+
+def channel_mix(L: Layer, b, state, l):
+    """Feed-forward of layer l over T tokens (v6 mix form b + d * maa); updates the layer's shift state."""
+    d = shifted(b, state["ffn_x"][l]) - b
+    xk = b + d * L.ffn_maa_k
+    xr = b + d * L.ffn_maa_r
+    hidden = np.square(np.maximum(linear(L.F_k, xk), 0))
+    state["ffn_x"][l] = b[-1]
+    return sigmoid(linear(L.F_r, xr)) * linear(L.F_v, hidden)
+
+
+def forward(W: Weights, tokens: np.ndarray, state: dict, all_logits: bool, check=None) -> np.ndarray:
+    """Run T tokens (one chunk) through the model; returns logits (T, V) or (1, V) of the last token."""
+    cfg = W.cfg
+    x = W.emb.rows(tokens)
+    for l, L in enumerate(W.layers):
+        a = layer_norm(x, L.ln1_w, L.ln1_b)
+        x = x + time_mix(L, a, state, l, cfg)
+        b = layer_norm(x, L.ln2_w, L.ln2_b)
+        x = x + channel_mix(L, b, state, l)
+        if check is not None:
+            check(x, l)
+    if not all_logits:
+        x = x[-1:]
+    return linear(W.head, layer_norm(x, W.ln_out_w, W.ln_out_b))

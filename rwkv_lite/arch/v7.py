@@ -1,0 +1,225 @@
+"""RWKV-7 ("Goose"): the generalised delta rule with a value residual. Reference doc section 4.5.
+
+Per layer l, with a = LN1(x), p = the previous token's a and d = p - a:
+    x_f   = a + d * mu_f                                   for f in r, w, k, v, a, g
+    r, k, v = W_r x_r, W_k x_k, W_v x_v                    split into H heads of N channels
+    w     = exp(-0.606531 * sigmoid(w0 + tanh(x_w . w1) . w2))      decay in (0.545, 1), per token and channel
+    alpha = sigmoid(a0 + (x_a . a1) . a2)                  in-context learning rate
+    gate  = sigmoid(x_g . g1) . g2
+    kappa = normalise_per_head(k * k_k)                    the key the memory is addressed by
+    k~    = k * (1 + (alpha - 1) * k_a)
+    v~    = v                                     layer 0 (and v_first = v, the value residual of this token)
+          = v + (v_first - v) * sigmoid(v0 + (x_v . v1) . v2)        layers >= 1
+    S     <- S diag(w) - (S kappa)(kappa * alpha)^T + v~ k~^T         kernels/wkv7.py, S[h, value, key]
+    o     = S r                                            (new state)
+    y     = GroupNorm_H(o; ln_x, eps 64e-5) + (sum_{j in head} r_j k~_j r_k[j]) * v~_head
+    x    += W_o (y * gate)
+    b     = LN2(x), q = previous b
+    x    += W_v' relu(W_k' (b + (q - b) * mu_k'))^2                      (no receptance)
+logits = head(LN_out(x)).
+"." is a row-vector product with a LoRA matrix stored (in, out). v_first is per token, not state.
+
+Our file keeps the mixes x_r ... x_g, w0, a0, v0, k_k, k_a (C) and the LoRA matrices w1, w2, a1, a2, v1, v2, g1, g2
+in float32 (role 'vector', BlinkDL (in, out) orientation), r_k (H, N); layer 0 has no v0/v1/v2 (unused there).
+rwkv.cpp files concatenate the six mixes into x_rwkvag (6, 1, C) and store the LoRA matrices transposed.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import FormatError
+from ..kernels.wkv7 import wkv7
+from .common import Planner, group_norm, layer_count, layer_norm, linear, shifted, sigmoid
+
+VERSIONS = ("7",)
+LN_X_EPS = 64e-5                       # reference, training code and rwkv.cpp agree for v7
+DECAY_SCALE = np.float32(-0.606531)    # -exp(-1/2), as the reference writes it
+NORM_FLOOR = np.float32(1e-12)         # F.normalize's eps
+MIXES = "rwkvag"                       # the token-shift mixes, in rwkv.cpp's x_rwkvag order
+LORAS = "wavg"                         # decay, in-context learning rate, value residual, gate
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conversion: source tensors (BlinkDL names) -> the tensors of our file
+
+def infer_config(refs: dict, version: str, source_kind: str) -> dict:
+    """Model dimensions from tensor shapes (the LoRA widths from the orientation of the source)."""
+    vocab_size, n_embd = refs["emb.weight"].shape
+    r_k = refs["blocks.0.att.r_k"].shape
+    n_head = r_k[0]
+    dim_att = refs["blocks.0.att.key.weight"].shape[0]
+    if dim_att != n_embd:
+        raise FormatError(f"attention width {dim_att} != n_embd {n_embd}: not supported")
+    if len(r_k) != 2 or r_k[0] * r_k[1] != n_embd:
+        raise FormatError(f"blocks.0.att.r_k has shape {list(r_k)}, expected (n_head, head_size) with "
+                          f"n_head * head_size = {n_embd}")
+    n_layer = layer_count(refs)
+    lora_in = 0 if source_kind == "rwkv_cpp" else 1           # axis of the LoRA width in w1 (C, D) / (D, C)
+
+    def width(name):
+        return int(refs[name].shape[lora_in]) if name in refs else 0
+    return {
+        "arch": "rwkv7", "version": "7",
+        "n_layer": n_layer, "n_embd": n_embd, "vocab_size": vocab_size,
+        "n_head": n_head, "head_size": n_embd // n_head,
+        "ffn_size": refs["blocks.0.ffn.key.weight"].shape[0],
+        "ln_x_eps": LN_X_EPS,
+        "d_w": width("blocks.0.att.w1"), "d_a": width("blocks.0.att.a1"),
+        "d_v": width("blocks.1.att.v1"), "d_g": width("blocks.0.att.g1"),
+    }
+
+
+def plan(refs: dict, cfg: dict, source_kind: str):
+    """Load-time transforms: fold ln0 (in float32), squeeze; from rwkv.cpp also split x_rwkvag, transpose LoRAs."""
+    C, H, N, F = cfg["n_embd"], cfg["n_head"], cfg["head_size"], cfg["ffn_size"]
+    from_rwkv_cpp = source_kind == "rwkv_cpp"
+    P = Planner(refs)
+    P.embedding_with_ln0(C)
+
+    def lora(p, name, n_in, n_out):
+        """A LoRA matrix (n_in, n_out) of our file; rwkv.cpp stores it transposed."""
+        if from_rwkv_cpp:
+            P.expect_shape(p + name, (n_out, n_in))
+            P.vector(p + name, (n_in, n_out), transform=lambda a: a.T)
+        else:
+            P.expect_shape(p + name, (n_in, n_out))
+            P.vector(p + name, (n_in, n_out))
+
+    for l in range(cfg["n_layer"]):
+        p = f"blocks.{l}."
+        for norm in ("ln1", "ln2"):
+            P.vector(p + norm + ".weight", (C,))
+            P.vector(p + norm + ".bias", (C,))
+        for i, f in enumerate(MIXES):
+            if from_rwkv_cpp:
+                P.vector(p + f"att.x_{f}", (C,), p + "att.x_rwkvag",
+                         transform=lambda a, i=i: a.reshape(len(MIXES), C)[i], source_size=len(MIXES) * C)
+            else:
+                P.vector(p + f"att.x_{f}", (C,))
+        for f in LORAS:
+            if f == "v" and l == 0:
+                continue                                   # layer 0's value residual is v itself
+            if f != "g":
+                P.vector(p + f"att.{f}0", (C,))
+            D = cfg[f"d_{f}"]
+            lora(p, f"att.{f}1", C, D)
+            lora(p, f"att.{f}2", D, C)
+        P.vector(p + "att.k_k", (C,))
+        P.vector(p + "att.k_a", (C,))
+        P.vector(p + "att.r_k", (H, N))
+        P.vector(p + "att.ln_x.weight", (C,))
+        P.vector(p + "att.ln_x.bias", (C,))
+        for m in ("receptance", "key", "value", "output"):
+            P.matrix(p + f"att.{m}.weight", shape=(C, C))
+        P.vector(p + "ffn.x_k", (C,))
+        P.matrix(p + "ffn.key.weight", shape=(F, C))
+        P.matrix(p + "ffn.value.weight", shape=(C, F))
+    P.vector("ln_out.weight", (C,))
+    P.vector("ln_out.bias", (C,))
+    P.matrix("head.weight", shape=(cfg["vocab_size"], C))
+    return P.tensors
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running
+
+def init_state(cfg: dict, weights=None) -> dict[str, np.ndarray]:
+    """att_x, ffn_x (L, C) and wkv (L, H, N, N) in the reference's [head][value][key] order; all zeros."""
+    L, C, H, N = cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["head_size"]
+    return {"att_x": np.zeros((L, C), np.float32), "ffn_x": np.zeros((L, C), np.float32),
+            "wkv": np.zeros((L, H, N, N), np.float32)}
+
+
+class Layer:
+    """One block's weights, looked up once so the forward pass reads like the equations."""
+
+    def __init__(self, weights, l: int):
+        p = f"blocks.{l}."
+        v, m = weights.vector, weights.matrix
+        self.ln1_w, self.ln1_b = v(p + "ln1.weight"), v(p + "ln1.bias")
+        self.ln2_w, self.ln2_b = v(p + "ln2.weight"), v(p + "ln2.bias")
+        self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g = (v(p + f"att.x_{f}") for f in MIXES)
+        self.w0, self.w1, self.w2 = v(p + "att.w0"), v(p + "att.w1"), v(p + "att.w2")
+        self.a0, self.a1, self.a2 = v(p + "att.a0"), v(p + "att.a1"), v(p + "att.a2")
+        self.has_value_residual = l > 0
+        if self.has_value_residual:
+            self.v0, self.v1, self.v2 = v(p + "att.v0"), v(p + "att.v1"), v(p + "att.v2")
+        self.g1, self.g2 = v(p + "att.g1"), v(p + "att.g2")
+        self.k_k, self.k_a = v(p + "att.k_k"), v(p + "att.k_a")
+        self.r_k = v(p + "att.r_k").reshape(-1)
+        self.ln_x_w, self.ln_x_b = v(p + "att.ln_x.weight"), v(p + "att.ln_x.bias")
+        self.W_r, self.W_k = m(p + "att.receptance.weight"), m(p + "att.key.weight")
+        self.W_v = m(p + "att.value.weight")
+        self.W_o = m(p + "att.output.weight")
+        self.ffn_x_k = v(p + "ffn.x_k")
+        self.F_k, self.F_v = m(p + "ffn.key.weight"), m(p + "ffn.value.weight")
+
+
+class Weights:
+    def __init__(self, weights, cfg: dict):
+        self.cfg = cfg
+        self.emb = weights.matrix("emb.weight")
+        self.layers = [Layer(weights, l) for l in range(cfg["n_layer"])]
+        self.ln_out_w, self.ln_out_b = weights.vector("ln_out.weight"), weights.vector("ln_out.bias")
+        self.head = weights.matrix("head.weight")
+
+
+def per_head_normalise(x, H: int):
+    """x (T, H*N) with every head's N channels scaled to unit L2 norm (F.normalize: x / max(|x|, 1e-12))."""
+    T, C = x.shape
+    g = x.reshape(T, H, C // H)
+    norm = np.sqrt(np.sum(g * g, axis=-1, keepdims=True))
+    return (g / np.maximum(norm, NORM_FLOOR)).reshape(T, C)
+
+
+def time_mix(L: Layer, a, state, l, cfg, v_first):
+    """RWKV-7 attention replacement of layer l over T tokens; updates the layer's shift and WKV state.
+
+    Returns (delta x, v_first): layer 0 sets v_first (its value per token), later layers read it."""
+    T, C = a.shape
+    H = cfg["n_head"]
+    d = shifted(a, state["att_x"][l]) - a
+    xr, xw, xk, xv, xa, xg = (a + d * mu for mu in (L.x_r, L.x_w, L.x_k, L.x_v, L.x_a, L.x_g))
+    r, k, v = linear(L.W_r, xr), linear(L.W_k, xk), linear(L.W_v, xv)
+    w = np.exp(DECAY_SCALE * sigmoid(L.w0 + np.tanh(xw @ L.w1) @ L.w2))
+    alpha = sigmoid(L.a0 + (xa @ L.a1) @ L.a2)
+    gate = sigmoid(xg @ L.g1) @ L.g2
+    kappa = per_head_normalise(k * L.k_k, H)
+    k = k * (1 + (alpha - 1) * L.k_a)
+    if L.has_value_residual:
+        v = v + (v_first - v) * sigmoid(L.v0 + (xv @ L.v1) @ L.v2)
+    else:
+        v_first = v
+    o = np.empty_like(r)
+    wkv7(r, w, k, v, -kappa, kappa * alpha, state["wkv"][l], o)
+    y = group_norm(o, H, L.ln_x_w, L.ln_x_b, cfg["ln_x_eps"])
+    bonus = np.sum((r * k * L.r_k).reshape(T, H, -1), axis=-1, keepdims=True) * v.reshape(T, H, -1)
+    y = y + bonus.reshape(T, C)
+    state["att_x"][l] = a[-1]
+    return linear(L.W_o, y * gate), v_first
+
+
+def channel_mix(L: Layer, b, state, l):
+    """Feed-forward of layer l over T tokens; updates the layer's shift state."""
+    xk = b + (shifted(b, state["ffn_x"][l]) - b) * L.ffn_x_k
+    hidden = np.square(np.maximum(linear(L.F_k, xk), 0))
+    state["ffn_x"][l] = b[-1]
+    return linear(L.F_v, hidden)
+
+
+def forward(W: Weights, tokens: np.ndarray, state: dict, all_logits: bool, check=None) -> np.ndarray:
+    """Run T tokens (one chunk) through the model; returns logits (T, V) or (1, V) of the last token."""
+    cfg = W.cfg
+    x = W.emb.rows(tokens)
+    v_first = None
+    for l, L in enumerate(W.layers):
+        a = layer_norm(x, L.ln1_w, L.ln1_b)
+        dx, v_first = time_mix(L, a, state, l, cfg, v_first)
+        x = x + dx
+        b = layer_norm(x, L.ln2_w, L.ln2_b)
+        x = x + channel_mix(L, b, state, l)
+        if check is not None:
+            check(x, l)
+    if not all_logits:
+        x = x[-1:]
+    return linear(W.head, layer_norm(x, W.ln_out_w, W.ln_out_b))
