@@ -1,0 +1,505 @@
+"""Kernels for stored weight matrices: decode GEMV (one token) and row dequantisation (sequence mode, embeddings).
+
+Decoding one token reads every weight once, so a GEMV here is worth exactly as much as the bytes per second it
+pulls from memory. Plain Numba loops do not get there for quantized weights (docs/performance.md): LLVM's
+auto-vectoriser picks 64-bit lanes for Numba's int64-promoted integer arithmetic, keeps one accumulator chain, and
+reduces horizontally once per quantization group. So the inner loops of the decode kernels are explicit LLVM
+vector code: ``@intrinsic`` functions below that emit generic LLVM IR (``<64 x float>``, ``<32 x i8>``,
+``llvm.fma``, ``llvm.prefetch``). Generic vector IR is portable: LLVM splits each wide vector into the registers
+the CPU has (zmm on AVX-512, ymm on AVX2, NEON on ARM); no target-specific instruction is named. The Numba
+functions around them stay ordinary: ``prange`` over rows, scalar tails, per-row scales.
+
+Kernels read weights where they lie (views of the mapped file) and never build a float copy of a matrix:
+  decode   ``gemv_*``            y[r] = dot(W[r], x), dequantising in registers, rows split over threads;
+  sequence ``dequantize_rows_*`` a tile of rows -> a small float32 buffer that the caller hands to BLAS (numpy @).
+
+Each output row is computed by one thread with a fixed order of operations, so results do not depend on the
+thread count. Vector sums are reassociated (tree reductions): that is the only difference from a sequential
+float32 loop for fp16 and int8. The int4 decode kernel also rounds x to 15 bits per block of 64 (see
+``quantize_activations``): a relative error of about 2e-5 in y, invisible next to 4-bit weights, for twice the
+speed (exact integer multiply-adds, vpmaddwd). ``gemv_i4_exact`` keeps x in float32.
+
+Storage layouts (the contract with ``rwkv_lite.quantize.schemes``; every array's first axis is the output row):
+  fp16  w       float16 (R, C), used as its uint16 bits (Numba has no float16 arithmetic).
+  int8  q       int8 (R, C); scale float32 (R,):                      W[r, c] = scale[r] * q[r, c]
+  int4  packed  uint8 (R, Cp/2); groups uint16 (R, Cp/G), Cp = C rounded up to a multiple of 64 and of G.
+        Group g of row r covers columns g*G .. g*G+G-1; its G/2 bytes hold column g*G+i in the low nibble of byte
+        i and column g*G+G/2+i in the high nibble (i < G/2): one vector load gives two contiguous runs of columns.
+        Group word u: scale d = (1 + (u & 15) / 16) * 2**(((u >> 4) & 31) - 24)  (5-bit exponent, 4-bit
+        mantissa: 2**-24 .. 248), zero point z = u >> 9 (0..127):     W[r, c] = d * (q - z / 8),  q = 0..15.
+        Padding columns C..Cp-1 hold q = 0 and meet zeros of x.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+# The only fast-math freedoms we allow (never 'nnan'/'ninf': the engine must see NaNs).
+FASTMATH = {"reassoc", "contract"}
+
+INT4_GROUPS = (32, 64, 128)     # supported int4 group sizes
+INT4_BLOCK = 64                  # columns per step of the int4 kernels (32 packed bytes)
+ROW_BLOCK = 64                   # rows per prange task in the int4 kernel (amortises its scratch allocation)
+PREFETCH_BYTES = 2048            # software prefetch distance ahead of the weight stream (measured: 1-4 KiB)
+INT16_MAX = 32767
+
+_I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+_F16, _F32 = ir.HalfType(), ir.FloatType()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LLVM building blocks (used inside intrinsic code generators)
+
+def _vec(elem, n):
+    return ir.VectorType(elem, n)
+
+
+def _splat_const(elem, n, value):
+    return ir.Constant(_vec(elem, n), [value] * n)
+
+
+def _load_vec(builder, base, index, vty):
+    """Load vector type `vty` from element `index` of scalar pointer `base` (no alignment assumed)."""
+    ptr = builder.gep(base, [index])
+    return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=1)
+
+
+def _splat(builder, scalar, n):
+    vty = _vec(scalar.type, n)
+    one = builder.insert_element(ir.Constant(vty, ir.Undefined), scalar, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, ir.Constant(vty, ir.Undefined), ir.Constant(_vec(_I32, n), [0] * n))
+
+
+def _fma(builder, a, b, c):
+    """a * b + c, rounded once."""
+    fnty = ir.FunctionType(a.type, [a.type] * 3)
+    fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.fma.v{a.type.count}f32")
+    return builder.call(fn, [a, b, c])
+
+
+def _tree_sum(builder, v):
+    """Sum of a float vector's lanes by halving (log2(n) shuffles + adds)."""
+    n = v.type.count
+    while n > 1:
+        h = n // 2
+        lo = builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, h), list(range(h))))
+        hi = builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, h), list(range(h, n))))
+        v = builder.fadd(lo, hi)
+        n = h
+    return builder.extract_element(v, ir.Constant(_I32, 0))
+
+
+def _pair_madd(builder, a, b):
+    """<n x i16> a, b -> <n/2 x i32>: a[2k]*b[2k] + a[2k+1]*b[2k+1], exactly.
+
+    Written as generic IR (widen, multiply, add even and odd lanes); LLVM's x86 back end turns the pattern into
+    one vpmaddwd per register (16 multiply-adds per ymm, 32 per zmm), other targets into their widening
+    multiply-adds."""
+    n = a.type.count
+    wide = _vec(_I32, n)
+    prod = builder.mul(builder.sext(a, wide), builder.sext(b, wide))
+    even = builder.shuffle_vector(prod, prod, ir.Constant(_vec(_I32, n // 2), list(range(0, n, 2))))
+    odd = builder.shuffle_vector(prod, prod, ir.Constant(_vec(_I32, n // 2), list(range(1, n, 2))))
+    return builder.add(even, odd)
+
+
+def _prefetch_ptr(builder, ptr):
+    i8p = _I8.as_pointer()
+    fnty = ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+    # read (0), keep in all cache levels (3), data cache (1); prefetches never fault, even past the array's end
+    builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
+
+def _row_pointer(context, builder, aryty, ary, row):
+    """Pointer to the first element of row `row` of a C-contiguous 2-D array, and the row length."""
+    arr = context.make_array(aryty)(context, builder, ary)
+    ncols = cgutils.unpack_tuple(builder, arr.shape)[1]
+    return builder.gep(arr.data, [builder.mul(row, ncols)]), ncols
+
+
+def _is_c_array(ty, dtype, ndim):
+    return isinstance(ty, types.Array) and ty.dtype == dtype and ty.ndim == ndim and ty.layout == "C"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scalar helpers (usable in any njit function)
+
+@intrinsic
+def f16_to_f32(typingctx, bits):
+    """float32 value of IEEE half bits (uint16). Vectorises to vcvtph2ps inside loops."""
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], _F16), _F32)
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def f32_to_f16(typingctx, value):
+    """IEEE half bits (uint16) of a float32, rounded to nearest even (overflow -> inf)."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], _F16), ir.IntType(16))
+    return types.uint16(value), codegen
+
+
+@intrinsic
+def _bits_to_f32(typingctx, bits):
+    """The float32 whose bit pattern is the int32 `bits`."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], _F32)
+    return types.float32(bits), codegen
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Row dot products: intrinsics that emit one vectorised loop over a row
+
+DOT_BLOCK = 64     # columns per step of the fp16/int8 row loops: 4 zmm (8 ymm) accumulators hide the FMA latency
+
+
+def _make_dense_row_dot(weight_dtype):
+    """Intrinsic dot(W[r, :n*64], x[:n*64]) for int8 or fp16-bits W, float32 x; the caller adds the column tail."""
+    nb = DOT_BLOCK
+    elt_bytes = 2 if weight_dtype == types.uint16 else 1
+
+    def typer(typingctx, w, r, x, nblocks):
+        if not (_is_c_array(w, weight_dtype, 2) and isinstance(x, types.Array) and x.dtype == types.float32
+                and isinstance(r, types.Integer) and isinstance(nblocks, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            wty, rty, xty, nty = sig.args
+            row = context.cast(builder, args[1], rty, types.intp)
+            wrow, _ = _row_pointer(context, builder, wty, args[0], row)
+            xptr = context.make_array(xty)(context, builder, args[2]).data
+            nblk = context.cast(builder, args[3], nty, types.intp)
+            acc_slot = cgutils.alloca_once_value(builder, _splat_const(_F32, nb, 0.0))
+            with cgutils.for_range(builder, nblk) as loop:
+                j = builder.mul(loop.index, ir.Constant(_I64, nb))
+                for line in range(0, nb * elt_bytes, 64):           # one prefetch per cache line of the step
+                    ahead = ir.Constant(_I64, (PREFETCH_BYTES + line) // elt_bytes)
+                    _prefetch_ptr(builder, builder.gep(wrow, [builder.add(j, ahead)]))
+                if weight_dtype == types.uint16:
+                    raw = _load_vec(builder, wrow, j, _vec(ir.IntType(16), nb))
+                    wf = builder.fpext(builder.bitcast(raw, _vec(_F16, nb)), _vec(_F32, nb))
+                else:
+                    wf = builder.sitofp(_load_vec(builder, wrow, j, _vec(_I8, nb)), _vec(_F32, nb))
+                xv = _load_vec(builder, xptr, j, _vec(_F32, nb))
+                builder.store(_fma(builder, wf, xv, builder.load(acc_slot)), acc_slot)
+            return _tree_sum(builder, builder.load(acc_slot))
+        return types.float32(w, r, x, nblocks), codegen
+    return intrinsic(typer)
+
+
+_dot_f16_row = _make_dense_row_dot(types.uint16)
+_dot_i8_row = _make_dense_row_dot(types.int8)
+
+
+def _make_int4_row_dot(group, int16_x):
+    """Intrinsic: one int4 row (group size `group`) dotted with x, zero points excluded:
+        sum over 64-column blocks k of  step[k] * sum over the block's columns c of  d[g(c)] * q[r, c] * xb[c]
+    d: the row's group scales (float32, decoded by _int4_row_scales); step: per-block activation steps (ones for
+    float32 x); xb: x in block order (``block_order``): 64 values per block, first the 32 that meet the low
+    nibbles of the block's 32 bytes, then the 32 that meet the high nibbles, so both runs are contiguous loads.
+
+    Per block: load 32 bytes; low = and 15, high = shift 4; meet the two runs of xb; multiply by the block's
+    scales (G = 32: the block's two groups, one per half of the lanes; otherwise one group) and add into a vector
+    accumulator. No horizontal sum until the end of the row.
+
+    int16_x=True:  xb is int16 (``quantize_activations``); nibbles widen to int16 and meet xb in exact integer
+                   multiply-adds (vpmaddwd on x86): about 9 vector instructions per 64 weights, which is what lets
+                   decode run at memory speed.
+    int16_x=False: xb is float32 and nibbles widen to float (about 20 per 64 weights)."""
+    half = INT4_BLOCK // 2                     # bytes per block
+    x_dtype = types.int16 if int16_x else types.float32
+    lanes = half // 2 if int16_x else half     # lanes of one block's partial sums
+
+    def typer(typingctx, packed, r, d, step, xb):
+        if not (_is_c_array(packed, types.uint8, 2) and isinstance(r, types.Integer)
+                and isinstance(d, types.Array) and d.dtype == types.float32
+                and isinstance(step, types.Array) and step.dtype == types.float32
+                and isinstance(xb, types.Array) and xb.dtype == x_dtype):
+            return None
+
+        def codegen(context, builder, sig, args):
+            pty, rty, dty, sty, xty = sig.args
+            row = context.cast(builder, args[1], rty, types.intp)
+            prow, nbytes = _row_pointer(context, builder, pty, args[0], row)
+            dptr = context.make_array(dty)(context, builder, args[2]).data
+            sptr = context.make_array(sty)(context, builder, args[3]).data
+            xptr = context.make_array(xty)(context, builder, args[4]).data
+            nblocks = builder.udiv(nbytes, ir.Constant(_I64, half))
+            acc_slot = cgutils.alloca_once_value(builder, _splat_const(_F32, lanes, 0.0))
+            with cgutils.for_range(builder, nblocks) as loop:
+                k = loop.index
+                b0 = builder.mul(k, ir.Constant(_I64, half))
+                _prefetch_ptr(builder, builder.gep(prow, [builder.add(b0, ir.Constant(_I64, PREFETCH_BYTES))]))
+                byts = _load_vec(builder, prow, b0, _vec(_I8, half))
+                x0 = builder.mul(k, ir.Constant(_I64, INT4_BLOCK))
+                x1 = builder.add(x0, ir.Constant(_I64, half))
+                if int16_x:
+                    w16 = builder.zext(byts, _vec(_I16, half))
+                    low = builder.and_(w16, _splat_const(_I16, half, 15))
+                    high = builder.lshr(w16, _splat_const(_I16, half, 4))
+                    isum = builder.add(_pair_madd(builder, low, _load_vec(builder, xptr, x0, _vec(_I16, half))),
+                                       _pair_madd(builder, high, _load_vec(builder, xptr, x1, _vec(_I16, half))))
+                    part = builder.sitofp(isum, _vec(_F32, lanes))
+                else:
+                    vf = _vec(_F32, half)
+                    low = builder.uitofp(builder.and_(byts, _splat_const(_I8, half, 15)), vf)
+                    high = builder.uitofp(builder.lshr(byts, _splat_const(_I8, half, 4)), vf)
+                    part = _fma(builder, high, _load_vec(builder, xptr, x1, vf),
+                                builder.fmul(low, _load_vec(builder, xptr, x0, vf)))
+                if group == 32:            # groups 2k (first 16 bytes) and 2k+1 (last 16)
+                    pair = _load_vec(builder, dptr, builder.mul(k, ir.Constant(_I64, 2)), _vec(_F32, 2))
+                    mask = ir.Constant(_vec(_I32, lanes), [0] * (lanes // 2) + [1] * (lanes // 2))
+                    scales = builder.shuffle_vector(pair, pair, mask)
+                else:                      # one group per block (64), or per two blocks (128)
+                    g = k if group == 64 else builder.lshr(k, ir.Constant(_I64, 1))
+                    scales = _splat(builder, builder.load(builder.gep(dptr, [g])), lanes)
+                step_k = _splat(builder, builder.load(builder.gep(sptr, [k])), lanes)
+                part = builder.fmul(part, step_k)
+                builder.store(_fma(builder, part, scales, builder.load(acc_slot)), acc_slot)
+            return _tree_sum(builder, builder.load(acc_slot))
+        return types.float32(packed, r, d, step, xb), codegen
+    return intrinsic(typer)
+
+
+_dot_i4_g32 = _make_int4_row_dot(32, int16_x=True)
+_dot_i4_g64 = _make_int4_row_dot(64, int16_x=True)
+_dot_i4_g128 = _make_int4_row_dot(128, int16_x=True)
+_dot_i4_exact_g32 = _make_int4_row_dot(32, int16_x=False)
+_dot_i4_exact_g64 = _make_int4_row_dot(64, int16_x=False)
+_dot_i4_exact_g128 = _make_int4_row_dot(128, int16_x=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decode GEMV kernels: y = W x
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def gemv_f16(w, x):
+    """w: uint16 (R, C) fp16 bits, C-contiguous; x: float32 (C,) contiguous -> float32 (R,)."""
+    R, C = w.shape
+    nblk = C // DOT_BLOCK
+    y = np.empty(R, np.float32)
+    for r in prange(R):
+        acc = _dot_f16_row(w, r, x, nblk)
+        for c in range(nblk * DOT_BLOCK, C):
+            acc += f16_to_f32(w[r, c]) * x[c]
+        y[r] = acc
+    return y
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def gemv_i8(q, scale, x):
+    """q: int8 (R, C) C-contiguous; scale: float32 (R,); x: float32 (C,) -> float32 (R,)."""
+    R, C = q.shape
+    nblk = C // DOT_BLOCK
+    y = np.empty(R, np.float32)
+    for r in prange(R):
+        acc = _dot_i8_row(q, r, x, nblk)
+        for c in range(nblk * DOT_BLOCK, C):
+            acc += np.float32(q[r, c]) * x[c]
+        y[r] = acc * scale[r]
+    return y
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# int4: group words, block order of x, activations
+
+@njit(cache=True)
+def int4_scale(word):
+    """Scale d of an int4 group word (see the module docstring): (1 + m/16) * 2**(e - 24), exactly."""
+    u = np.int32(word)
+    return _bits_to_f32(np.int32((((u >> 4) & 31) + 103) << 23 | (u & 15) << 19))
+
+
+@njit(cache=True)
+def int4_zero(word):
+    """Zero point z/8 of an int4 group word, in units of the scale (0 .. 15.875)."""
+    return np.float32(np.int32(word) >> 9) * np.float32(0.125)
+
+
+@njit(cache=True)
+def _block_source(group, cols):
+    """src (cols,) int64: block-order position j holds column src[j] (see _make_int4_row_dot)."""
+    half_group = group // 2
+    src = np.empty(cols, np.int64)
+    for k in range(cols // INT4_BLOCK):
+        for j in range(INT4_BLOCK // 2):
+            b = k * (INT4_BLOCK // 2) + j                   # byte index within the row
+            g, i = b // half_group, b % half_group
+            src[k * INT4_BLOCK + j] = g * group + i                          # its low nibble's column
+            src[k * INT4_BLOCK + INT4_BLOCK // 2 + j] = g * group + half_group + i  # its high nibble's column
+    return src
+
+
+_BLOCK_SOURCES = {}
+
+
+def block_source(group: int, cols: int) -> np.ndarray:
+    """Cached _block_source (the permutation depends only on the group size and the padded width)."""
+    key = (group, cols)
+    src = _BLOCK_SOURCES.get(key)
+    if src is None:
+        src = _BLOCK_SOURCES[key] = _block_source(group, cols)
+    return src
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def quantize_activations(x, src, group):
+    """x float32 (Cp,) -> (x16 int16 (Cp,) in block order, step float32 (Cp/64,), xsum float32 (Cp/group,)).
+
+    Block k of x16 holds round(xb / step[k]) with xb = x[src] and step[k] = max|xb in block k| / 32767, so
+    |xb - step * x16| <= step / 2: 15 bits relative to the block's largest value. xsum[g] is the exact sum of x
+    over group g (it meets the zero points). A block holding NaN or Inf gets step NaN, so every output that uses
+    it is NaN rather than silently finite."""
+    cols = x.shape[0]
+    nblocks = cols // INT4_BLOCK
+    xb = np.empty(cols, np.float32)
+    for j in range(cols):
+        xb[j] = x[src[j]]
+    x16 = np.empty(cols, np.int16)
+    step = np.empty(nblocks, np.float32)
+    bits = xb.view(np.int32)
+    for k in range(nblocks):
+        c0, c1 = k * INT4_BLOCK, (k + 1) * INT4_BLOCK
+        # max |x| through the bit patterns: for |x| they order like the values, NaN above Inf; an integer max
+        # vectorises, a float max that must respect NaN does not
+        top = 0
+        for c in range(c0, c1):
+            top = max(top, bits[c] & 0x7FFFFFFF)
+        if top >= 0x7F800000 or top == 0:                  # NaN/Inf in the block, or all zeros
+            step[k] = np.nan if top else np.float32(0.0)
+            x16[c0:c1] = 0
+        else:
+            amax = _bits_to_f32(np.int32(top))
+            step[k] = amax / np.float32(INT16_MAX)
+            inv = np.float32(INT16_MAX) / amax
+            for c in range(c0, c1):
+                x16[c] = np.int16(np.rint(xb[c] * inv))
+    ngroups = cols // group
+    xsum = np.zeros(ngroups, np.float32)
+    for g in range(ngroups):
+        total = np.float32(0.0)
+        for c in range(g * group, (g + 1) * group):
+            total += x[c]
+        xsum[g] = total
+    return x16, step, xsum
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _int4_row_scales(groups, r, xsum, d):
+    """Decode row r's group words into their scales d (float32, one per group) and return the row's zero-point
+    term  -sum_g d_g z_g xsum_g  (the part of W x that the zero points contribute)."""
+    zero_term = np.float32(0.0)
+    for g in range(groups.shape[1]):
+        u = np.int32(groups[r, g])
+        # the float32 bit pattern of (1 + m/16) * 2**(e - 24): exponent field e + 103, mantissa m << 19
+        dg = _bits_to_f32(np.int32((((u >> 4) & 31) + 103) << 23 | (u & 15) << 19))
+        d[g] = dg
+        zero_term -= dg * np.float32(u >> 9) * np.float32(0.125) * xsum[g]
+    return zero_term
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def gemv_i4(packed, groups, x, src, group):
+    """packed uint8 (R, Cp/2), groups uint16 (R, Cp/group), x float32 (Cp,) zero-padded, src = block_source ->
+    y float32 (R,) = W x, with x rounded to 15 bits per 64-column block (see quantize_activations)."""
+    R = packed.shape[0]
+    x16, step, xsum = quantize_activations(x, src, group)
+    y = np.empty(R, np.float32)
+    for b in prange((R + ROW_BLOCK - 1) // ROW_BLOCK):
+        d = np.empty(groups.shape[1], np.float32)
+        for r in range(b * ROW_BLOCK, min(R, (b + 1) * ROW_BLOCK)):
+            zero_term = _int4_row_scales(groups, r, xsum, d)
+            if group == 32:
+                y[r] = _dot_i4_g32(packed, r, d, step, x16) + zero_term
+            elif group == 64:
+                y[r] = _dot_i4_g64(packed, r, d, step, x16) + zero_term
+            else:
+                y[r] = _dot_i4_g128(packed, r, d, step, x16) + zero_term
+    return y
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def gemv_i4_exact(packed, groups, x, src, group):
+    """As gemv_i4 with x kept in float32 (no activation rounding); about half as fast from memory."""
+    R = packed.shape[0]
+    cols = x.shape[0]
+    xb = np.empty(cols, np.float32)
+    for j in range(cols):
+        xb[j] = x[src[j]]
+    ones = np.ones(cols // INT4_BLOCK, np.float32)                     # no activation step
+    xsum = np.zeros(cols // group, np.float32)
+    for g in range(cols // group):
+        for c in range(g * group, (g + 1) * group):
+            xsum[g] += x[c]
+    y = np.empty(R, np.float32)
+    for b in prange((R + ROW_BLOCK - 1) // ROW_BLOCK):
+        d = np.empty(groups.shape[1], np.float32)
+        for r in range(b * ROW_BLOCK, min(R, (b + 1) * ROW_BLOCK)):
+            zero_term = _int4_row_scales(groups, r, xsum, d)
+            if group == 32:
+                y[r] = _dot_i4_exact_g32(packed, r, d, ones, xb) + zero_term
+            elif group == 64:
+                y[r] = _dot_i4_exact_g64(packed, r, d, ones, xb) + zero_term
+            else:
+                y[r] = _dot_i4_exact_g128(packed, r, d, ones, xb) + zero_term
+    return y
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Row dequantisation (sequence-mode tiles, embedding lookups, tests): out[i] = W[ids[i]] as float32
+
+@njit(cache=True, parallel=True)
+def dequantize_rows_f16(w, ids, out):
+    for i in prange(ids.shape[0]):
+        r = ids[i]
+        for c in range(w.shape[1]):
+            out[i, c] = f16_to_f32(w[r, c])
+
+
+@njit(cache=True, parallel=True)
+def dequantize_rows_i8(q, scale, ids, out):
+    for i in prange(ids.shape[0]):
+        r = ids[i]
+        s = scale[r]
+        for c in range(q.shape[1]):
+            out[i, c] = np.float32(q[r, c]) * s
+
+
+@njit(cache=True, parallel=True)
+def dequantize_rows_i4(packed, groups, group, ids, out):
+    """out float32 (len(ids), C), C <= Cp: W[r, c] = d * (q - z/8); the padding columns are dropped."""
+    C = out.shape[1]
+    half = group // 2
+    for i in prange(ids.shape[0]):
+        r = ids[i]
+        for g in range(groups.shape[1]):
+            d = int4_scale(groups[r, g])
+            dz = d * int4_zero(groups[r, g])
+            c0 = g * group
+            if c0 + group <= C:
+                for k in range(half):
+                    byte = packed[r, g * half + k]
+                    # uint8 casts keep LLVM's lanes 8/32-bit wide (Numba promotes integer arithmetic to int64)
+                    out[i, c0 + k] = np.float32(np.uint8(byte & np.uint8(15))) * d - dz
+                    out[i, c0 + half + k] = np.float32(np.uint8(byte >> np.uint8(4))) * d - dz
+            else:                                          # the last group reaches into the padding
+                for k in range(half):
+                    byte = packed[r, g * half + k]
+                    if c0 + k < C:
+                        out[i, c0 + k] = np.float32(byte & 15) * d - dz
+                    if c0 + half + k < C:
+                        out[i, c0 + half + k] = np.float32(byte >> 4) * d - dz
