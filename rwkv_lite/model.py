@@ -82,10 +82,12 @@ class Model:
         self.config = model_file.config
         version = str(self.config.get("version"))
         self.arch = arch_registry.module_for(version)
+        check_config(model_file)
         store = WeightStore(model_file)
         self.weights = self.arch.Weights(store, self.config)
         self._store = store
         self._tokenizer = None
+        self._state_shapes = {name: a.shape for name, a in self.new_state().arrays.items()}
 
     @property
     def tokenizer(self):
@@ -93,6 +95,11 @@ class Model:
         if self._tokenizer is None:
             self._tokenizer = _embedded_tokenizer(self.file) or False
         return self._tokenizer or None
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer):
+        """Attach another tokenizer (or None) to this model, e.g. for a file converted without one."""
+        self._tokenizer = tokenizer if tokenizer is not None else False
 
     # -- state ---------------------------------------------------------------------------------------------------
     def new_state(self) -> State:
@@ -116,6 +123,7 @@ class Model:
             state = self.new_state()
         else:
             state.check_compatible(self.config)
+            state.check_shapes(self._state_shapes)
             state = state.copy()
         outputs = []
         for start in range(0, ids.size, CHUNK_TOKENS):
@@ -146,12 +154,108 @@ def _check_finite(x: np.ndarray, layer: int) -> None:
 
 def _embedded_tokenizer(model_file: ModelFile):
     info = model_file.metadata.get("tokenizer") or {}
+    if not isinstance(info, dict):
+        raise FormatError(f"{model_file.path}: metadata 'tokenizer' is not a JSON object")
     kind = info.get("kind")
     if not kind or kind == "none":
         return None
     from .tokenizer import tokenizer_from_embedded
     data = model_file.arrays.get("tokenizer.data")
-    return tokenizer_from_embedded(kind, bytes(data) if data is not None else b"")
+    try:
+        tokenizer = tokenizer_from_embedded(kind, bytes(data) if data is not None else b"")
+    except FormatError as e:            # its message names "<embedded ...>": say which file it is embedded in
+        raise FormatError(f"{model_file.path}: {e}") from None
+    vocab_size = model_file.config["vocab_size"]
+    if tokenizer.vocab_size > vocab_size:
+        raise FormatError(f"{model_file.path}: the embedded tokenizer has {tokenizer.vocab_size} ids but the "
+                          f"model's vocabulary is {vocab_size}")
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Load-time consistency of the config with the stored tensors.
+#
+# The forward pass trusts the config: it sizes the state from it, and the WKV kernels (Numba, no bounds checks)
+# index the state and their inputs with it. A file whose config disagrees with its tensors (n_embd 128 over arrays
+# of 64, an n_head that does not divide the decays) would otherwise read or write outside arrays, so every number
+# the forward pass uses is checked against the tensors once, here.
+
+_REQUIRED_DIMS = ("n_layer", "n_embd", "vocab_size")
+_OPTIONAL_DIMS = ("n_head", "head_size", "ffn_size", "d_mix", "d_decay", "d_w", "d_a", "d_v", "d_g")
+
+
+def _expected_shapes(cfg: dict) -> tuple[dict, dict]:
+    """Logical shapes implied by the config: (top-level tensors, tensors inside each block by their name after
+    "blocks.<l>."). Entries whose config numbers this version lacks are left out."""
+    V, C = cfg["vocab_size"], cfg["n_embd"]
+    F, H, N = cfg.get("ffn_size"), cfg.get("n_head"), cfg.get("head_size")
+    top = {"emb.weight": (V, C), "head.weight": (V, C), "ln_out.weight": (C,), "ln_out.bias": (C,)}
+    block = {f"att.{m}.weight": (C, C) for m in ("receptance", "key", "value", "gate", "output")}
+    block.update({"ffn.receptance.weight": (C, C), "ffn.key.weight": (F, C), "ffn.value.weight": (C, F),
+                  "att.decay": (H, N), "att.bonus": (H, N), "att.r_k": (H, N), "att.time_state": (H, N, N)})
+    if "d_decay" in cfg:                                   # RWKV-6 LoRAs
+        block.update({"att.time_decay_w1": (C, cfg["d_decay"]), "att.time_decay_w2": (cfg["d_decay"], C)})
+    if "d_mix" in cfg:
+        block.update({"att.time_maa_w1": (C, 5 * cfg["d_mix"]), "att.time_maa_w2": (5, cfg["d_mix"], C)})
+    for lora in "wavg":                                    # RWKV-7 LoRAs
+        D = cfg.get(f"d_{lora}")
+        if D is not None:
+            block.update({f"att.{lora}1": (C, D), f"att.{lora}2": (D, C)})
+    return top, {name: shape for name, shape in block.items() if None not in shape}
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _record_is_well_formed(info) -> bool:
+    """A tensor's metadata record: {"scheme": str, "shape": [int, ...], "params": {...} (optional), ...}."""
+    return (isinstance(info, dict) and isinstance(info.get("scheme"), str)
+            and isinstance(info.get("params", {}), dict)
+            and isinstance(info.get("shape"), list) and all(_is_count(d) for d in info["shape"]))
+
+
+def check_config(model_file: ModelFile) -> None:
+    """Refuse (FormatError) a file whose config numbers or tensor records disagree with its tensors' shapes."""
+    path, cfg, tensors = model_file.path, model_file.config, model_file.tensors
+    for key in _REQUIRED_DIMS + _OPTIONAL_DIMS:
+        value = cfg.get(key)
+        if key in _OPTIONAL_DIMS and value is None:
+            continue
+        if not _is_count(value) or value == 0:
+            raise FormatError(f"{path}: config {key}={value!r} is not a positive integer")
+    L, C, H, N = cfg["n_layer"], cfg["n_embd"], cfg.get("n_head"), cfg.get("head_size")
+    if (H is None) != (N is None) or (H is not None and H * N != C):
+        raise FormatError(f"{path}: config n_head={H} x head_size={N} does not make n_embd={C}")
+    eps = cfg.get("ln_x_eps", 1e-5)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise FormatError(f"{path}: config ln_x_eps={eps!r} is not a small positive number")
+    # The state the config implies is small next to the weights for every real model; checking it keeps a file
+    # from making us allocate far more than its own size.
+    state_bytes = 4 * L * C * (5 + (N or 0))
+    if state_bytes > max(path.stat().st_size, 1 << 20):
+        raise FormatError(f"{path}: config n_layer={L}, n_embd={C}, head_size={N} implies a recurrent state of "
+                          f"{state_bytes} bytes, more than the whole file")
+
+    top, block = _expected_shapes(cfg)
+    layers = set()
+    for name, info in tensors.items():
+        if not _record_is_well_formed(info):
+            raise FormatError(f"{path}: tensor {name!r} has a malformed record in the metadata")
+        shape = tuple(info["shape"])
+        if name.startswith("blocks."):
+            index, _, leaf = name[len("blocks."):].partition(".")
+            if not index.isdigit() or int(index) >= L:
+                raise FormatError(f"{path}: tensor {name!r} is outside the n_layer={L} layers of the config")
+            layers.add(int(index))
+            want = block.get(leaf, (C,) if len(shape) == 1 else None)   # any other 1-D tensor of a block: (C,)
+        else:
+            want = top.get(name)
+        if want is not None and shape != want:
+            raise FormatError(f"{path}: tensor {name!r} has shape {list(shape)} but the config implies "
+                              f"{list(want)}")
+    if len(layers) != L:
+        raise FormatError(f"{path}: config says n_layer={L} but the file has tensors for {len(layers)} layers")
 
 
 def memory_bytes() -> tuple[int, int]:
