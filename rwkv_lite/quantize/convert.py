@@ -44,13 +44,14 @@ def storage_plan(quant: str, group: int | None = None, head: str | None = None) 
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "fp16", *, vocab: str | os.PathLike | None = None,
-            group: int | None = None, head: str | None = None,
+            group: int | None = None, head: str | None = None, provenance: dict | None = None,
             progress: Callable[[int, int, str], None] | None = None) -> Path:
     """Convert a checkpoint (HF folder, BlinkDL .pth/.safetensors, rwkv.cpp .bin) to an rwkv-lite file.
 
     quant: fp32 | fp16 | int8 | int4. vocab: tokenizer file to embed (World vocab .txt or tokenizer.json);
     default: one found beside the source, else (vocab 65536) the World vocab of the `rwkv` package if installed,
-    else (vocab 256) the byte tokenizer. progress(done, total, tensor_name) is called after each tensor."""
+    else (vocab 256) the byte tokenizer. provenance: extra JSON-ready facts recorded in the file (e.g. how a model
+    was trained). progress(done, total, tensor_name) is called after each tensor."""
     src, dst = Path(src), Path(dst)
     schemes = storage_plan(quant, group, head)
     if dst.exists() and dst.is_dir():
@@ -99,6 +100,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "fp16",
                 "source_kind": ckpt.kind,
                 "source_files": list(ckpt.source_files),
                 "quant": quant,
+                **(provenance or {}),
             },
         }
         with ModelWriter(dst, metadata, arrays) as writer:
