@@ -187,13 +187,16 @@ class ModelWriter:
             self._order.append(name)
             offset += nbytes
         self.data_bytes = offset
-        self._file = AtomicFile(self.dst)
         self._header = self._header_bytes()
         self._data_start = 8 + len(self._header)
-        f = self._file.file
-        f.write(struct.pack("<Q", len(self._header)))
-        f.write(self._header)
-        f.truncate(self._data_start + self.data_bytes)
+        self._file = AtomicFile(self.dst)
+        try:
+            f = self._file.file
+            f.write(struct.pack("<Q", len(self._header)))
+            f.write(self._header)
+            f.truncate(self._data_start + self.data_bytes)
+        except OSError as e:
+            raise self._write_failed(e) from None
         for slot in self.slots.values():        # pads are zeros: already there after truncate
             if slot.name.startswith(PAD_PREFIX):
                 slot.crc = zlib.crc32(bytes(slot.nbytes))
@@ -227,8 +230,11 @@ class ModelWriter:
         if slot.written + len(buf) > slot.nbytes:
             raise ValueError(f"array {name!r}: more data than its declared shape {slot.shape}")
         f = self._file.file
-        f.seek(self._data_start + slot.start + slot.written)
-        f.write(buf)
+        try:
+            f.seek(self._data_start + slot.start + slot.written)
+            f.write(buf)
+        except OSError as e:
+            raise self._write_failed(e) from None
         slot.crc = zlib.crc32(buf, slot.crc)
         slot.written += len(buf)
 
@@ -242,12 +248,24 @@ class ModelWriter:
             self.abort()
             raise AssertionError("header length changed between passes")
         f = self._file.file
-        f.seek(8)
-        f.write(header)
-        self._file.commit()
+        try:
+            f.seek(8)
+            f.write(header)
+            self._file.commit()
+        except OSError as e:
+            raise self._write_failed(e) from None
 
     def abort(self) -> None:
         self._file.abort()
+
+    def _write_failed(self, e: OSError) -> OSError:
+        """A write failed (typically ENOSPC, which may surface only at flush or fsync): remove the temporary and
+        return the error re-addressed to the destination, so that the one-line message names the file."""
+        try:
+            self.abort()
+        except OSError:                 # closing flushes the buffer again, and that fails the same way
+            pass
+        return OSError(e.errno, e.strerror or str(e), str(self.dst))
 
     def __enter__(self):
         return self
@@ -291,6 +309,27 @@ class ModelFile:
 _JSON_META = ("config", "tensors", "tokenizer", "provenance", "checksums")
 
 
+def _parse_json(text):
+    """json.loads, with every way hostile text can make it fail reported as ValueError: besides malformed JSON,
+    nesting deeper than the interpreter's recursion limit (RecursionError) and integers longer than Python's
+    int-conversion digit limit (a ValueError that is not a JSONDecodeError)."""
+    try:
+        return json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(e.__class__.__name__) from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except ValueError:
+        raise ValueError("a number too long to convert") from None
+
+
+def _record_is_well_formed(record) -> bool:
+    """A tensor's metadata record: {"scheme": str, "shape": [int >= 0, ...], "params": {...} (optional), ...}."""
+    return (isinstance(record, dict) and isinstance(record.get("scheme"), str)
+            and isinstance(record.get("params", {}), dict) and isinstance(record.get("shape"), list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in record["shape"]))
+
+
 def read_header(path: Path, file_size: int, read: Callable[[int, int], bytes]) -> tuple[dict, int]:
     """Parse and bounds-check a safetensors header. Returns (header dict, data start offset)."""
     if file_size < 8:
@@ -302,9 +341,9 @@ def read_header(path: Path, file_size: int, read: Callable[[int, int], bytes]) -
         raise FormatError(f"{path}: header length {n} does not fit the file ({file_size} bytes; truncated?)")
     raw = read(8, n)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: header is not valid JSON ({e.__class__.__name__})") from None
+        header = _parse_json(raw)
+    except ValueError as e:
+        raise FormatError(f"{path}: header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: header is not a JSON object")
     data_start = 8 + n
@@ -373,12 +412,18 @@ def read_model_file(path: str | os.PathLike) -> ModelFile:
     for key in _JSON_META:
         if key in metadata:
             try:
-                metadata[key] = json.loads(metadata[key])
-            except json.JSONDecodeError:
-                raise FormatError(f"{path}: metadata {key!r} is not valid JSON") from None
+                metadata[key] = _parse_json(metadata[key])
+            except ValueError as e:
+                raise FormatError(f"{path}: metadata {key!r} is not valid JSON ({e})") from None
     for key in ("config", "tensors"):
         if not isinstance(metadata.get(key), dict):
             raise FormatError(f"{path}: metadata {key!r} is missing")
+    for key in ("tokenizer", "provenance", "checksums"):
+        if metadata.get(key) is not None and not isinstance(metadata[key], dict):
+            raise FormatError(f"{path}: metadata {key!r} is not a JSON object")
+    for name, record in metadata["tensors"].items():
+        if not _record_is_well_formed(record):
+            raise FormatError(f"{path}: tensor {name!r} has a malformed record in the metadata")
     arrays = {}
     spans = {}
     buf = memoryview(mm)

@@ -81,7 +81,10 @@ class Model:
             raise FormatError(f"{self.path}: not a model file (kind {model_file.metadata.get('kind')!r})")
         self.config = model_file.config
         version = str(self.config.get("version"))
-        self.arch = arch_registry.module_for(version)
+        try:
+            self.arch = arch_registry.module_for(version)
+        except FormatError as e:
+            raise FormatError(f"{self.path}: {e}") from None
         check_config(model_file)
         store = WeightStore(model_file)
         self.weights = self.arch.Weights(store, self.config)
@@ -186,16 +189,17 @@ _OPTIONAL_DIMS = ("n_head", "head_size", "ffn_size", "d_mix", "d_decay", "d_w", 
 
 def _expected_shapes(cfg: dict) -> tuple[dict, dict]:
     """Logical shapes implied by the config: (top-level tensors, tensors inside each block by their name after
-    "blocks.<l>."). Entries whose config numbers this version lacks are left out."""
+    "blocks.<l>."). Entries whose config numbers this version lacks are left out; a block tensor not listed here
+    must be a vector of n_embd values (true of every tensor of versions 4 to 7 not listed)."""
     V, C = cfg["vocab_size"], cfg["n_embd"]
     F, H, N = cfg.get("ffn_size"), cfg.get("n_head"), cfg.get("head_size")
     top = {"emb.weight": (V, C), "head.weight": (V, C), "ln_out.weight": (C,), "ln_out.bias": (C,)}
     block = {f"att.{m}.weight": (C, C) for m in ("receptance", "key", "value", "gate", "output")}
     block.update({"ffn.receptance.weight": (C, C), "ffn.key.weight": (F, C), "ffn.value.weight": (C, F),
                   "att.decay": (H, N), "att.bonus": (H, N), "att.r_k": (H, N), "att.time_state": (H, N, N)})
-    if "d_decay" in cfg:                                   # RWKV-6 LoRAs
+    if cfg.get("d_decay") is not None:                    # RWKV-6 LoRAs
         block.update({"att.time_decay_w1": (C, cfg["d_decay"]), "att.time_decay_w2": (cfg["d_decay"], C)})
-    if "d_mix" in cfg:
+    if cfg.get("d_mix") is not None:
         block.update({"att.time_maa_w1": (C, 5 * cfg["d_mix"]), "att.time_maa_w2": (5, cfg["d_mix"], C)})
     for lora in "wavg":                                    # RWKV-7 LoRAs
         D = cfg.get(f"d_{lora}")
@@ -208,28 +212,26 @@ def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _record_is_well_formed(info) -> bool:
-    """A tensor's metadata record: {"scheme": str, "shape": [int, ...], "params": {...} (optional), ...}."""
-    return (isinstance(info, dict) and isinstance(info.get("scheme"), str)
-            and isinstance(info.get("params", {}), dict)
-            and isinstance(info.get("shape"), list) and all(_is_count(d) for d in info["shape"]))
-
-
 def check_config(model_file: ModelFile) -> None:
     """Refuse (FormatError) a file whose config numbers or tensor records disagree with its tensors' shapes."""
     path, cfg, tensors = model_file.path, model_file.config, model_file.tensors
-    for key in _REQUIRED_DIMS + _OPTIONAL_DIMS:
+    has_heads = str(cfg.get("version")) != "4"          # 5.x, 6 and 7: multi-head WKV and a GroupNorm over heads
+    required = _REQUIRED_DIMS + (("n_head", "head_size") if has_heads else ())
+    for key in required + _OPTIONAL_DIMS:
         value = cfg.get(key)
-        if key in _OPTIONAL_DIMS and value is None:
+        if key not in required and value is None:
             continue
         if not _is_count(value) or value == 0:
             raise FormatError(f"{path}: config {key}={value!r} is not a positive integer")
+    if not isinstance(cfg.get("arch", ""), str):         # compared with a saved state's (NaN != NaN)
+        raise FormatError(f"{path}: config arch={cfg['arch']!r} is not a name")
     L, C, H, N = cfg["n_layer"], cfg["n_embd"], cfg.get("n_head"), cfg.get("head_size")
     if (H is None) != (N is None) or (H is not None and H * N != C):
         raise FormatError(f"{path}: config n_head={H} x head_size={N} does not make n_embd={C}")
-    eps = cfg.get("ln_x_eps", 1e-5)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
-        raise FormatError(f"{path}: config ln_x_eps={eps!r} is not a small positive number")
+    if has_heads:
+        eps = cfg.get("ln_x_eps")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise FormatError(f"{path}: config ln_x_eps={eps!r} is not a small positive number")
     # The state the config implies is small next to the weights for every real model; checking it keeps a file
     # from making us allocate far more than its own size.
     state_bytes = 4 * L * C * (5 + (N or 0))
@@ -239,16 +241,14 @@ def check_config(model_file: ModelFile) -> None:
 
     top, block = _expected_shapes(cfg)
     layers = set()
-    for name, info in tensors.items():
-        if not _record_is_well_formed(info):
-            raise FormatError(f"{path}: tensor {name!r} has a malformed record in the metadata")
+    for name, info in tensors.items():             # (read_model_file checked that every record is well formed)
         shape = tuple(info["shape"])
         if name.startswith("blocks."):
             index, _, leaf = name[len("blocks."):].partition(".")
             if not index.isdigit() or int(index) >= L:
                 raise FormatError(f"{path}: tensor {name!r} is outside the n_layer={L} layers of the config")
             layers.add(int(index))
-            want = block.get(leaf, (C,) if len(shape) == 1 else None)   # any other 1-D tensor of a block: (C,)
+            want = block.get(leaf, (C,))          # every other tensor of a block is a per-channel vector
         else:
             want = top.get(name)
         if want is not None and shape != want:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FormatError
-from .format import ModelWriter, read_model_file
+from .format import ModelWriter, read_model_file, verify_checksums
 
 # config keys that must agree between a saved state and the model it is used with
 _IDENTITY_KEYS = ("arch", "n_layer", "n_embd", "n_head", "head_size", "vocab_size")
@@ -46,9 +46,18 @@ class State:
         try:
             if f.metadata.get("kind") != "state":
                 raise FormatError(f"{path}: not a state file (it is a model file)")
-            arrays = {name: np.array(a, dtype=np.float32) for name, a in f.arrays.items()}
+            bad = verify_checksums(f)           # a state is small and read whole anyway: always check it
+            if bad:
+                raise FormatError(f"{path}: checksum mismatch in state array(s) {', '.join(bad[:5])}: file corrupted")
+            for name, a in f.arrays.items():
+                if a.dtype != np.float32:
+                    raise FormatError(f"{path}: state array {name!r} is stored as {a.dtype}, expected float32")
+            arrays = {name: np.array(a) for name, a in f.arrays.items()}
         finally:
             f.close()
+        for name, a in arrays.items():
+            if not np.isfinite(a).all():
+                raise FormatError(f"{path}: state array {name!r} contains NaN or Inf")
         return cls(f.metadata["config"], arrays)
 
     def check_compatible(self, config: dict, source: str | Path = "state") -> None:
@@ -56,3 +65,14 @@ class State:
             if k in config and self.config.get(k) != config[k]:
                 raise FormatError(f"{source}: state is for a model with {k}={self.config.get(k)}, "
                                   f"this model has {k}={config[k]}")
+
+    def check_shapes(self, shapes: dict[str, tuple[int, ...]], source: str | Path = "state") -> None:
+        """Refuse a state whose arrays are not exactly `shapes` (name -> shape) in float32: the WKV kernels index
+        the state without bounds checks, so a state file with matching config but other arrays must not reach them."""
+        if set(self.arrays) != set(shapes):
+            raise FormatError(f"{source}: state has arrays {sorted(self.arrays)}, this model needs {sorted(shapes)}")
+        for name, shape in shapes.items():
+            a = self.arrays[name]
+            if a.shape != tuple(shape) or a.dtype != np.float32:
+                raise FormatError(f"{source}: state array {name!r} is {a.dtype}{list(a.shape)}, this model needs "
+                                  f"float32{list(shape)}")
