@@ -2,6 +2,7 @@
 
     python bench/bench_kernels.py                      # 8 matrices of 14336 x 4096, 2 threads, 7 rounds
     python bench/bench_kernels.py --threads 1 --schemes int8,int4 --seq 0
+    python bench/bench_kernels.py --quality            # round-trip error of each scheme vs ggml Q4_0/Q8_0
 
 Decode: every round calls each scheme's GEMV once on each of the --mats matrices (cycled, so no matrix stays in
 cache: 8 int4 matrices are 235 MB) and records the mean time per matrix; schemes are interleaved within a round
@@ -20,18 +21,44 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import struct
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
+from rwkv_lite.kernels import qmatmul  # noqa: E402
 from rwkv_lite.kernels.linear import make_matrix  # noqa: E402
 from rwkv_lite.kernels.threads import set_threads  # noqa: E402
+from rwkv_lite.quantize.schemes import get_scheme  # noqa: E402
 
 EAGLE_WEIGHTS = 32 * (5 * 4096 * 4096 + 4096 * 4096 + 2 * 4096 * 14336) + 65536 * 4096
+
+
+class NumbaFp32:
+    """fp32 weights through qmatmul.gemv_f32 (scheme name 'fp32-numba'), to compare with numpy's BLAS sgemv."""
+
+    def __init__(self, w):
+        self.w, self.nbytes = w, w.nbytes
+
+    def __call__(self, x):
+        return qmatmul.gemv_f32(self.w, x) if x.ndim == 1 else x @ self.w.T
+
+
+def make(spec: str, R: int, C: int, group: int, rng):
+    """A Matrix for a scheme spec: 'fp32', 'fp32-numba', 'fp16', 'int8' (default group), 'int8:0' (one scale per
+    row), 'int8:64', 'int4' (group --group), 'int4:64'."""
+    if spec == "fp32-numba":
+        return NumbaFp32(random_parts("fp32", R, C, group, rng)[""])
+    scheme, _, g = spec.partition(":")
+    params = {"group": int(g)} if g else ({"group": group} if scheme == "int4" else {})
+    params = get_scheme(scheme, **params).params                 # with the scheme's defaults filled in
+    parts = random_parts(scheme, R, C, params.get("group", 0), rng)
+    return make_matrix(scheme, params, parts, shape=(R, C))
 
 
 def random_parts(scheme: str, R: int, C: int, group: int, rng) -> dict:
@@ -39,9 +66,13 @@ def random_parts(scheme: str, R: int, C: int, group: int, rng) -> dict:
         return {"": rng.standard_normal((R, C), dtype=np.float32)}
     if scheme == "fp16":
         return {"": rng.standard_normal((R, C), dtype=np.float32).astype(np.float16)}
-    if scheme == "int8":
+    if scheme == "int8" and not group:
         return {"": rng.integers(-127, 128, (R, C), dtype=np.int8),
                 ".scale": rng.random(R, dtype=np.float32) / 64}
+    if scheme == "int8":
+        cols = -(-C // max(group, 64)) * max(group, 64)
+        return {"": rng.integers(-127, 128, (R, cols), dtype=np.int8),
+                ".scale": (rng.random((R, cols // group), dtype=np.float32) / 64).astype(np.float16)}
     if scheme == "int4":
         cols = -(-C // max(group, 64)) * max(group, 64)
         codes = rng.integers(100, 200, (R, cols // group))                     # scales around 2**-13 .. 2**-6
@@ -68,6 +99,83 @@ def foreign_cpu_seconds() -> float:
         return 0.0
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# --quality: round-trip error of the schemes against ggml-style baselines
+
+def read_rwkv_cpp_matrices(path: Path) -> dict:
+    """The 2-D 'blocks.*' float32 matrices of an rwkv.cpp FP32 model file (format: docs/rwkv-reference.md s8)."""
+    data = path.read_bytes()
+    if struct.unpack_from("<i", data, 0)[0] != 0x67676D66:
+        raise SystemExit(f"{path}: not an rwkv.cpp model file")
+    off, out = 24, {}
+    while off < len(data):
+        ndim, klen, dtype = struct.unpack_from("<3i", data, off)
+        dims = struct.unpack_from(f"<{ndim}i", data, off + 12)[::-1]          # stored innermost first
+        off += 12 + 4 * ndim
+        key = data[off:off + klen].decode()
+        off += klen
+        n = int(np.prod(dims))
+        if dtype != 0:
+            raise SystemExit(f"{path}: tensor {key} is not FP32")
+        if ndim == 2 and key.startswith("blocks."):
+            out[key] = np.frombuffer(data, np.float32, n, off).reshape(dims)
+        off += 4 * n
+    return out
+
+
+def q4_0_like(w):
+    """ggml Q4_0 round trip: blocks of 32, fp16 d = (value of largest |w|) / -8, q = min(15, int(w/d + 8.5)) - 8."""
+    R, C = w.shape
+    b = w.reshape(R, C // 32, 32)
+    big = np.take_along_axis(b, np.abs(b).argmax(-1)[..., None], -1)
+    d = (big / -8).astype(np.float16).astype(np.float32)
+    inv = np.divide(1, d, out=np.zeros_like(d), where=d != 0)
+    q = np.minimum(15, (b * inv + 8.5).astype(np.int8))
+    return ((q - 8) * d).reshape(R, C)
+
+
+def q8_0_like(w):
+    """ggml Q8_0 round trip: blocks of 32, fp16 d = max|w| / 127, q = round(w / d): 8.5 bits/weight."""
+    R, C = w.shape
+    b = w.reshape(R, C // 32, 32)
+    d = (np.abs(b).max(-1, keepdims=True) / 127).astype(np.float16).astype(np.float32)
+    inv = np.divide(1, d, out=np.zeros_like(d), where=d != 0)
+    return (np.round(b * inv) * d).reshape(R, C)
+
+
+def quality(tiny_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    sets = {"Gaussian 256x4096": [rng.standard_normal((256, 4096), dtype=np.float32)],
+            "Student-t(4) 256x4096": [rng.standard_t(4, (256, 4096)).astype(np.float32)]}
+    if tiny_path.exists():
+        sets[f"{tiny_path.name} (96 matrices)"] = list(read_rwkv_cpp_matrices(tiny_path).values())
+    else:
+        print(f"note: {tiny_path} not found; real-weight rows skipped")
+
+    def scheme_fn(name, **params):
+        sc = get_scheme(name, **params)
+        return lambda w: sc.dequantize(sc.quantize(w))[:, : w.shape[1]], sc.bits_per_weight((4096, 4096))
+
+    methods = {"Q4_0-like (ggml, blocks of 32)": (q4_0_like, 4.5),
+               "int4 group 32": scheme_fn("int4", group=32),
+               "int4 group 64": scheme_fn("int4", group=64),
+               "int4 group 128": scheme_fn("int4", group=128),
+               "Q8_0-like (ggml, blocks of 32)": (q8_0_like, 8.5),
+               "int8 (per row)": scheme_fn("int8"),
+               "fp16": scheme_fn("fp16")}
+    names = list(sets)
+    print("relative RMSE of the round trip, sqrt(sum (w - w~)^2 / sum w^2), per weight set")
+    print(f"  {'scheme':32s} {'b/w @4096':>9s}  " + "  ".join(f"{n:>28s}" for n in names))
+    for label, (fn, bits) in methods.items():
+        cells = []
+        for n in names:
+            ws = sets[n]
+            err = sum(float(((w - fn(w)) ** 2).sum()) for w in ws)
+            ref = sum(float((w.astype(np.float64) ** 2).sum()) for w in ws)
+            cells.append(f"{np.sqrt(err / ref):28.5f}")
+        print(f"  {label:32s} {bits:9.3f}  " + "  ".join(cells))
+
+
 def fmt_range(values, scale):
     lo, hi = min(values), max(values)
     return f"{scale / hi:6.1f}-{scale / lo:5.1f}"
@@ -81,21 +189,25 @@ def main(argv=None):
     ap.add_argument("--mats", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--group", type=int, default=32, help="int4 group size")
-    ap.add_argument("--schemes", default="fp32,fp16,int8,int4")
+    ap.add_argument("--schemes", default="fp32,fp16,int8,int4",
+                    help="comma-separated: fp32, fp32-numba, fp16, int8, int8:G (G=0: per row), int4, int4:G")
     ap.add_argument("--seq", type=int, default=128, help="tokens for the sequence-mode test (0: skip)")
     ap.add_argument("--seq-rounds", type=int, default=3)
     ap.add_argument("--min-round", type=float, default=0.3, help="seconds per round (cycles the matrices)")
+    ap.add_argument("--quality", action="store_true", help="print round-trip errors of the schemes and exit")
+    ap.add_argument("--tiny", type=Path, default=Path(os.environ.get("RWKV_LITE_SHARED", REPO.parent / "shared"))
+                    / "fixtures" / "rwkv-cpp-tiny" / "tiny-rwkv-5v2-730K-FP32.bin")
     ap.add_argument("--max-foreign", type=float, default=0.05,
                     help="drop rounds during which other processes used more than this share of the CPUs")
     args = ap.parse_args(argv)
+    if args.quality:
+        return quality(args.tiny)
 
     threads = set_threads(args.threads)
     R, C = args.rows, args.cols
     rng = np.random.default_rng(0)
     schemes = args.schemes.split(",")
-    params = {"int4": {"group": args.group}}
-    mats = {s: [make_matrix(s, params.get(s, {}), random_parts(s, R, C, args.group, rng), shape=(R, C))
-                for _ in range(args.mats)] for s in schemes}
+    mats = {s: [make(s, R, C, args.group, rng) for _ in range(args.mats)] for s in schemes}
     x = rng.standard_normal(C, dtype=np.float32)
 
     print(f"decode GEMV: {args.mats} matrices of {R} x {C} cycled, {threads} threads, {args.rounds} rounds; "

@@ -32,7 +32,7 @@ def test_demo_is_small_int8_rwkv52_with_provenance(demo):
     assert schemes == {"int8"}
     prov = demo.metadata["provenance"]
     assert "kjv-bible" in prov["corpus"] and prov["training"]["seed"] == 1234
-    assert 1.0 < prov["heldout_bpb_int8"] < 2.0
+    assert 1.0 < prov["heldout_bpb_fp32"] < 2.0
     assert demo.tokenizer.kind == "bytes"
 
 

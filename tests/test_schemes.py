@@ -12,8 +12,8 @@ from rwkv_lite.quantize.schemes import SchemeError, get_scheme
 from conftest import shared_file
 
 SHAPES = [(37, 96), (1, 64), (65, 200), (8, 4096)]
-SCHEMES = [("fp32", {}), ("fp16", {}), ("int8", {}), ("int4", {"group": 32}), ("int4", {"group": 64}),
-           ("int4", {"group": 128})]
+SCHEMES = [("fp32", {}), ("fp16", {}), ("int8", {"group": 0}), ("int8", {"group": 32}), ("int8", {"group": 64}),
+           ("int4", {"group": 32}), ("int4", {"group": 64}), ("int4", {"group": 128})]
 
 
 def weights(shape, seed=0):
@@ -92,8 +92,23 @@ def test_fp_roundtrips_are_exact_to_their_rounding():
     np.testing.assert_array_equal(roundtrip(get_scheme("fp16"), w), w.astype(np.float16).astype(np.float32))
 
 
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_group_scaled_int8_error_is_at_most_half_a_step(group):
+    scheme = get_scheme("int8", group=group)
+    w = weights((65, 200), seed=1)
+    parts = scheme.quantize(w)
+    d = np.repeat(parts[".scale"].astype(np.float32), group, 1)[:, :200]
+    amax = np.repeat(np.abs(np.pad(w, ((0, 0), (0, 56)))).reshape(65, -1, group).max(-1), group, 1)[:, :200]
+    # the scale is max|group| / 127 clipped by at most 20%, rounded to fp16
+    assert (d <= amax / 127 * 1.001).all() and (d >= amax / 127 * 0.799).all()
+    err = np.abs(scheme.dequantize(parts, cols=200) - w)
+    inside = np.abs(w) <= 127 * d
+    assert (err[inside] <= d[inside] * (0.5 + 1e-4)).all()
+    assert (err[~inside] <= np.abs(w[~inside]) - 127 * d[~inside] + 1e-7).all()   # clipped to the end
+
+
 def test_int8_error_is_at_most_half_a_step():
-    scheme = get_scheme("int8")
+    scheme = get_scheme("int8", group=0)
     w = weights((65, 200), seed=1)
     parts = scheme.quantize(w)
     scale = parts[".scale"]
@@ -144,7 +159,9 @@ def test_int4_special_rows():
 
 @pytest.mark.parametrize("name,params,shape,bits", [
     ("fp32", {}, (64, 64), 32.0), ("fp16", {}, (64, 64), 16.0),
-    ("int8", {}, (4096, 4096), 8 + 32 / 4096), ("int8", {}, (64, 64), 8.5),
+    ("int8", {"group": 0}, (4096, 4096), 8 + 32 / 4096), ("int8", {"group": 0}, (64, 64), 8.5),
+    ("int8", {}, (64, 64), 8.5),
+    ("int8", {"group": 32}, (4096, 4096), 8.5), ("int8", {"group": 64}, (4096, 4096), 8.25),
     ("int4", {"group": 32}, (4096, 4096), 4.5), ("int4", {"group": 64}, (4096, 14336), 4.25),
     ("int4", {"group": 128}, (4096, 4096), 4.125), ("int4", {"group": 32}, (64, 64), 4.5),
     ("int4", {"group": 32}, (65, 200), (128 * 8 + 8 * 16) / 200),          # padded to 256 columns
@@ -165,12 +182,14 @@ def test_int4_beats_q4_0_at_equal_bits_on_real_tiny_model_weights():
     assert len(mats) == 12 * 8
     ours = rel_rmse(mats, lambda m: roundtrip(get_scheme("int4", group=32), m))
     baseline = rel_rmse(mats, q4_0_like)
-    assert ours < 0.88 * baseline, (ours, baseline)           # measured: 0.0720 vs 0.0850
-    assert rel_rmse(mats, lambda m: roundtrip(get_scheme("int8"), m)) < 0.007
+    assert ours < 0.88 * baseline, (ours, baseline)           # measured: 0.0726 vs 0.0857
+    assert rel_rmse(mats, lambda m: roundtrip(get_scheme("int8", group=0), m)) < 0.007
+    assert rel_rmse(mats, lambda m: roundtrip(get_scheme("int8"), m)) < 0.0056         # Q8_0-like: 0.00535
 
 
 @pytest.mark.parametrize("name,params", [("int5", {}), ("int4", {"group": 48}), ("int4", {"group": "32"}),
-                                         ("int4", {"grp": 32}), ("int8", {"clip": "mse"}), ("fp16", {"x": 1})])
+                                         ("int4", {"grp": 32}), ("int8", {"clip": "mse"}), ("int8", {"group": 16}),
+                                         ("fp16", {"x": 1})])
 def test_bad_scheme_names_and_params(name, params):
     with pytest.raises(SchemeError) as info:
         get_scheme(name, **params)

@@ -19,9 +19,15 @@ import numpy as np
 from ..errors import FormatError
 from . import qmatmul
 
-# Rows per sequence-mode tile: the float32 tile (TILE_ROWS x C) should sit in L2 next to BLAS's packed panels.
-# Measured with bench/bench_kernels.py (T=128, C=4096): 128 rows.
-TILE_ROWS = 128
+# Sequence-mode tile: about TILE_FLOATS dequantised weights (8 MB) per BLAS call. Fewer, larger calls spend less
+# time handing work to BLAS's threads (14336 x 4096 int8, T = 128, 2 cores: 128-row tiles 107 ms, 512-row
+# tiles 84 ms, 2048-row tiles 87 ms; numpy fp32 GEMM alone 67 ms).
+TILE_FLOATS = 1 << 21
+
+# Matrices with fewer weights than this run their decode GEMV in the calling thread: waking Numba's pool costs
+# microseconds on an idle machine and up to milliseconds when another process holds a core (measured: the tiny
+# models' 64 x 64 matrices, 3 us serial). 512 x 512 int8 takes ~15 us on one core.
+PARALLEL_MIN_WEIGHTS = 1 << 18
 
 _scratch = threading.local()
 
@@ -43,6 +49,7 @@ class Matrix:
     def __init__(self, shape: tuple[int, int], params: dict):
         self.shape = (int(shape[0]), int(shape[1]))
         self.params = dict(params)
+        self.parallel = self.shape[0] * self.shape[1] >= PARALLEL_MIN_WEIGHTS and self.shape[0] > 1
 
     # --- public -------------------------------------------------------------------------------------------------
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -51,9 +58,9 @@ class Matrix:
         if x.shape[-1] != C or x.ndim not in (1, 2):
             raise ValueError(f"{self.scheme} matrix {self.shape} cannot multiply an input of shape {x.shape}")
         if x.ndim == 1:
-            return self._gemv(x)
+            return self._gemv(qmatmul.aligned(x))
         if x.shape[0] == 1:
-            return self._gemv(x[0])[None, :]
+            return self._gemv(qmatmul.aligned(x[0]))[None, :]
         return self._gemm(x)
 
     def rows(self, ids) -> np.ndarray:
@@ -79,9 +86,10 @@ class Matrix:
         T, C = X.shape
         R = self.shape[0]
         Y = np.empty((T, R), np.float32)
-        tile = _tile_buffer(min(TILE_ROWS, R), C)
-        for r0 in range(0, R, TILE_ROWS):
-            r1 = min(R, r0 + TILE_ROWS)
+        rows = max(16, min(R, TILE_FLOATS // C // 16 * 16))
+        tile = _tile_buffer(rows, C)
+        for r0 in range(0, R, rows):
+            r1 = min(R, r0 + rows)
             w = tile[: r1 - r0]
             self._dequantize(np.arange(r0, r1, dtype=np.int64), w)
             np.matmul(X, w.T, out=Y[:, r0:r1])
@@ -125,7 +133,7 @@ class Fp16Matrix(Matrix):
         self.bits = w.view(np.uint16)          # Numba has no float16 type; the kernels convert the bits
 
     def _gemv(self, x):
-        return qmatmul.gemv_f16(self.bits, x)
+        return (qmatmul.gemv_f16 if self.parallel else qmatmul.gemv_f16_serial)(self.bits, x)
 
     def _dequantize(self, ids, out):
         qmatmul.dequantize_rows_f16(self.bits, ids, out)
@@ -142,10 +150,35 @@ class Int8Matrix(Matrix):
         self.q, self.scale = q, scale
 
     def _gemv(self, x):
-        return qmatmul.gemv_i8(self.q, self.scale, x)
+        return (qmatmul.gemv_i8 if self.parallel else qmatmul.gemv_i8_serial)(self.q, self.scale, x)
 
     def _dequantize(self, ids, out):
         qmatmul.dequantize_rows_i8(self.q, self.scale, ids, out)
+
+    def _arrays(self):
+        return (self.q, self.scale)
+
+
+class Int8GroupMatrix(Matrix):
+    """int8 with an fp16 scale per group of `group` columns (see schemes.Int8)."""
+    scheme = "int8"
+
+    def __init__(self, q, scale, group, shape, params):
+        super().__init__(shape, params)
+        self.q, self.scale, self.group = q, scale, int(group)
+        self.padded_cols = q.shape[1]
+        self.block_source = np.arange(self.padded_cols, dtype=np.int64)   # natural order (see qmatmul)
+
+    def _gemv(self, x):
+        if self.padded_cols != x.shape[0]:
+            xp = qmatmul.aligned(np.zeros(self.padded_cols, np.float32))
+            xp[: x.shape[0]] = x
+            x = xp
+        kernel = qmatmul.gemv_i8g if self.parallel else qmatmul.gemv_i8g_serial
+        return kernel(self.q, self.scale, x, self.block_source, self.group)
+
+    def _dequantize(self, ids, out):
+        qmatmul.dequantize_rows_i8g(self.q, self.scale, self.group, ids, out)
 
     def _arrays(self):
         return (self.q, self.scale)
@@ -163,12 +196,13 @@ class Int4Matrix(Matrix):
     def _padded(self, x):
         if self.padded_cols == x.shape[0]:
             return x
-        xp = np.zeros(self.padded_cols, np.float32)        # the kernel reads x up to the padded width
+        xp = qmatmul.aligned(np.zeros(self.padded_cols, np.float32))   # the kernel reads x up to the padded width
         xp[: x.shape[0]] = x
         return xp
 
     def _gemv(self, x):
-        return qmatmul.gemv_i4(self.packed, self.groups, self._padded(x), self.block_source, self.group)
+        kernel = qmatmul.gemv_i4 if self.parallel else qmatmul.gemv_i4_serial
+        return kernel(self.packed, self.groups, self._padded(x), self.block_source, self.group)
 
     def gemv_exact(self, x):
         """W x with x kept in float32 (the default kernel rounds x to 15 bits per block; see qmatmul)."""
@@ -206,12 +240,25 @@ def make_matrix(scheme_name: str, params: dict, parts: dict, shape: tuple[int, i
         m = Fp32Matrix(_need(parts, "", np.float32, 2, "fp32"), params)
     elif scheme_name == "fp16":
         m = Fp16Matrix(_need(parts, "", np.float16, 2, "fp16"), params)
-    elif scheme_name == "int8":
+    elif scheme_name == "int8" and not params.get("group", 32):         # group 0: one scale per row
         q = _need(parts, "", np.int8, 2, "int8")
         scale = _need(parts, ".scale", np.float32, 1, "int8")
         if scale.shape[0] != q.shape[0]:
             raise FormatError(f"int8 matrix: {scale.shape[0]} scales for {q.shape[0]} rows")
         m = Int8Matrix(q, scale, params)
+    elif scheme_name == "int8":
+        group = int(params.get("group", 32))
+        if group not in qmatmul.INT4_GROUPS:
+            raise FormatError(f"int8 matrix: group size {group} is not one of 0, {qmatmul.INT4_GROUPS}")
+        q = _need(parts, "", np.int8, 2, "int8")
+        scale = _need(parts, ".scale", np.float16, 2, "int8").view(np.uint16)
+        R, padded = q.shape
+        if padded % max(group, qmatmul.INT4_BLOCK) or scale.shape != (R, padded // group):
+            raise FormatError(f"int8 matrix: q {q.shape} and scales {scale.shape} do not fit group {group}")
+        C = padded if shape is None else int(shape[1])
+        if not padded - max(group, qmatmul.INT4_BLOCK) < C <= padded:
+            raise FormatError(f"int8 matrix: {C} columns do not fit a stored width of {padded}")
+        m = Int8GroupMatrix(q, scale, group, (R, C), params)
     elif scheme_name == "int4":
         group = int(params.get("group", 32))
         if group not in qmatmul.INT4_GROUPS:

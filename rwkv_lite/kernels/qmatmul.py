@@ -15,13 +15,15 @@ Kernels read weights where they lie (views of the mapped file) and never build a
 
 Each output row is computed by one thread with a fixed order of operations, so results do not depend on the
 thread count. Vector sums are reassociated (tree reductions): that is the only difference from a sequential
-float32 loop for fp16 and int8. The int4 decode kernel also rounds x to 15 bits per block of 64 (see
-``quantize_activations``): a relative error of about 2e-5 in y, invisible next to 4-bit weights, for twice the
-speed (exact integer multiply-adds, vpmaddwd). ``gemv_i4_exact`` keeps x in float32.
+float32 loop for fp32, fp16 and per-row int8. The int4 and group-scaled int8 decode kernels also round x to 15
+bits per block of 64 columns (``quantize_activations``): a relative error of about 2e-5 in y, invisible next to
+4- or 8-bit weights (measured on the tiny 5v2 model: mean KL unchanged in 4 digits), for 2x the arithmetic
+throughput (exact integer multiply-adds, vpmaddwd on x86). ``gemv_i4_exact`` keeps x in float32.
 
 Storage layouts (the contract with ``rwkv_lite.quantize.schemes``; every array's first axis is the output row):
   fp16  w       float16 (R, C), used as its uint16 bits (Numba has no float16 arithmetic).
   int8  q       int8 (R, C); scale float32 (R,):                      W[r, c] = scale[r] * q[r, c]
+  int8  q       int8 (R, Cp); scale float16 (R, Cp/G) (group-scaled): W[r, c] = scale[r, c // G] * q[r, c]
   int4  packed  uint8 (R, Cp/2); groups uint16 (R, Cp/G), Cp = C rounded up to a multiple of 64 and of G.
         Group g of row r covers columns g*G .. g*G+G-1; its G/2 bytes hold column g*G+i in the low nibble of byte
         i and column g*G+G/2+i in the high nibble (i < G/2): one vector load gives two contiguous runs of columns.
@@ -42,7 +44,7 @@ FASTMATH = {"reassoc", "contract"}
 
 INT4_GROUPS = (32, 64, 128)     # supported int4 group sizes
 INT4_BLOCK = 64                  # columns per step of the int4 kernels (32 packed bytes)
-ROW_BLOCK = 64                   # rows per prange task in the int4 kernel (amortises its scratch allocation)
+ROW_BLOCK = 64                   # rows per prange task (amortises the int4/int8 scratch allocation)
 PREFETCH_BYTES = 2048            # software prefetch distance ahead of the weight stream (measured: 1-4 KiB)
 INT16_MAX = 32767
 
@@ -161,6 +163,35 @@ def _bits_to_f32(typingctx, bits):
     return types.float32(bits), codegen
 
 
+ALIGN = 64        # bytes: one cache line, one zmm register
+
+
+@njit(cache=True)
+def _aligned_int16(n):
+    """An uninitialised int16 array of n elements starting on a cache line. Activation vectors are read with
+    64-byte loads in every block; from a misaligned start each of them would straddle two lines (malloc only
+    promises 16 bytes)."""
+    buf = np.empty(n + ALIGN // 2, np.int16)
+    skip = (-buf.ctypes.data) % ALIGN // 2
+    return buf[skip: skip + n]
+
+
+@njit(cache=True)
+def _aligned_float32(n):
+    buf = np.empty(n + ALIGN // 4, np.float32)
+    skip = (-buf.ctypes.data) % ALIGN // 4
+    return buf[skip: skip + n]
+
+
+def aligned(x: np.ndarray) -> np.ndarray:
+    """x itself if it starts on a cache line, else an aligned float32 copy (see _aligned_int16)."""
+    if x.ctypes.data % ALIGN == 0:
+        return x
+    out = _aligned_float32(x.shape[0])
+    out[:] = x
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Row dot products: intrinsics that emit one vectorised loop over a row
 
@@ -168,9 +199,10 @@ DOT_BLOCK = 64     # columns per step of the fp16/int8 row loops: 4 zmm (8 ymm) 
 
 
 def _make_dense_row_dot(weight_dtype):
-    """Intrinsic dot(W[r, :n*64], x[:n*64]) for int8 or fp16-bits W, float32 x; the caller adds the column tail."""
+    """Intrinsic dot(W[r, :n*64], x[:n*64]) for float32, fp16-bits or int8 W and float32 x; the caller adds the
+    column tail."""
     nb = DOT_BLOCK
-    elt_bytes = 2 if weight_dtype == types.uint16 else 1
+    elt_bytes = {types.float32: 4, types.uint16: 2, types.int8: 1}[weight_dtype]
 
     def typer(typingctx, w, r, x, nblocks):
         if not (_is_c_array(w, weight_dtype, 2) and isinstance(x, types.Array) and x.dtype == types.float32
@@ -189,7 +221,9 @@ def _make_dense_row_dot(weight_dtype):
                 for line in range(0, nb * elt_bytes, 64):           # one prefetch per cache line of the step
                     ahead = ir.Constant(_I64, (PREFETCH_BYTES + line) // elt_bytes)
                     _prefetch_ptr(builder, builder.gep(wrow, [builder.add(j, ahead)]))
-                if weight_dtype == types.uint16:
+                if weight_dtype == types.float32:
+                    wf = _load_vec(builder, wrow, j, _vec(_F32, nb))
+                elif weight_dtype == types.uint16:
                     raw = _load_vec(builder, wrow, j, _vec(ir.IntType(16), nb))
                     wf = builder.fpext(builder.bitcast(raw, _vec(_F16, nb)), _vec(_F32, nb))
                 else:
@@ -201,6 +235,7 @@ def _make_dense_row_dot(weight_dtype):
     return intrinsic(typer)
 
 
+_dot_f32_row = _make_dense_row_dot(types.float32)
 _dot_f16_row = _make_dense_row_dot(types.uint16)
 _dot_i8_row = _make_dense_row_dot(types.int8)
 
@@ -209,7 +244,7 @@ def _make_int4_row_dot(group, int16_x):
     """Intrinsic: one int4 row (group size `group`) dotted with x, zero points excluded:
         sum over 64-column blocks k of  step[k] * sum over the block's columns c of  d[g(c)] * q[r, c] * xb[c]
     d: the row's group scales (float32, decoded by _int4_row_scales); step: per-block activation steps (ones for
-    float32 x); xb: x in block order (``block_order``): 64 values per block, first the 32 that meet the low
+    float32 x); xb: x in block order (x[block_source]): 64 values per block, first the 32 that meet the low
     nibbles of the block's 32 bytes, then the 32 that meet the high nibbles, so both runs are contiguous loads.
 
     Per block: load 32 bytes; low = and 15, high = shift 4; meet the two runs of xb; multiply by the block's
@@ -283,34 +318,138 @@ _dot_i4_exact_g64 = _make_int4_row_dot(64, int16_x=False)
 _dot_i4_exact_g128 = _make_int4_row_dot(128, int16_x=False)
 
 
+def _make_int8_group_row_dot(group):
+    """Intrinsic: one row of a group-scaled int8 matrix dotted with int16 activations (natural column order):
+        sum over 64-column blocks k of  step[k] * sum over the block's columns c of  d[g(c)] * q[r, c] * x16[c]
+    Per block: 64 bytes widen to int16 and meet x16 in exact integer multiply-adds (32 pair sums), which take the
+    block's group scales (G = 32: two groups, one per half of the lanes) and add into a vector accumulator."""
+    nb = INT4_BLOCK
+    lanes = nb // 2
+
+    def typer(typingctx, q, r, d, step, x16):
+        if not (_is_c_array(q, types.int8, 2) and isinstance(r, types.Integer)
+                and isinstance(x16, types.Array) and x16.dtype == types.int16):
+            return None
+
+        def codegen(context, builder, sig, args):
+            qty, rty, dty, sty, xty = sig.args
+            qrow, ncols = _row_pointer(context, builder, qty, args[0], context.cast(builder, args[1], rty, types.intp))
+            dptr = context.make_array(dty)(context, builder, args[2]).data
+            sptr = context.make_array(sty)(context, builder, args[3]).data
+            xptr = context.make_array(xty)(context, builder, args[4]).data
+            acc_slot = cgutils.alloca_once_value(builder, _splat_const(_F32, lanes, 0.0))
+            with cgutils.for_range(builder, builder.udiv(ncols, ir.Constant(_I64, nb))) as loop:
+                k = loop.index
+                c0 = builder.mul(k, ir.Constant(_I64, nb))
+                _prefetch_ptr(builder, builder.gep(qrow, [builder.add(c0, ir.Constant(_I64, PREFETCH_BYTES))]))
+                w16 = builder.sext(_load_vec(builder, qrow, c0, _vec(_I8, nb)), _vec(_I16, nb))
+                isum = _pair_madd(builder, w16, _load_vec(builder, xptr, c0, _vec(_I16, nb)))
+                part = builder.fmul(builder.sitofp(isum, _vec(_F32, lanes)),
+                                    _splat(builder, builder.load(builder.gep(sptr, [k])), lanes))
+                if group == 32:
+                    pair = _load_vec(builder, dptr, builder.mul(k, ir.Constant(_I64, 2)), _vec(_F32, 2))
+                    scales = builder.shuffle_vector(pair, pair, ir.Constant(_vec(_I32, lanes), [0] * 16 + [1] * 16))
+                else:
+                    g = k if group == 64 else builder.lshr(k, ir.Constant(_I64, 1))
+                    scales = _splat(builder, builder.load(builder.gep(dptr, [g])), lanes)
+                builder.store(_fma(builder, part, scales, builder.load(acc_slot)), acc_slot)
+            return _tree_sum(builder, builder.load(acc_slot))
+        return types.float32(q, r, d, step, x16), codegen
+    return intrinsic(typer)
+
+
+_dot_i8g_g32 = _make_int8_group_row_dot(32)
+_dot_i8g_g64 = _make_int8_group_row_dot(64)
+_dot_i8g_g128 = _make_int8_group_row_dot(128)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Decode GEMV kernels: y = W x
 
-@njit(cache=True, parallel=True, fastmath=FASTMATH)
-def gemv_f16(w, x):
-    """w: uint16 (R, C) fp16 bits, C-contiguous; x: float32 (C,) contiguous -> float32 (R,)."""
-    R, C = w.shape
-    nblk = C // DOT_BLOCK
-    y = np.empty(R, np.float32)
-    for r in prange(R):
+# Every GEMV has a row-range body and two entry points: `gemv_*` splits the rows over Numba's threads in blocks of
+# ROW_BLOCK, `gemv_*_serial` runs them in the calling thread. Waking the pool costs a few microseconds on an idle
+# machine and up to milliseconds when another process holds a core, so small matrices (the tiny models, LoRA
+# factors) take the serial entry (linear.PARALLEL_MIN_WEIGHTS).
+
+@njit(cache=True, fastmath=FASTMATH)
+def _gemv_f32_rows(w, x, y, r0, r1):
+    nblk = w.shape[1] // DOT_BLOCK
+    for r in range(r0, r1):
+        acc = _dot_f32_row(w, r, x, nblk)
+        for c in range(nblk * DOT_BLOCK, w.shape[1]):
+            acc += w[r, c] * x[c]
+        y[r] = acc
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _gemv_f16_rows(w, x, y, r0, r1):
+    nblk = w.shape[1] // DOT_BLOCK
+    for r in range(r0, r1):
         acc = _dot_f16_row(w, r, x, nblk)
-        for c in range(nblk * DOT_BLOCK, C):
+        for c in range(nblk * DOT_BLOCK, w.shape[1]):
             acc += f16_to_f32(w[r, c]) * x[c]
         y[r] = acc
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _gemv_i8_rows(q, scale, x, y, r0, r1):
+    nblk = q.shape[1] // DOT_BLOCK
+    for r in range(r0, r1):
+        acc = _dot_i8_row(q, r, x, nblk)
+        for c in range(nblk * DOT_BLOCK, q.shape[1]):
+            acc += np.float32(q[r, c]) * x[c]
+        y[r] = acc * scale[r]
+
+
+@njit(cache=True, parallel=True)
+def gemv_f32(w, x):
+    """w: float32 (R, C) C-contiguous; x: float32 (C,) -> float32 (R,). As fast as numpy's BLAS sgemv from
+    memory, and it keeps decode inside Numba's thread pool (see kernels/threads.py)."""
+    R = w.shape[0]
+    y = np.empty(R, np.float32)
+    for b in prange((R + ROW_BLOCK - 1) // ROW_BLOCK):
+        _gemv_f32_rows(w, x, y, b * ROW_BLOCK, min(R, (b + 1) * ROW_BLOCK))
     return y
 
 
-@njit(cache=True, parallel=True, fastmath=FASTMATH)
+@njit(cache=True)
+def gemv_f32_serial(w, x):
+    y = np.empty(w.shape[0], np.float32)
+    _gemv_f32_rows(w, x, y, 0, w.shape[0])
+    return y
+
+
+@njit(cache=True, parallel=True)
+def gemv_f16(w, x):
+    """w: uint16 (R, C) fp16 bits, C-contiguous; x: float32 (C,) contiguous -> float32 (R,)."""
+    R = w.shape[0]
+    y = np.empty(R, np.float32)
+    for b in prange((R + ROW_BLOCK - 1) // ROW_BLOCK):
+        _gemv_f16_rows(w, x, y, b * ROW_BLOCK, min(R, (b + 1) * ROW_BLOCK))
+    return y
+
+
+@njit(cache=True)
+def gemv_f16_serial(w, x):
+    y = np.empty(w.shape[0], np.float32)
+    _gemv_f16_rows(w, x, y, 0, w.shape[0])
+    return y
+
+
+@njit(cache=True, parallel=True)
 def gemv_i8(q, scale, x):
     """q: int8 (R, C) C-contiguous; scale: float32 (R,); x: float32 (C,) -> float32 (R,)."""
-    R, C = q.shape
-    nblk = C // DOT_BLOCK
+    R = q.shape[0]
     y = np.empty(R, np.float32)
-    for r in prange(R):
-        acc = _dot_i8_row(q, r, x, nblk)
-        for c in range(nblk * DOT_BLOCK, C):
-            acc += np.float32(q[r, c]) * x[c]
-        y[r] = acc * scale[r]
+    for b in prange((R + ROW_BLOCK - 1) // ROW_BLOCK):
+        _gemv_i8_rows(q, scale, x, y, b * ROW_BLOCK, min(R, (b + 1) * ROW_BLOCK))
+    return y
+
+
+@njit(cache=True)
+def gemv_i8_serial(q, scale, x):
+    y = np.empty(q.shape[0], np.float32)
+    _gemv_i8_rows(q, scale, x, y, 0, q.shape[0])
     return y
 
 
@@ -369,7 +508,7 @@ def quantize_activations(x, src, group):
     xb = np.empty(cols, np.float32)
     for j in range(cols):
         xb[j] = x[src[j]]
-    x16 = np.empty(cols, np.int16)
+    x16 = _aligned_int16(cols)
     step = np.empty(nblocks, np.float32)
     bits = xb.view(np.int32)
     for k in range(nblocks):
@@ -412,7 +551,24 @@ def _int4_row_scales(groups, r, xsum, d):
     return zero_term
 
 
-@njit(cache=True, parallel=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH)
+def _gemv_i4_rows(packed, groups, group, x16, step, xsum, y, r0, r1):
+    d = np.empty(groups.shape[1], np.float32)          # the current row's group scales
+    if group == 32:
+        for r in range(r0, r1):
+            zero_term = _int4_row_scales(groups, r, xsum, d)
+            y[r] = _dot_i4_g32(packed, r, d, step, x16) + zero_term
+    elif group == 64:
+        for r in range(r0, r1):
+            zero_term = _int4_row_scales(groups, r, xsum, d)
+            y[r] = _dot_i4_g64(packed, r, d, step, x16) + zero_term
+    else:
+        for r in range(r0, r1):
+            zero_term = _int4_row_scales(groups, r, xsum, d)
+            y[r] = _dot_i4_g128(packed, r, d, step, x16) + zero_term
+
+
+@njit(cache=True, parallel=True)
 def gemv_i4(packed, groups, x, src, group):
     """packed uint8 (R, Cp/2), groups uint16 (R, Cp/group), x float32 (Cp,) zero-padded, src = block_source ->
     y float32 (R,) = W x, with x rounded to 15 bits per 64-column block (see quantize_activations)."""
@@ -420,24 +576,38 @@ def gemv_i4(packed, groups, x, src, group):
     x16, step, xsum = quantize_activations(x, src, group)
     y = np.empty(R, np.float32)
     for b in prange((R + ROW_BLOCK - 1) // ROW_BLOCK):
-        d = np.empty(groups.shape[1], np.float32)
-        for r in range(b * ROW_BLOCK, min(R, (b + 1) * ROW_BLOCK)):
-            zero_term = _int4_row_scales(groups, r, xsum, d)
-            if group == 32:
-                y[r] = _dot_i4_g32(packed, r, d, step, x16) + zero_term
-            elif group == 64:
-                y[r] = _dot_i4_g64(packed, r, d, step, x16) + zero_term
-            else:
-                y[r] = _dot_i4_g128(packed, r, d, step, x16) + zero_term
+        r0, r1 = b * ROW_BLOCK, min(R, (b + 1) * ROW_BLOCK)
+        # literal group sizes: Numba compiles one specialisation of the row loop per size, which LLVM optimises
+        # as a whole (measured: 21 GB/s from memory, against 14.5 for one body taking the size as a variable)
+        if group == 32:
+            _gemv_i4_rows(packed, groups, 32, x16, step, xsum, y, r0, r1)
+        elif group == 64:
+            _gemv_i4_rows(packed, groups, 64, x16, step, xsum, y, r0, r1)
+        else:
+            _gemv_i4_rows(packed, groups, 128, x16, step, xsum, y, r0, r1)
     return y
 
 
-@njit(cache=True, parallel=True, fastmath=FASTMATH)
+@njit(cache=True)
+def gemv_i4_serial(packed, groups, x, src, group):
+    x16, step, xsum = quantize_activations(x, src, group)
+    R = packed.shape[0]
+    y = np.empty(R, np.float32)
+    if group == 32:
+        _gemv_i4_rows(packed, groups, 32, x16, step, xsum, y, 0, R)
+    elif group == 64:
+        _gemv_i4_rows(packed, groups, 64, x16, step, xsum, y, 0, R)
+    else:
+        _gemv_i4_rows(packed, groups, 128, x16, step, xsum, y, 0, R)
+    return y
+
+
+@njit(cache=True, fastmath=FASTMATH)
 def gemv_i4_exact(packed, groups, x, src, group):
-    """As gemv_i4 with x kept in float32 (no activation rounding); about half as fast from memory."""
+    """As gemv_i4 with x kept in float32 (no activation rounding); one thread, for tests and checks."""
     R = packed.shape[0]
     cols = x.shape[0]
-    xb = np.empty(cols, np.float32)
+    xb = _aligned_float32(cols)
     for j in range(cols):
         xb[j] = x[src[j]]
     ones = np.ones(cols // INT4_BLOCK, np.float32)                     # no activation step
@@ -446,60 +616,198 @@ def gemv_i4_exact(packed, groups, x, src, group):
         for c in range(g * group, (g + 1) * group):
             xsum[g] += x[c]
     y = np.empty(R, np.float32)
+    d = np.empty(groups.shape[1], np.float32)
+    for r in range(R):
+        zero_term = _int4_row_scales(groups, r, xsum, d)
+        if group == 32:
+            y[r] = _dot_i4_exact_g32(packed, r, d, ones, xb) + zero_term
+        elif group == 64:
+            y[r] = _dot_i4_exact_g64(packed, r, d, ones, xb) + zero_term
+        else:
+            y[r] = _dot_i4_exact_g128(packed, r, d, ones, xb) + zero_term
+    return y
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _gemv_i8g_rows(q, scale, group, x16, step, y, r0, r1):
+    d = np.empty(scale.shape[1], np.float32)
+    for r in range(r0, r1):
+        for g in range(scale.shape[1]):
+            d[g] = f16_to_f32(scale[r, g])
+        if group == 32:
+            y[r] = _dot_i8g_g32(q, r, d, step, x16)
+        elif group == 64:
+            y[r] = _dot_i8g_g64(q, r, d, step, x16)
+        else:
+            y[r] = _dot_i8g_g128(q, r, d, step, x16)
+
+
+@njit(cache=True, parallel=True)
+def gemv_i8g(q, scale, x, src, group):
+    """Group-scaled int8: q int8 (R, Cp), scale uint16 fp16 bits (R, Cp/group), x float32 (Cp,) zero-padded,
+    src = arange(Cp) -> y float32 (R,) = W x, x rounded to 15 bits per 64-column block like gemv_i4."""
+    R = q.shape[0]
+    x16, step, _ = quantize_activations(x, src, group)
+    y = np.empty(R, np.float32)
     for b in prange((R + ROW_BLOCK - 1) // ROW_BLOCK):
-        d = np.empty(groups.shape[1], np.float32)
-        for r in range(b * ROW_BLOCK, min(R, (b + 1) * ROW_BLOCK)):
-            zero_term = _int4_row_scales(groups, r, xsum, d)
-            if group == 32:
-                y[r] = _dot_i4_exact_g32(packed, r, d, ones, xb) + zero_term
-            elif group == 64:
-                y[r] = _dot_i4_exact_g64(packed, r, d, ones, xb) + zero_term
-            else:
-                y[r] = _dot_i4_exact_g128(packed, r, d, ones, xb) + zero_term
+        r0, r1 = b * ROW_BLOCK, min(R, (b + 1) * ROW_BLOCK)
+        if group == 32:                                  # literal sizes: see gemv_i4
+            _gemv_i8g_rows(q, scale, 32, x16, step, y, r0, r1)
+        elif group == 64:
+            _gemv_i8g_rows(q, scale, 64, x16, step, y, r0, r1)
+        else:
+            _gemv_i8g_rows(q, scale, 128, x16, step, y, r0, r1)
+    return y
+
+
+@njit(cache=True)
+def gemv_i8g_serial(q, scale, x, src, group):
+    x16, step, _ = quantize_activations(x, src, group)
+    R = q.shape[0]
+    y = np.empty(R, np.float32)
+    if group == 32:
+        _gemv_i8g_rows(q, scale, 32, x16, step, y, 0, R)
+    elif group == 64:
+        _gemv_i8g_rows(q, scale, 64, x16, step, y, 0, R)
+    else:
+        _gemv_i8g_rows(q, scale, 128, x16, step, y, 0, R)
     return y
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Row dequantisation (sequence-mode tiles, embedding lookups, tests): out[i] = W[ids[i]] as float32
+#
+# Serial on purpose: in sequence mode each tile goes straight to a multi-threaded BLAS GEMM, and alternating a
+# Numba parallel region with OpenBLAS's thread pool made both pools spin against each other (measured: 870 ms
+# instead of 85 ms for a 14336 x 4096 int8 matrix times 128 tokens, 2 cores). One thread dequantises, BLAS uses
+# all of them.
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def dequantize_rows_f16(w, ids, out):
-    for i in prange(ids.shape[0]):
+    for i in range(ids.shape[0]):
         r = ids[i]
         for c in range(w.shape[1]):
             out[i, c] = f16_to_f32(w[r, c])
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def dequantize_rows_i8(q, scale, ids, out):
-    for i in prange(ids.shape[0]):
+    for i in range(ids.shape[0]):
         r = ids[i]
         s = scale[r]
         for c in range(q.shape[1]):
             out[i, c] = np.float32(q[r, c]) * s
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
+def _dequantize_row_i8g(q, scale, group, r, out, i):
+    qrow, orow = q[r], out[i]
+    for g in range(scale.shape[1]):
+        d = f16_to_f32(scale[r, g])
+        c0 = g * group
+        for c in range(group):
+            orow[c0 + c] = np.float32(qrow[c0 + c]) * d
+
+
+@njit(cache=True)
+def dequantize_rows_i8g(q, scale, group, ids, out):
+    """Group-scaled int8 (fp16 scale bits per group); out may be narrower than q (padding dropped)."""
+    C = out.shape[1]
+    cols = q.shape[1]
+    row = out if C == cols else np.empty((1, cols), np.float32)      # padded matrices go through a row buffer
+    for i in range(ids.shape[0]):
+        j = i if C == cols else 0
+        if group == 32:                    # literal sizes: constant inner trip counts vectorise without tails
+            _dequantize_row_i8g(q, scale, 32, ids[i], row, j)
+        elif group == 64:
+            _dequantize_row_i8g(q, scale, 64, ids[i], row, j)
+        else:
+            _dequantize_row_i8g(q, scale, 128, ids[i], row, j)
+        if C != cols:
+            out[i, :] = row[0, :C]
+
+
+def _make_int4_row_dequant(group):
+    """Intrinsic: write row r of an int4 matrix, dequantised, into row i of out (float32, Cp columns).
+
+    Per 64-column block: the 32 bytes' low and high nibbles widen to float and become d * q - d * z with their
+    groups' d and d * z (arrays filled by _int4_row_decode); the two runs are put back in column order with one
+    shuffle (G = 32, 64) or stored as two runs of 32 (G = 128)."""
+    half = INT4_BLOCK // 2
+
+    def typer(typingctx, packed, r, d, dz, out, i):
+        if not (_is_c_array(packed, types.uint8, 2) and _is_c_array(out, types.float32, 2)
+                and isinstance(r, types.Integer) and isinstance(i, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            pty, rty, dty, zty, oty, ity = sig.args
+            prow, nbytes = _row_pointer(context, builder, pty, args[0],
+                                        context.cast(builder, args[1], rty, types.intp))
+            dptr = context.make_array(dty)(context, builder, args[2]).data
+            zptr = context.make_array(zty)(context, builder, args[3]).data
+            orow, _ = _row_pointer(context, builder, oty, args[4], context.cast(builder, args[5], ity, types.intp))
+            vf = _vec(_F32, half)
+
+            def group_vector(ptr, k):
+                if group == 32:            # lanes 0-15: group 2k, lanes 16-31: group 2k+1
+                    pair = _load_vec(builder, ptr, builder.mul(k, ir.Constant(_I64, 2)), _vec(_F32, 2))
+                    return builder.shuffle_vector(pair, pair, ir.Constant(_vec(_I32, half), [0] * 16 + [1] * 16))
+                g = k if group == 64 else builder.lshr(k, ir.Constant(_I64, 1))
+                return _splat(builder, builder.load(builder.gep(ptr, [g])), half)
+
+            def store(vec, col):
+                ptr = builder.bitcast(builder.gep(orow, [col]), vec.type.as_pointer())
+                builder.store(vec, ptr, align=4)
+
+            with cgutils.for_range(builder, builder.udiv(nbytes, ir.Constant(_I64, half))) as loop:
+                k = loop.index
+                byts = _load_vec(builder, prow, builder.mul(k, ir.Constant(_I64, half)), _vec(_I8, half))
+                d_vec, dz_vec = group_vector(dptr, k), group_vector(zptr, k)
+                low = _fma(builder, builder.uitofp(builder.and_(byts, _splat_const(_I8, half, 15)), vf), d_vec,
+                           builder.fneg(dz_vec))
+                high = _fma(builder, builder.uitofp(builder.lshr(byts, _splat_const(_I8, half, 4)), vf), d_vec,
+                            builder.fneg(dz_vec))
+                col = builder.mul(k, ir.Constant(_I64, INT4_BLOCK))
+                if group == 128:           # block k holds columns 32(k&1) + [0, 32) and 64 + 32(k&1) + [0, 32)
+                    col = builder.add(builder.mul(builder.lshr(k, ir.Constant(_I64, 1)), ir.Constant(_I64, 128)),
+                                      builder.mul(builder.and_(k, ir.Constant(_I64, 1)), ir.Constant(_I64, 32)))
+                    store(low, col)
+                    store(high, builder.add(col, ir.Constant(_I64, 64)))
+                else:
+                    order = (list(range(0, 16)) + list(range(32, 48)) + list(range(16, 32)) + list(range(48, 64))
+                             if group == 32 else list(range(64)))
+                    store(builder.shuffle_vector(low, high, ir.Constant(_vec(_I32, 64), order)), col)
+            return context.get_dummy_value()
+        return types.void(packed, r, d, dz, out, i), codegen
+    return intrinsic(typer)
+
+
+_dequant_i4_g32 = _make_int4_row_dequant(32)
+_dequant_i4_g64 = _make_int4_row_dequant(64)
+_dequant_i4_g128 = _make_int4_row_dequant(128)
+
+
+@njit(cache=True)
 def dequantize_rows_i4(packed, groups, group, ids, out):
     """out float32 (len(ids), C), C <= Cp: W[r, c] = d * (q - z/8); the padding columns are dropped."""
     C = out.shape[1]
-    half = group // 2
-    for i in prange(ids.shape[0]):
+    cols = packed.shape[1] * 2
+    ngroups = groups.shape[1]
+    d = np.empty(ngroups, np.float32)
+    dz = np.empty(ngroups, np.float32)
+    row = out if C == cols else np.empty((1, cols), np.float32)     # padded matrices go through a row buffer
+    for i in range(ids.shape[0]):
         r = ids[i]
-        for g in range(groups.shape[1]):
-            d = int4_scale(groups[r, g])
-            dz = d * int4_zero(groups[r, g])
-            c0 = g * group
-            if c0 + group <= C:
-                for k in range(half):
-                    byte = packed[r, g * half + k]
-                    # uint8 casts keep LLVM's lanes 8/32-bit wide (Numba promotes integer arithmetic to int64)
-                    out[i, c0 + k] = np.float32(np.uint8(byte & np.uint8(15))) * d - dz
-                    out[i, c0 + half + k] = np.float32(np.uint8(byte >> np.uint8(4))) * d - dz
-            else:                                          # the last group reaches into the padding
-                for k in range(half):
-                    byte = packed[r, g * half + k]
-                    if c0 + k < C:
-                        out[i, c0 + k] = np.float32(byte & 15) * d - dz
-                    if c0 + half + k < C:
-                        out[i, c0 + half + k] = np.float32(byte >> 4) * d - dz
+        for g in range(ngroups):
+            d[g] = int4_scale(groups[r, g])
+            dz[g] = d[g] * int4_zero(groups[r, g])
+        j = i if C == cols else 0
+        if group == 32:
+            _dequant_i4_g32(packed, r, d, dz, row, j)
+        elif group == 64:
+            _dequant_i4_g64(packed, r, d, dz, row, j)
+        else:
+            _dequant_i4_g128(packed, r, d, dz, row, j)
+        if C != cols:
+            out[i, :] = row[0, :C]

@@ -4,6 +4,15 @@ Decode alternates Numba kernels (quantized GEMV, WKV) with numpy/BLAS calls (fp3
 each pool used every core on top of the other, the cores would be oversubscribed and both would stall, so both get
 the same count.
 
+Both pools also *spin* for a while after each parallel call before they sleep (libgomp, Numba's default threading
+layer here; OpenBLAS's server threads). Alternating the two pools call after call therefore lets each one's
+spinning threads steal the cores the other one needs. Measured on 2 cores, a 14336 x 4096 int8 matrix times 128
+tokens in 128-row tiles: Numba-parallel dequantisation + BLAS GEMM per tile 870 ms, serial dequantisation + BLAS
+GEMM 107 ms. Hence: decode GEMVs are Numba kernels only (no BLAS in the token loop), sequence-mode dequantisation
+is serial (kernels/qmatmul.py), and code that alternates BLAS with Numba-parallel kernels should expect this cost.
+OMP_WAIT_POLICY=PASSIVE removes the spinning but costs ~70 us of wake-up per parallel call (decode: 257 GEMVs per
+Eagle-7B token), so it is not set here.
+
 * Numba: ``numba.set_num_threads(n)``; n is capped at the pool size Numba started with (``NUMBA_NUM_THREADS``,
   default: all cores), which cannot grow after import.
 * BLAS: numpy's wheels bundle OpenBLAS (``libscipy_openblas64_``); we call its ``*openblas_set_num_threads*``
