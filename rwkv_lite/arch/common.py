@@ -48,6 +48,13 @@ def shifted(x, previous_row):
     return out
 
 
+def output_logits(W, x, all_logits: bool):
+    """logits = head(LN_out(x)) for every row (all_logits) or only the last token's row."""
+    if not all_logits:
+        x = x[-1:]
+    return linear(W.head, layer_norm(x, W.ln_out_w, W.ln_out_b))
+
+
 def linear(matrix, x):
     """y = x W^T for a stored weight matrix; a single row goes through the GEMV kernel, several through GEMM."""
     if x.shape[0] == 1:

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import FormatError
 from ..kernels.wkv4 import wkv4
-from .common import Planner, layer_count, layer_norm, linear, shifted, sigmoid
+from .common import output_logits, Planner, layer_count, layer_norm, linear, shifted, sigmoid
 
 VERSIONS = ("4",)
 PP_INIT = np.float32(-1e30)     # "minus infinity" of the running maximum exponent, as the reference
@@ -147,6 +147,4 @@ def forward(W: Weights, tokens: np.ndarray, state: dict, all_logits: bool, check
         x = x + channel_mix(L, b, state, l)
         if check is not None:
             check(x, l)
-    if not all_logits:
-        x = x[-1:]
-    return linear(W.head, layer_norm(x, W.ln_out_w, W.ln_out_b))
+    return output_logits(W, x, all_logits)

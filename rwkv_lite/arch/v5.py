@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import FormatError
 from ..kernels.wkv5 import wkv5
-from .common import (PlannedTensor, group_norm, layer_norm, linear, shifted, sigmoid, silu, streamed, whole)
+from .common import (output_logits, PlannedTensor, group_norm, layer_norm, linear, shifted, sigmoid, silu, streamed, whole)
 
 VERSIONS = ("5.0", "5.1", "5.2")
 DEFAULT_LN_X_EPS = 64e-5     # reference and training code: GroupNorm(x / 8, eps 1e-5) == GroupNorm(x, eps 64e-5)
@@ -206,6 +206,4 @@ def forward(W: Weights, tokens: np.ndarray, state: dict, all_logits: bool, check
         x = x + channel_mix(L, b, state, l)
         if check is not None:
             check(x, l)
-    if not all_logits:
-        x = x[-1:]
-    return linear(W.head, layer_norm(x, W.ln_out_w, W.ln_out_b))
+    return output_logits(W, x, all_logits)

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import FormatError
 from ..kernels.wkv7 import wkv7
-from .common import Planner, group_norm, layer_count, layer_norm, linear, shifted, sigmoid
+from .common import output_logits, Planner, group_norm, layer_count, layer_norm, linear, shifted, sigmoid
 
 VERSIONS = ("7",)
 LN_X_EPS = 64e-5                       # reference, training code and rwkv.cpp agree for v7
@@ -220,6 +220,4 @@ def forward(W: Weights, tokens: np.ndarray, state: dict, all_logits: bool, check
         x = x + channel_mix(L, b, state, l)
         if check is not None:
             check(x, l)
-    if not all_logits:
-        x = x[-1:]
-    return linear(W.head, layer_norm(x, W.ln_out_w, W.ln_out_b))
+    return output_logits(W, x, all_logits)
