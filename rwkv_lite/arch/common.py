@@ -10,42 +10,51 @@ from typing import Callable
 import numpy as np
 
 from ..errors import FormatError
+from ..kernels import pointwise
 
 LN_EPS = np.float32(1e-5)        # LayerNorm epsilon of every RWKV version (ln0, ln1, ln2, ln_out)
 
 
 def layer_norm(x, weight, bias, eps=LN_EPS):
     """Row-wise LayerNorm with biased variance, as torch.nn.functional.layer_norm."""
-    mean = x.mean(axis=-1, keepdims=True)
-    centered = x - mean
-    var = (centered * centered).mean(axis=-1, keepdims=True)
-    return centered / np.sqrt(var + eps) * weight + bias
+    return pointwise.layer_norm(_rows(x), weight, bias, float(eps))
 
 
 def group_norm(x, n_head, weight, bias, eps):
     """GroupNorm over each row of x split into n_head consecutive groups (torch.nn.functional.group_norm)."""
-    T, C = x.shape
-    g = x.reshape(T, n_head, C // n_head)
-    mean = g.mean(axis=-1, keepdims=True)
-    centered = g - mean
-    var = (centered * centered).mean(axis=-1, keepdims=True)
-    return (centered / np.sqrt(var + np.float32(eps))).reshape(T, C) * weight + bias
+    return pointwise.group_norm(_rows(x), int(n_head), weight, bias, float(eps))
+
+
+def token_mix(a, p, mu):
+    """a * mu + p * (1 - mu): the token-shift blend of this token's row with the previous one's."""
+    return pointwise.token_mix(_rows(a), _rows(p), mu)
 
 
 def sigmoid(x):
-    return np.float32(1.0) / (np.float32(1.0) + np.exp(-x))
+    return pointwise.sigmoid(_rows(x))
 
 
 def silu(x):
-    return x * sigmoid(x)
+    """x * sigmoid(x)."""
+    return pointwise.silu(_rows(x))
+
+
+def relu_square(x):
+    """max(x, 0) ** 2."""
+    return pointwise.relu_square(_rows(x))
 
 
 def shifted(x, previous_row):
     """Token shift: row t of the result is row t-1 of x, and row 0 is `previous_row` (the state's last row)."""
-    out = np.empty_like(x)
-    out[0] = previous_row
-    out[1:] = x[:-1]
-    return out
+    return pointwise.shifted(_rows(x), previous_row)
+
+
+def _rows(x):
+    """The (T, C) float32 form the pointwise kernels take (a no-op for the forward pass's own arrays)."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"expected (T, C) rows, got shape {x.shape}")
+    return x
 
 
 def output_logits(W, x, all_logits: bool):

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import FormatError
 from ..kernels.wkv4 import wkv4
-from .common import output_logits, Planner, layer_count, layer_norm, linear, shifted, sigmoid
+from .common import output_logits, Planner, layer_count, layer_norm, linear, relu_square, shifted, sigmoid, token_mix
 
 VERSIONS = ("4",)
 PP_INIT = np.float32(-1e30)     # "minus infinity" of the running maximum exponent, as the reference
@@ -116,9 +116,7 @@ class Weights:
 def time_mix(L: Layer, a, state, l):
     """RWKV-4 attention replacement of layer l over T tokens; updates the layer's shift and (aa, bb, pp)."""
     p = shifted(a, state["att_x"][l])
-    xk = a * L.mix_k + p * (1 - L.mix_k)
-    xv = a * L.mix_v + p * (1 - L.mix_v)
-    xr = a * L.mix_r + p * (1 - L.mix_r)
+    xk, xv, xr = token_mix(a, p, L.mix_k), token_mix(a, p, L.mix_v), token_mix(a, p, L.mix_r)
     r = sigmoid(linear(L.W_r, xr))
     k, v = linear(L.W_k, xk), linear(L.W_v, xv)
     wkv = np.empty_like(k)
@@ -130,9 +128,8 @@ def time_mix(L: Layer, a, state, l):
 def channel_mix(L: Layer, b, state, l):
     """Feed-forward of layer l over T tokens; updates the layer's shift state."""
     q = shifted(b, state["ffn_x"][l])
-    xk = b * L.ffn_mix_k + q * (1 - L.ffn_mix_k)
-    xr = b * L.ffn_mix_r + q * (1 - L.ffn_mix_r)
-    hidden = np.square(np.maximum(linear(L.F_k, xk), 0))
+    xk, xr = token_mix(b, q, L.ffn_mix_k), token_mix(b, q, L.ffn_mix_r)
+    hidden = relu_square(linear(L.F_k, xk))
     state["ffn_x"][l] = b[-1]
     return sigmoid(linear(L.F_r, xr)) * linear(L.F_v, hidden)
 

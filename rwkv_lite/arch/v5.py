@@ -19,7 +19,8 @@ import numpy as np
 
 from ..errors import FormatError
 from ..kernels.wkv5 import wkv5
-from .common import (output_logits, PlannedTensor, group_norm, layer_norm, linear, shifted, sigmoid, silu, streamed, whole)
+from .common import (output_logits, PlannedTensor, group_norm, layer_norm, linear, relu_square, shifted, sigmoid, silu,
+                     streamed, token_mix, whole)
 
 VERSIONS = ("5.0", "5.1", "5.2")
 DEFAULT_LN_X_EPS = 64e-5     # reference and training code: GroupNorm(x / 8, eps 1e-5) == GroupNorm(x, eps 64e-5)
@@ -171,16 +172,13 @@ class Weights:
 def time_mix(L: Layer, a, state, l, cfg):
     """Attention replacement of layer l over T tokens; updates the layer's shift and WKV state."""
     p = shifted(a, state["att_x"][l])
-    xk = a * L.mix_k + p * (1 - L.mix_k)
-    xv = a * L.mix_v + p * (1 - L.mix_v)
-    xr = a * L.mix_r + p * (1 - L.mix_r)
+    xk, xv, xr = token_mix(a, p, L.mix_k), token_mix(a, p, L.mix_v), token_mix(a, p, L.mix_r)
     r, k, v = linear(L.W_r, xr), linear(L.W_k, xk), linear(L.W_v, xv)
     o = np.empty_like(r)
     wkv5(r, k, v, L.decay, L.bonus, state["wkv"][l], o)
     y = group_norm(o, cfg["n_head"], L.ln_x_w, L.ln_x_b, cfg["ln_x_eps"])
     if L.has_gate:
-        xg = a * L.mix_g + p * (1 - L.mix_g)
-        y = y * silu(linear(L.W_g, xg))
+        y = y * silu(linear(L.W_g, token_mix(a, p, L.mix_g)))
     state["att_x"][l] = a[-1]
     return linear(L.W_o, y)
 
@@ -188,9 +186,8 @@ def time_mix(L: Layer, a, state, l, cfg):
 def channel_mix(L: Layer, b, state, l):
     """Feed-forward of layer l over T tokens; updates the layer's shift state."""
     q = shifted(b, state["ffn_x"][l])
-    xk = b * L.ffn_mix_k + q * (1 - L.ffn_mix_k)
-    xr = b * L.ffn_mix_r + q * (1 - L.ffn_mix_r)
-    hidden = np.square(np.maximum(linear(L.F_k, xk), 0))
+    xk, xr = token_mix(b, q, L.ffn_mix_k), token_mix(b, q, L.ffn_mix_r)
+    hidden = relu_square(linear(L.F_k, xk))
     state["ffn_x"][l] = b[-1]
     return sigmoid(linear(L.F_r, xr)) * linear(L.F_v, hidden)
 
