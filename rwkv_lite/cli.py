@@ -888,7 +888,7 @@ def info(model, model_opt, tensors, as_json):
     prov = doc["provenance"]
     if prov:
         click.echo(f"converted     by {prov.get('converter')} on {prov.get('created')} from {prov.get('source_kind')}: "
-                   f"{', '.join(prov.get('source_files', []))}")
+                   f"{_listing(prov.get('source_files'))}")
     if tensors:
         for t in doc["tensors"]:
             params = "".join(f" {k}={v}" for k, v in t["params"].items())
@@ -924,6 +924,14 @@ def verify(model, model_opt, as_json):
         _fail(f"{path}: checksum mismatch in {len(bad)} array(s): {', '.join(bad[:5])}")
     if not as_json:
         click.echo(f"{path}: OK ({total / 1e6:.1f} MB checked)")
+
+
+def _listing(value) -> str:
+    """A metadata value (normally a list of strings, but files are untrusted) as one comma-separated line."""
+    if value is None:
+        return ""
+    items = value if isinstance(value, list) else [value]
+    return ", ".join(str(item) for item in items)
 
 
 if __name__ == "__main__":      # pragma: no cover

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import FormatError
 from .format import read_model_file
 
 
@@ -27,7 +28,10 @@ def describe(path: str | os.PathLike) -> dict:
         for name, info in meta["tensors"].items():
             shape = tuple(info["shape"])
             count = int(np.prod(shape, dtype=np.int64))
-            scheme = get_scheme(info["scheme"], **info.get("params", {}))
+            try:
+                scheme = get_scheme(info["scheme"], **info.get("params", {}))
+            except FormatError as e:
+                raise FormatError(f"{path}: tensor {name}: {e}") from None
             bits = 32.0 if info.get("role") == "vector" else scheme.bits_per_weight(shape)
             n_params += count
             stored_bits += bits * count

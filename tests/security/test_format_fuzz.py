@@ -104,8 +104,8 @@ def exercise(path: Path) -> str:
     try:
         description = describe(path)                 # `rwkv-lite info`: header only
         assert isinstance(description["config"], dict)
-    except RwkvLiteError as e:                       # (a bad storage scheme is reported without the file name)
-        assert "\n" not in str(e) and str(e).strip(), repr(str(e))
+    except RwkvLiteError as e:
+        assert_one_line_naming(e, path)
     try:
         model = rwkv_lite.load(path)
     except RwkvLiteError as e:
