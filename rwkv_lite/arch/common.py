@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import FormatError
 from ..kernels import pointwise
+from ..kernels.linear import gemv_many
 
 LN_EPS = np.float32(1e-5)        # LayerNorm epsilon of every RWKV version (ln0, ln1, ln2, ln_out)
 
@@ -69,6 +70,14 @@ def linear(matrix, x):
     if x.shape[0] == 1:
         return matrix(x[0])[None, :]
     return matrix(x)
+
+
+def linear_many(matrices, xs):
+    """[linear(W, x) for W, x in zip(matrices, xs)]; for one token, one kernel launch where the matrices allow it
+    (kernels/linear.gemv_many)."""
+    if all(x.shape[0] == 1 for x in xs):
+        return [y[None, :] for y in gemv_many(matrices, [x[0] for x in xs])]
+    return [linear(m, x) for m, x in zip(matrices, xs)]
 
 
 @dataclass

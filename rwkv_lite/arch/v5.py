@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import FormatError
 from ..kernels.wkv5 import wkv5
-from .common import (output_logits, PlannedTensor, group_norm, layer_norm, linear, relu_square, shifted, sigmoid, silu,
+from .common import (output_logits, PlannedTensor, group_norm, layer_norm, linear, linear_many, relu_square, shifted, sigmoid, silu,
                      streamed, token_mix, whole)
 
 VERSIONS = ("5.0", "5.1", "5.2")
@@ -173,12 +173,15 @@ def time_mix(L: Layer, a, state, l, cfg):
     """Attention replacement of layer l over T tokens; updates the layer's shift and WKV state."""
     p = shifted(a, state["att_x"][l])
     xk, xv, xr = token_mix(a, p, L.mix_k), token_mix(a, p, L.mix_v), token_mix(a, p, L.mix_r)
-    r, k, v = linear(L.W_r, xr), linear(L.W_k, xk), linear(L.W_v, xv)
+    if L.has_gate:
+        r, k, v, g = linear_many((L.W_r, L.W_k, L.W_v, L.W_g), (xr, xk, xv, token_mix(a, p, L.mix_g)))
+    else:
+        r, k, v = linear_many((L.W_r, L.W_k, L.W_v), (xr, xk, xv))
     o = np.empty_like(r)
     wkv5(r, k, v, L.decay, L.bonus, state["wkv"][l], o)
     y = group_norm(o, cfg["n_head"], L.ln_x_w, L.ln_x_b, cfg["ln_x_eps"])
     if L.has_gate:
-        y = y * silu(linear(L.W_g, token_mix(a, p, L.mix_g)))
+        y = y * silu(g)
     state["att_x"][l] = a[-1]
     return linear(L.W_o, y)
 
@@ -187,9 +190,9 @@ def channel_mix(L: Layer, b, state, l):
     """Feed-forward of layer l over T tokens; updates the layer's shift state."""
     q = shifted(b, state["ffn_x"][l])
     xk, xr = token_mix(b, q, L.ffn_mix_k), token_mix(b, q, L.ffn_mix_r)
-    hidden = relu_square(linear(L.F_k, xk))
+    k, r = linear_many((L.F_k, L.F_r), (xk, xr))
     state["ffn_x"][l] = b[-1]
-    return sigmoid(linear(L.F_r, xr)) * linear(L.F_v, hidden)
+    return sigmoid(r) * linear(L.F_v, relu_square(k))
 
 
 def forward(W: Weights, tokens: np.ndarray, state: dict, all_logits: bool, check=None) -> np.ndarray:

@@ -216,6 +216,33 @@ class Int4Matrix(Matrix):
         return (self.packed, self.groups)
 
 
+def gemv_many(matrices, xs) -> list[np.ndarray]:
+    """[W x for W, x in zip(matrices, xs)] for one token (each x float32 (C,)).
+
+    Matrices of one quantized scheme, group and width (a layer's r/k/v/g projections) share one parallel launch
+    (qmatmul.gemv_*_many); anything else runs one GEMV each. The results are identical either way."""
+    first = matrices[0]
+    kind = type(first)
+    if (len(matrices) < 2 or kind not in (Int8GroupMatrix, Int4Matrix)
+            or any(type(m) is not kind or not m.parallel or m.group != first.group
+                   or m.padded_cols != first.padded_cols or m.shape[1] != first.shape[1] for m in matrices)):
+        return [m(x) for m, x in zip(matrices, xs)]
+    C = first.shape[1]
+    X = np.zeros((len(matrices), first.padded_cols), np.float32)
+    for i, x in enumerate(xs):
+        if x.shape != (C,):
+            raise ValueError(f"{first.scheme} matrix {first.shape} cannot multiply an input of shape {x.shape}")
+        X[i, :C] = x
+    rows = np.array([m.shape[0] for m in matrices], np.int64)
+    if kind is Int8GroupMatrix:
+        y = qmatmul.gemv_i8g_many(tuple(m.q for m in matrices), tuple(m.scale for m in matrices), X,
+                                  first.block_source, first.group, rows)
+    else:
+        y = qmatmul.gemv_i4_many(tuple(m.packed for m in matrices), tuple(m.groups for m in matrices), X,
+                                 first.block_source, first.group, rows)
+    return np.split(y, np.cumsum(rows)[:-1])
+
+
 def _need(parts: dict, suffix: str, dtype, ndim: int, scheme: str) -> np.ndarray:
     arr = parts.get(suffix)
     if arr is None:

@@ -1,0 +1,52 @@
+"""kernels/linear.gemv_many: several GEMVs of one scheme in one parallel launch give exactly what separate calls
+give, including odd shapes (rows not a multiple of the row block, columns padded to the group)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rwkv_lite.kernels import linear
+from rwkv_lite.kernels.linear import gemv_many, make_matrix
+from rwkv_lite.quantize.schemes import get_scheme
+
+
+def _matrix(name, params, R, C, seed):
+    w = np.random.default_rng(seed).standard_normal((R, C), dtype=np.float32) / np.sqrt(C)
+    scheme = get_scheme(name, **params)
+    return make_matrix(name, scheme.params, scheme.quantize(w), (R, C))
+
+
+@pytest.mark.parametrize("name, params", [("int8", {"group": 32}), ("int8", {"group": 64}), ("int8", {"group": 128}),
+                                          ("int4", {"group": 32}), ("int4", {"group": 64}), ("int4", {"group": 128})])
+@pytest.mark.parametrize("C", [520, 1024])
+def test_one_launch_equals_separate_calls(name, params, C, monkeypatch):
+    monkeypatch.setattr(linear, "PARALLEL_MIN_WEIGHTS", 1)          # small matrices, still the parallel path
+    rows = [65, 130, 64, 300]
+    matrices = [_matrix(name, params, R, C, seed) for seed, R in enumerate(rows)]
+    assert all(m.parallel for m in matrices)
+    rng = np.random.default_rng(9)
+    xs = [rng.standard_normal(C, dtype=np.float32) for _ in rows]
+    fused = gemv_many(matrices, xs)
+    separate = [m(x) for m, x in zip(matrices, xs)]
+    assert [y.shape for y in fused] == [(R,) for R in rows]
+    for a, b in zip(fused, separate):
+        np.testing.assert_array_equal(a, b)
+    # and both are W x to the kernels' activation rounding
+    for m, x, y in zip(matrices, xs, fused):
+        want = m.rows(np.arange(m.shape[0])) @ x
+        np.testing.assert_allclose(y, want, rtol=0, atol=2e-4 * np.abs(want).max())
+
+
+def test_mixed_matrices_fall_back_to_separate_calls(monkeypatch):
+    monkeypatch.setattr(linear, "PARALLEL_MIN_WEIGHTS", 1)
+    matrices = [_matrix("int8", {}, 64, 256, 0), _matrix("int4", {}, 64, 256, 1), _matrix("fp16", {}, 32, 256, 2)]
+    xs = [np.ones(256, np.float32)] * 3
+    for a, m, x in zip(gemv_many(matrices, xs), matrices, xs):
+        np.testing.assert_array_equal(a, m(x))
+
+
+def test_wrong_input_width_is_an_error(monkeypatch):
+    monkeypatch.setattr(linear, "PARALLEL_MIN_WEIGHTS", 1)
+    matrices = [_matrix("int8", {}, 64, 256, s) for s in range(2)]
+    with pytest.raises(ValueError):
+        gemv_many(matrices, [np.ones(256, np.float32), np.ones(255, np.float32)])
