@@ -1,0 +1,77 @@
+"""Where one decode token's time goes: the GEMVs per matrix shape against everything else.
+
+    python bench/profile_decode.py MODEL [--tokens 32]
+
+Times `model.forward([t], state)` (median over --tokens calls after 2 warm-up calls), then again with every
+Matrix call timed, and prints milliseconds per token per matrix shape and the rest (norms, mixes, WKV, state
+copy, Python). Used for the decode profile in docs/performance.md.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import numpy as np
+
+import rwkv_lite
+from rwkv_lite.kernels import linear
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--tokens", type=int, default=32)
+    args = ap.parse_args()
+    model = rwkv_lite.load(args.model)
+    state, token = model.new_state(), [123 % model.config["vocab_size"]]
+    for _ in range(2):
+        _, state = model.forward(token, state)
+    times = []
+    for _ in range(args.tokens):
+        t = time.perf_counter()
+        _, state = model.forward(token, state)
+        times.append(time.perf_counter() - t)
+    print(f"decode: median {1e3 * np.median(times):.1f} ms/token (min {1e3 * min(times):.1f}, "
+          f"max {1e3 * max(times):.1f}) over {args.tokens} tokens")
+
+    spent, calls = defaultdict(float), defaultdict(int)
+    original_call, original_many = linear.Matrix.__call__, linear.gemv_many
+
+    def timed_call(self, x):
+        t = time.perf_counter()
+        y = original_call(self, x)
+        spent[f"{self.scheme} {self.shape[0]}x{self.shape[1]}"] += time.perf_counter() - t
+        calls[f"{self.scheme} {self.shape[0]}x{self.shape[1]}"] += 1
+        return y
+
+    def timed_many(matrices, xs):
+        t = time.perf_counter()
+        ys = original_many(matrices, xs)
+        key = "one launch: " + " + ".join(f"{m.shape[0]}x{m.shape[1]}" for m in matrices)
+        spent[key] += time.perf_counter() - t
+        calls[key] += 1
+        return ys
+
+    linear.Matrix.__call__ = timed_call
+    import rwkv_lite.arch.common as common
+    common.gemv_many = timed_many
+    try:
+        t0 = time.perf_counter()
+        for _ in range(args.tokens):
+            _, state = model.forward(token, state)
+        total = (time.perf_counter() - t0) / args.tokens
+    finally:
+        linear.Matrix.__call__, common.gemv_many = original_call, original_many
+    print(f"instrumented: {1e3 * total:.1f} ms/token")
+    gemv = 0.0
+    for key, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
+        per_token = seconds / args.tokens
+        gemv += per_token
+        print(f"  {key:<48} {calls[key] // args.tokens:4d} calls/token {1e3 * per_token:8.2f} ms/token")
+    print(f"  {'GEMVs (all of the above)':<48} {'':15} {1e3 * gemv:8.2f} ms/token")
+    print(f"  {'everything else':<48} {'':15} {1e3 * (total - gemv):8.2f} ms/token")
+
+
+if __name__ == "__main__":
+    main()
