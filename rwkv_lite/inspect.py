@@ -30,9 +30,9 @@ def describe(path: str | os.PathLike) -> dict:
             count = int(np.prod(shape, dtype=np.int64))
             try:
                 scheme = get_scheme(info["scheme"], **info.get("params", {}))
+                bits = 32.0 if info.get("role") == "vector" else scheme.bits_per_weight(shape)
             except FormatError as e:
                 raise FormatError(f"{path}: tensor {name}: {e}") from None
-            bits = 32.0 if info.get("role") == "vector" else scheme.bits_per_weight(shape)
             n_params += count
             stored_bits += bits * count
             by_scheme[info["scheme"]] = by_scheme.get(info["scheme"], 0) + count
