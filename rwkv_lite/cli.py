@@ -375,9 +375,11 @@ def main():
               help="Storage of the output head, if different from --quant.")
 @click.option("--vocab", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="Tokenizer to embed: World vocab .txt or tokenizer.json (default: found beside SRC).")
+@click.option("--calibration", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="A file from `rwkv-lite calibrate`: quantize the int4 matrices with GPTQ (better quality).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
-def convert(src, dst, quant, group, head, vocab, quiet):
+def convert(src, dst, quant, group, head, vocab, calibration, quiet):
     """Convert a checkpoint to one compact, memory-mappable rwkv-lite file.
 
     SRC: a Hugging Face RWKV folder, a BlinkDL .pth or .safetensors, or an rwkv.cpp .bin file.
@@ -386,6 +388,7 @@ def convert(src, dst, quant, group, head, vocab, quiet):
     Examples:
       rwkv-lite convert RWKV-5-World-7B-v2-20240128-ctx4096.pth eagle-fp16.safetensors
       rwkv-lite convert ./v5-Eagle-7B-HF eagle-int4.safetensors --quant int4
+      rwkv-lite convert ./v5-Eagle-7B-HF eagle-int4.safetensors --quant int4 --calibration eagle.calib.npz
       rwkv-lite convert tiny-rwkv-5v2-730K-FP32.bin tiny.safetensors --quant fp32
     """
     from .quantize.convert import convert as run_convert
@@ -404,12 +407,45 @@ def convert(src, dst, quant, group, head, vocab, quiet):
         bar.update(1)
 
     try:
-        run_convert(src, dst, quant, vocab=vocab, group=group, head=head, progress=progress)
+        run_convert(src, dst, quant, vocab=vocab, group=group, head=head, calibration=calibration,
+                    progress=progress)
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
     size = dst.stat().st_size
     click.echo(f"wrote {dst} ({size / 1e6:.1f} MB, {quant}) in {time.perf_counter() - start:.1f} s", err=True)
+
+
+# ------------------------------------------------------------------------------------------------- calibrate
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("text_file", type=click.Path(path_type=Path), metavar="TEXT")
+@click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="The calibration file to write (.npz).")
+@click.option("--tokens", type=click.IntRange(min=2), default=2048, show_default=True,
+              help="Tokens of TEXT to run (the inputs of 7B-sized matrices take ~0.6 MB per token).")
+@threads_option
+@friendly_errors
+def calibrate(model, text_file, output, tokens, threads):
+    """Record what each weight matrix's inputs look like on sample text, for `convert --calibration`.
+
+    MODEL is any rwkv-lite file of the checkpoint you will quantize (fp16 or int8 are fine); TEXT is UTF-8 text
+    like the model's use, and not the text you will evaluate on.
+
+    \b
+    Examples:
+      rwkv-lite calibrate eagle-int8.safetensors sample.txt -o eagle.calib.npz
+      rwkv-lite convert ./v5-Eagle-7B-HF eagle-int4.safetensors --quant int4 --calibration eagle.calib.npz
+    """
+    from .quantize.calibrate import calibrate as run_calibrate
+    text = _read_text_file(text_file)
+    _set_threads(threads)
+    llm = _load_model(model)
+    start = time.perf_counter()
+    calib = run_calibrate(llm, text, tokens=tokens, text_name=text_file.name)
+    calib.save(output)
+    click.echo(f"wrote {output} ({calib.tokens} tokens, {len(calib.names())} matrices, "
+               f"{output.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s", err=True)
 
 
 # ------------------------------------------------------------------------------------------------- generate
@@ -889,6 +925,10 @@ def info(model, model_opt, tensors, as_json):
     if prov:
         click.echo(f"converted     by {prov.get('converter')} on {prov.get('created')} from {prov.get('source_kind')}: "
                    f"{_listing(prov.get('source_files'))}")
+        calib = prov.get("calibration")
+        if isinstance(calib, dict):
+            click.echo(f"calibrated    int4 by GPTQ on {calib.get('tokens')} tokens of {calib.get('text')} "
+                       f"(inputs recorded from {calib.get('model')})")
     if tensors:
         for t in doc["tensors"]:
             params = "".join(f" {k}={v}" for k, v in t["params"].items())

@@ -67,7 +67,9 @@ class WeightStore:
                 raise FormatError(f"{self.file.path}: array {name + suffix!r} is {arr.dtype}{list(arr.shape)}, "
                                   f"expected {np.dtype(dtype)}{list(part_shape)}")
             parts[suffix] = arr
-        return make_matrix(info["scheme"], info.get("params", {}), parts, shape)
+        matrix = make_matrix(info["scheme"], info.get("params", {}), parts, shape)
+        matrix.name = name                    # for calibration and diagnostics
+        return matrix
 
 
 class Model:

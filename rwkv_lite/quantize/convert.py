@@ -32,28 +32,39 @@ ROW_BLOCK_BYTES = 64 << 20          # float32 bytes of source rows converted at 
 def storage_plan(quant: str, group: int | None = None, head: str | None = None) -> dict[str, object]:
     """Scheme per tensor role for a --quant choice.
 
-    The embedding is read one row per token, so it costs memory but no bandwidth: it follows the matrices' scheme
-    except that int4 files keep it at int8 (rows of the embedding feed every layer; 8 bits keep that input exact to
-    0.4%). `head` overrides the head's scheme (int4 files may keep the head at int8 for quality)."""
+    The embedding is read one row per token, so it costs memory but no bandwidth. int8 files keep it at fp16: on
+    the tiny real models an int8 embedding raised the int8 file's mean KL vs fp32 by a third (5v2, head fp32:
+    2.46e-4 -> 3.28e-4); fp16 costs +0.25 GB in an Eagle-7B file. int4 files, made to be small, keep it at int8
+    (its effect is ~1% of int4's error there). `head` overrides the head's scheme.
+    """
     if quant not in QUANTS:
         raise ValueError(f"unknown quantization {quant!r} (choose from {', '.join(QUANTS)})")
     params = {"group": group} if (quant == "int4" and group) else {}
     matrix = get_scheme(quant, **params)
-    embedding = get_scheme("int8") if quant == "int4" else matrix
+    embedding = {"int8": get_scheme("fp16"), "int4": get_scheme("int8")}.get(quant, matrix)
     return {"matrix": matrix, "embedding": embedding, "head": get_scheme(head) if head else matrix}
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "fp16", *, vocab: str | os.PathLike | None = None,
             group: int | None = None, head: str | None = None, provenance: dict | None = None,
+            calibration: str | os.PathLike | None = None,
             progress: Callable[[int, int, str], None] | None = None) -> Path:
     """Convert a checkpoint (HF folder, BlinkDL .pth/.safetensors, rwkv.cpp .bin) to an rwkv-lite file.
 
     quant: fp32 | fp16 | int8 | int4. vocab: tokenizer file to embed (World vocab .txt or tokenizer.json);
     default: one found beside the source, else (vocab 65536) the World vocab of the `rwkv` package if installed,
     else (vocab 256) the byte tokenizer. provenance: extra JSON-ready facts recorded in the file (e.g. how a model
-    was trained). progress(done, total, tensor_name) is called after each tensor."""
+    was trained). calibration: a file from `rwkv-lite calibrate` (quantize/calibrate.py): int4 matrices it covers are
+    quantized with GPTQ (quantize/gptq.py) instead of rounding each weight on its own.
+    progress(done, total, tensor_name) is called after each tensor."""
     src, dst = Path(src), Path(dst)
     schemes = storage_plan(quant, group, head)
+    calib = None
+    if calibration is not None:
+        from .calibrate import load_calibration
+        calib = load_calibration(calibration)
+        if quant != "int4" and head != "int4":
+            raise FormatError(f"{calibration}: calibration is used by int4 quantization only (got --quant {quant})")
     if dst.exists() and dst.is_dir():
         raise FormatError(f"{dst}: is a folder; give the output file name")
     if not dst.parent.exists():
@@ -75,6 +86,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "fp16",
             raise FormatError(f"{src}: {e}") from None
         tokenizer = _choose_tokenizer(src, vocab, ckpt.tokenizer_file, cfg["vocab_size"])
 
+        if calib is not None:
+            _check_calibration(calib, planned)
         tensors_meta, arrays, scheme_of = {}, [], {}
         for t in planned:
             if t.role == "vector":
@@ -100,13 +113,19 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "fp16",
                 "source_kind": ckpt.kind,
                 "source_files": list(ckpt.source_files),
                 "quant": quant,
+                **({"calibration": {"file": Path(calibration).name, **calib.source}} if calib is not None else {}),
                 **(provenance or {}),
             },
         }
         with ModelWriter(dst, metadata, arrays) as writer:
             for done, t in enumerate(planned, 1):
                 scheme, parts = scheme_of[t.name]
-                _write_tensor(writer, t, scheme, parts)
+                hessian = (calib.hessian(t.name, t.shape[1])
+                           if calib is not None and scheme.name == "int4" and t.role == "matrix" else None)
+                if hessian is not None:
+                    _write_gptq_tensor(writer, t, scheme, hessian)
+                else:
+                    _write_tensor(writer, t, scheme, parts)
                 if progress is not None:
                     progress(done, len(planned), t.name)
             writer.append(TOKENIZER_ARRAY, np.frombuffer(tok_bytes, dtype=np.uint8))
@@ -128,6 +147,31 @@ def _write_tensor(writer: ModelWriter, t, scheme, parts) -> None:
         else:
             for suffix, arr in scheme.quantize(rows).items():
                 writer.append(t.name + suffix, arr)
+
+
+def _write_gptq_tensor(writer: ModelWriter, t, scheme, hessian) -> None:
+    """GPTQ needs the whole matrix at once (rows are independent, but its column order is not): a 14336 x 4096
+    matrix is 235 MB of float32, and H of a 14336-wide input another 0.8 GB during the factorisation."""
+    from .gptq import gptq_int4
+    rows = t.rows(0, t.shape[0])
+    if not np.isfinite(rows).all():
+        raise FormatError(f"tensor {t.name} contains NaN or Inf values")
+    for suffix, arr in gptq_int4(rows, hessian, scheme).items():
+        writer.append(t.name + suffix, arr)
+
+
+def _check_calibration(calib, planned) -> None:
+    """Every calibrated name must be a matrix of this checkpoint with the recorded input width."""
+    widths = {t.name: t.shape[1] for t in planned if t.role == "matrix" and len(t.shape) == 2}
+    unknown = [n for n in calib.names() if n not in widths]
+    if unknown:
+        raise FormatError(f"{calib.path}: calibration for {unknown[0]!r}, which this checkpoint does not have "
+                          f"(was it made from another model?)")
+    for name in calib.names():
+        for key in (name + ".h", name + ".x"):
+            arr = calib.arrays.get(key)
+            if arr is not None and arr.shape[1] != widths[name]:
+                raise FormatError(f"{calib.path}: {key} has {arr.shape[1]} columns, the matrix has {widths[name]}")
 
 
 def _check_against_config_json(src: Path, cfg: dict, config_json: dict | None) -> None:

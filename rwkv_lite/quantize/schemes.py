@@ -247,38 +247,42 @@ def _scale_code_at_most(v):
 
 
 @njit(cache=True, fastmath={"reassoc", "contract"})
-def _fit_group(v, n, code):
-    """For scale code `code` and group values v[:n]: the zero-point code (0..127) and squared error after
-    alternating nearest-level assignment with the least-squares zero point."""
+def _fit_group(v, h, n, code):
+    """For scale code `code` and group values v[:n] with importances h[:n] (> 0): the zero-point code (0..127) and
+    the importance-weighted squared error sum h (v - w)^2 after alternating nearest-level assignment with the
+    weighted least-squares zero point."""
     d = int4_scale(np.uint16(code))
     inv = 1 / d
     lo = v[0]
+    h_total = np.float32(0.0)
     for i in range(n):
         lo = min(lo, v[i])
+        h_total += h[i]
     z = min(127.0, max(0.0, np.rint(-lo * inv * 8)))          # start: lowest level at the group's minimum
     for _ in range(INT4_FIT_ROUNDS):
         zf = np.float32(z) * np.float32(0.125)
-        resid = np.float32(0.0)                                # sum(v - d*q) = -n*d*z at the optimum
+        resid = np.float32(0.0)                                # sum h (v - d*q) = -d*z*sum(h) at the optimum
         for i in range(n):
             q = min(15.0, max(0.0, np.rint(v[i] * inv + zf)))
-            resid += v[i] - d * np.float32(q)
-        z = min(127.0, max(0.0, np.rint(-resid * inv * 8 / n)))
+            resid += h[i] * (v[i] - d * np.float32(q))
+        z = min(127.0, max(0.0, np.rint(-resid * inv * 8 / h_total)))
     zf = np.float32(z) * np.float32(0.125)
     err = np.float32(0.0)
     for i in range(n):
         q = min(15.0, max(0.0, np.rint(v[i] * inv + zf)))
         e = v[i] - d * (np.float32(q) - zf)
-        err += e * e
+        err += h[i] * e * e
     return int(z), err
 
 
 @njit(cache=True, parallel=True)
-def _quantize_int4(rows, group, packed, words):
+def _quantize_int4(rows, importance, group, packed, words):
     R, C = rows.shape
     half = group // 2
     ngroups = words.shape[1]
     for r in prange(R):
         v = np.zeros(group, np.float32)
+        h = np.ones(group, np.float32)
         for g in range(ngroups):
             c0 = g * group
             n = min(group, C - c0)                            # real columns in this group (0 in pure padding)
@@ -288,13 +292,14 @@ def _quantize_int4(rows, group, packed, words):
                 hi = rows[r, c0]
                 for i in range(n):
                     v[i] = rows[r, c0 + i]
+                    h[i] = importance[c0 + i]
                     lo = min(lo, v[i])
                     hi = max(hi, v[i])
                 base = _scale_code_at_most((hi - lo) / 15)
                 best_err = np.inf
                 for code in range(max(0, base - INT4_SEARCH_BELOW),
                                   min(INT4_SCALE_CODES, base + INT4_SEARCH_ABOVE + 1)):
-                    z, err = _fit_group(v, n, code)
+                    z, err = _fit_group(v, h, n, code)
                     if err < best_err:
                         best_err, word = err, code | (z << 9)
             d = int4_scale(np.uint16(word))
@@ -328,6 +333,18 @@ def _dequantize_int4(packed, words, group, out):
                     out[r, c + half] = d * (np.float32(byte >> 4) - zf)
 
 
+def _importance(importance, C: int) -> np.ndarray:
+    """(C,) float32 column weights, all 1 when not given; non-positive or non-finite weights are refused."""
+    if importance is None:
+        return np.ones(C, np.float32)
+    h = np.asarray(importance, np.float32).reshape(-1)
+    if h.shape != (C,):
+        raise SchemeError(f"importance has {h.size} values for {C} columns")
+    if not (np.isfinite(h).all() and (h > 0).all()):
+        raise SchemeError("importance values must be finite and positive")
+    return np.ascontiguousarray(h)
+
+
 class Int4(Scheme):
     name = "int4"
 
@@ -347,13 +364,15 @@ class Int4(Scheme):
         Cp = self.padded_cols(C)
         return {"": (np.dtype(np.uint8), (R, Cp // 2)), ".groups": (np.dtype(np.uint16), (R, Cp // self.group))}
 
-    def quantize(self, rows):
+    def quantize(self, rows, importance=None):
+        """importance: optional (C,) positive weights per input column (e.g. the mean square of the activations
+        each column meets, from calibration): the scale/zero search then minimises sum importance * error^2."""
         rows = self._rows(rows)
         R, C = rows.shape
         Cp = self.padded_cols(C)
         packed = np.empty((R, Cp // 2), np.uint8)
         words = np.empty((R, Cp // self.group), np.uint16)
-        _quantize_int4(rows, self.group, packed, words)
+        _quantize_int4(rows, _importance(importance, C), self.group, packed, words)
         return {"": packed, ".groups": words}
 
     def dequantize(self, parts, cols: int | None = None):

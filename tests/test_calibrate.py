@@ -1,0 +1,148 @@
+"""Calibration files (quantize/calibrate.py), GPTQ (quantize/gptq.py) and `convert --calibration`."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import shared_file
+import rwkv_lite
+from rwkv_lite import cli
+from rwkv_lite.errors import FormatError
+from rwkv_lite.quantize.calibrate import Calibration, calibrate, load_calibration
+from rwkv_lite.quantize.gptq import _scale_and_zero, gptq_int4
+from rwkv_lite.quantize.schemes import Int4, SchemeError
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("calib")
+    src = shared_file("rwkv-cpp-tiny", "tiny-rwkv-5v2-730K-FP32.bin")
+    model = rwkv_lite.load(rwkv_lite.convert(src, folder / "int8.st", "int8"))
+    return src, model, folder
+
+
+def _correlated(rng, T, C):
+    return rng.standard_normal((T, C)).astype(np.float32) @ rng.standard_normal((C, C)).astype(np.float32)
+
+
+def test_gptq_lowers_output_error_and_keeps_the_int4_layout():
+    rng = np.random.default_rng(0)
+    X = _correlated(rng, 600, 160)                     # 160 columns: groups of 32, padded to 192
+    W = rng.standard_normal((48, 160)).astype(np.float32)
+    scheme = Int4(32)
+    parts = gptq_int4(W, X.T @ X, scheme)
+    assert {k: (a.dtype, a.shape) for k, a in parts.items()} == \
+        {k: (np.dtype(dt), sh) for k, (dt, sh) in scheme.parts(W.shape).items()}
+    gptq = scheme.dequantize(parts, 160)
+    plain = scheme.dequantize(scheme.quantize(W), 160)
+    err_gptq = np.linalg.norm((W - gptq) @ X.T)
+    err_plain = np.linalg.norm((W - plain) @ X.T)
+    assert err_gptq < 0.85 * err_plain, (err_gptq, err_plain)
+    # every value is one of the 16 levels of its group's scale and zero point
+    d, z = _scale_and_zero(parts[".groups"])
+    d, z = np.repeat(d, 32, axis=1)[:, :160], np.repeat(z, 32, axis=1)[:, :160]
+    levels = gptq / d + z
+    np.testing.assert_allclose(levels, np.clip(np.rint(levels), 0, 15), rtol=0, atol=1e-3)
+
+
+def test_gptq_ignores_columns_no_input_reaches():
+    rng = np.random.default_rng(1)
+    X = _correlated(rng, 300, 64)
+    X[:, 10] = 0
+    W = rng.standard_normal((8, 64)).astype(np.float32)
+    out = Int4(32).dequantize(gptq_int4(W, X.T @ X, Int4(32)), 64)
+    assert np.isfinite(out).all()
+
+
+def test_importance_weighting_lowers_the_weighted_error():
+    rng = np.random.default_rng(2)
+    W = rng.standard_normal((256, 64)).astype(np.float32)
+    importance = np.exp(rng.standard_normal(64) * 2).astype(np.float32)
+    s = Int4(32)
+    plain = s.dequantize(s.quantize(W), 64)
+    weighted = s.dequantize(s.quantize(W, importance), 64)
+    werr = lambda Q: float(((W - Q) ** 2 * importance).sum())      # noqa: E731
+    assert werr(weighted) < 0.97 * werr(plain), (werr(weighted), werr(plain))
+    np.testing.assert_array_equal(s.quantize(W, np.ones(64))[".groups"], s.quantize(W)[".groups"])
+    for bad in (np.ones(63), np.zeros(64), np.full(64, np.nan)):
+        with pytest.raises(SchemeError):
+            s.quantize(W, bad)
+
+
+def test_calibration_round_trip_and_both_records(tiny, tmp_path):
+    src, model, _ = tiny
+    text = shared_file("text", "kjv-bible.txt").read_bytes()[:4000]
+    calib = calibrate(model, text, tokens=300, text_name="kjv")
+    assert calib.tokens == 300 and calib.source["tokens"] == 300
+    # C = 64 or 256 <= 300 tokens: H is stored; with fewer tokens than columns, the inputs themselves
+    assert all(k.endswith(".h") for k in calib.arrays)
+    small = calibrate(model, text, tokens=100, text_name="kjv")
+    assert any(k.endswith(".x") for k in small.arrays) and any(k.endswith(".h") for k in small.arrays)
+    name = "blocks.3.ffn.value.weight"                  # 256 input columns > 100 tokens: recorded as X
+    X = small.arrays[name + ".x"].astype(np.float32)
+    np.testing.assert_allclose(small.hessian(name, 256), X.T @ X, rtol=1e-6)
+    path = calib.save(tmp_path / "c.npz")
+    back = load_calibration(path)
+    assert back.tokens == 300 and back.source == calib.source and back.names() == calib.names()
+    for k, a in calib.arrays.items():
+        np.testing.assert_array_equal(back.arrays[k], a)
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda f: f.write(b"not a zip"), "not a calibration file"),
+    (lambda p: np.savez(p, x=np.array([object()], dtype=object)), "not a calibration file"),
+    (lambda p: np.savez(p, __tokens__=np.int64(3), **{"a.weight.h": np.ones((2, 2), np.float64)}), "expected float32"),
+    (lambda p: np.savez(p, __tokens__=np.int64(3), **{"a.weight.h": np.full((2, 2), np.nan, np.float32)}), "NaN"),
+    (lambda p: np.savez(p, __tokens__=np.int64(3), **{"a.weight.q": np.ones((2, 2), np.float32)}), "unexpected"),
+    (lambda p: np.savez(p, **{"a.weight.h": np.ones((2, 2), np.float32)}), "no token count"),
+])
+def test_bad_calibration_files_are_refused_in_one_line(tmp_path, make, message):
+    path = tmp_path / "bad.npz"
+    with open(path, "wb") as f:
+        make(f)
+    with pytest.raises(FormatError) as info:
+        load_calibration(path)
+    assert message in str(info.value) and str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_convert_checks_calibration_against_the_checkpoint(tiny, tmp_path):
+    src, model, _ = tiny
+    calib = calibrate(model, b"In the beginning " * 40, tokens=300)
+    wrong_name = Calibration({"blocks.99.att.key.weight.h": np.eye(64, dtype=np.float32)}, 300, {})
+    wrong_width = Calibration({"blocks.0.att.key.weight.h": np.eye(32, dtype=np.float32)}, 300, {})
+    for bad, message in ((wrong_name, "does not have"), (wrong_width, "columns")):
+        path = bad.save(tmp_path / "bad.npz")
+        with pytest.raises(FormatError, match=message):
+            rwkv_lite.convert(src, tmp_path / "out.st", "int4", calibration=path)
+        assert not (tmp_path / "out.st").exists()
+    good = calib.save(tmp_path / "good.npz")
+    with pytest.raises(FormatError, match="int4"):
+        rwkv_lite.convert(src, tmp_path / "out.st", "int8", calibration=good)
+
+
+def test_cli_calibrate_then_convert(tiny, tmp_path):
+    src, model, _ = tiny
+    text = tmp_path / "sample.txt"
+    text.write_text("And God said, Let there be light: and there was light. " * 20, encoding="utf-8")
+    runner = CliRunner()
+    r = runner.invoke(cli.main, ["calibrate", str(model.path), str(text), "-o", str(tmp_path / "c.npz"),
+                                 "--tokens", "500"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli.main, ["convert", str(src), str(tmp_path / "g.st"), "--quant", "int4", "--quiet",
+                                 "--calibration", str(tmp_path / "c.npz")])
+    assert r.exit_code == 0, r.output
+    out = rwkv_lite.load(tmp_path / "g.st")
+    prov = out.metadata["provenance"]
+    assert prov["calibration"]["file"] == "c.npz" and prov["calibration"]["tokens"] == 500
+    assert prov["calibration"]["text"] == "sample.txt" and len(prov["calibration"]["text_sha256"]) == 64
+    logits, _ = out.forward(list(b"light"))
+    assert np.isfinite(logits).all()
+    r = runner.invoke(cli.main, ["info", str(tmp_path / "g.st")])
+    assert "calibrated    int4 by GPTQ on 500 tokens of sample.txt" in r.output
+    r = runner.invoke(cli.main, ["calibrate", str(model.path), str(tmp_path / "missing.txt"), "-o",
+                                 str(tmp_path / "x.npz")])
+    assert r.exit_code == 1 and "missing.txt" in r.output and not (tmp_path / "x.npz").exists()
