@@ -75,18 +75,18 @@ def test_importance_weighting_lowers_the_weighted_error():
 def test_calibration_round_trip_and_both_records(tiny, tmp_path):
     src, model, _ = tiny
     text = shared_file("text", "kjv-bible.txt").read_bytes()[:4000]
-    calib = calibrate(model, text, tokens=300, text_name="kjv")
-    assert calib.tokens == 300 and calib.source["tokens"] == 300
-    # C = 64 or 256 <= 300 tokens: H is stored; with fewer tokens than columns, the inputs themselves
+    calib = calibrate(model, text, tokens=600, text_name="kjv")
+    assert calib.tokens == 600 and calib.source["tokens"] == 600
+    # C = 64 or 256 <= 600 / 2 tokens: H is stored; with fewer than 2 C tokens, the inputs themselves
     assert all(k.endswith(".h") for k in calib.arrays)
-    small = calibrate(model, text, tokens=100, text_name="kjv")
+    small = calibrate(model, text, tokens=200, text_name="kjv")
     assert any(k.endswith(".x") for k in small.arrays) and any(k.endswith(".h") for k in small.arrays)
-    name = "blocks.3.ffn.value.weight"                  # 256 input columns > 100 tokens: recorded as X
+    name = "blocks.3.ffn.value.weight"                  # 256 input columns > 200 / 2: recorded as X
     X = small.arrays[name + ".x"].astype(np.float32)
     np.testing.assert_allclose(small.hessian(name, 256), X.T @ X, rtol=1e-6)
     path = calib.save(tmp_path / "c.npz")
     back = load_calibration(path)
-    assert back.tokens == 300 and back.source == calib.source and back.names() == calib.names()
+    assert back.tokens == 600 and back.source == calib.source and back.names() == calib.names()
     for k, a in calib.arrays.items():
         np.testing.assert_array_equal(back.arrays[k], a)
     assert not list(tmp_path.glob("*.tmp*"))

@@ -6,7 +6,8 @@
 For 5v1 (reference v5.0) and 5v2 (v5.2), every storage scheme is compared with the same model in fp32 over the
 8,192 bytes of english-gpl3-8k.txt, one byte per token from the initial state: mean KL(p_fp32 || p_q) over all
 positions (nats), top-1 agreement, bits per byte and its change, and stored bits per weight of the quantized
-matrices (scales included; emb and head included, as rwkv-lite quantizes them too).
+matrices (scales included): of the blocks' matrices (what rwkv.cpp counts), and of all matrices + embedding.
+Calibrated rows use 2048 tokens of kjv-bible.txt recorded from the model's own int8 file.
 """
 from __future__ import annotations
 
@@ -20,17 +21,21 @@ import numpy as np
 import rwkv_lite
 from rwkv_lite.evaluate import compare
 from rwkv_lite.inspect import describe
+from rwkv_lite.quantize.calibrate import calibrate
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
 MODELS = {"5v1": "tiny-rwkv-5v1-730K-FP32.bin", "5v2": "tiny-rwkv-5v2-730K-FP32.bin"}
 # (label, convert kwargs)
 SCHEMES = [
     ("fp16", {"quant": "fp16"}),
-    ("int8", {"quant": "int8"}),
-    ("int4 g32", {"quant": "int4", "group": 32}),
-    ("int4 g32 + int8 head", {"quant": "int4", "group": 32, "head": "int8"}),
+    ("int8 (emb fp16, head int8)", {"quant": "int8"}),
+    ("int8, head fp32 (as rwkv.cpp)", {"quant": "int8", "head": "fp32"}),
+    ("int4 g32 (emb int8)", {"quant": "int4", "group": 32}),
     ("int4 g64", {"quant": "int4", "group": 64}),
+    ("int4 g32 + calibration (GPTQ)", {"quant": "int4", "group": 32, "calibrated": True}),
+    ("int4 g32 + calibration, head int8", {"quant": "int4", "group": 32, "head": "int8", "calibrated": True}),
 ]
+CALIBRATION_BYTES = 16384      # of kjv-bible.txt (never the evaluation text); 2048 tokens are used
 # rwkv.cpp on the same models and text (quality-anchors.md): bits/w, 5v1 KL, top-1, dbpb, 5v2 KL, top-1, dbpb
 RWKV_CPP = [
     ("FP16", 16, 1.4e-6, 99.94, 0.0000, 1.0e-6, 99.93, 0.0000),
@@ -53,8 +58,14 @@ def measure(shared: Path = SHARED, schemes=SCHEMES) -> dict:
             ref_path = Path(tmp) / f"{model}-fp32.safetensors"
             rwkv_lite.convert(src, ref_path, "fp32")
             reference = rwkv_lite.load(ref_path)
-            for label, kwargs in schemes:
-                path = Path(tmp) / f"{model}-{label.replace(' ', '_')}.safetensors"
+            int8 = rwkv_lite.load(rwkv_lite.convert(src, Path(tmp) / f"{model}-int8-calib.st", "int8"))
+            kjv = (shared / "text" / "kjv-bible.txt").read_bytes()[:CALIBRATION_BYTES]
+            calib_path = calibrate(int8, kjv, text_name="kjv-bible.txt").save(Path(tmp) / f"{model}.calib.npz")
+            for i, (label, kwargs) in enumerate(schemes):
+                path = Path(tmp) / f"{model}-{i}.safetensors"
+                kwargs = dict(kwargs)
+                if kwargs.pop("calibrated", False):
+                    kwargs["calibration"] = calib_path
                 rwkv_lite.convert(src, path, **kwargs)
                 a = compare(reference, rwkv_lite.load(path), ids)
                 info = describe(path)
@@ -62,22 +73,31 @@ def measure(shared: Path = SHARED, schemes=SCHEMES) -> dict:
                     "mean_kl": a.mean_kl, "top1": a.top1, "bpb": a.bpb_model,
                     "delta_bpb": a.bpb_model - a.bpb_reference,
                     "bits_per_weight": info["matrix_bits_per_weight"],
+                    "block_bits_per_weight": _block_bits(info),
                 }
                 results.setdefault("fp32", {})[model] = {"bpb": a.bpb_reference}
     return results
 
 
+def _block_bits(info: dict) -> float:
+    """Stored bits per weight of the blocks' matrices only (what rwkv.cpp's bits/w counts)."""
+    blocks = [t for t in info["tensors"] if t["name"].startswith("blocks.") and t["role"] == "matrix"]
+    n = sum(int(np.prod(t["shape"])) for t in blocks)
+    return sum(t["bits_per_weight"] * int(np.prod(t["shape"])) for t in blocks) / n
+
+
 def markdown(results: dict) -> str:
-    rows = ["| format | bits/w | 5v1 mean KL | 5v1 top-1 | 5v1 delta bpb | 5v2 mean KL | 5v2 top-1 | 5v2 delta bpb |",
+    rows = ["| format | bits/w blocks (+ emb, head) | 5v1 mean KL | 5v1 top-1 | 5v1 delta bpb | 5v2 mean KL | 5v2 top-1 | 5v2 delta bpb |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for label, _ in SCHEMES:
         r = results[label]
-        cells = [f"**rwkv-lite {label}**", f"{r['5v2']['bits_per_weight']:.2f}"]
+        cells = [f"**rwkv-lite {label}**",
+                 f"{r['5v2']['block_bits_per_weight']:.2f} ({r['5v2']['bits_per_weight']:.2f})"]
         for m in ("5v1", "5v2"):
             cells += [f"{r[m]['mean_kl']:.2e}", f"{100 * r[m]['top1']:.2f}%", f"{r[m]['delta_bpb']:+.4f}"]
         rows.append("| " + " | ".join(cells) + " |")
     for name, bits, *vals in RWKV_CPP:
-        cells = [f"rwkv.cpp {name}", f"{bits}"]
+        cells = [f"rwkv.cpp {name}", f"{bits} (emb, head fp32)"]
         for kl, top1, dbpb in (vals[:3], vals[3:]):
             cells += [f"{kl:.2e}", f"{top1:.2f}%" if top1 is not None else "-",
                       f"{dbpb:+.4f}" if dbpb is not None else "-"]

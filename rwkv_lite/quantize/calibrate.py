@@ -6,8 +6,8 @@
 Rounding a weight matters in proportion to the activations it meets, and rounding errors of one row can be
 compensated by the row's other weights where inputs are correlated. GPTQ (quantize/gptq.py) does exactly that,
 given H = X^T X of each matrix's inputs X (T tokens x C columns). This module runs a model over T tokens of text
-and records, per matrix, whichever of the two is smaller: H itself (float32, C x C: the tiny and small models) or
-the inputs X (float16, T x C: billion-parameter models, where a 14336 x 14336 H would be 0.8 GB per matrix). The
+and records, per matrix, whichever of the two is smaller: H itself (float32, C x C, when C <= T / 2: the tiny
+models) or the inputs X (float16, T x C: billion-parameter models, where a 14336 x 14336 H would be 0.8 GB). The
 file is a plain .npz of numeric arrays (read without pickle):
 
     "<tensor name>.h"  float32 (C, C)   sum over tokens of x x^T          or
@@ -17,7 +17,8 @@ file is a plain .npz of numeric arrays (read without pickle):
 
 The inputs come from the model given (its own rounding included, as llama.cpp's importance matrices come from
 whatever model one has); measured on the tiny models, 512 to 32768 tokens of calibration text give the same
-quality within 20% (docs/quantization.md), so the default is 2048.
+quality within 20% (docs/quantization.md), so the default is 2048. The records are held in memory until written:
+an Eagle-7B-shaped model's inputs take 2.75 MB per token (use --tokens 512 there on small machines).
 """
 from __future__ import annotations
 
@@ -135,7 +136,7 @@ def calibrate(model, text: bytes | str, *, tokens: int = DEFAULT_TOKENS, text_na
             X = np.asarray(x, np.float32).reshape(-1, self.shape[1])
             C = self.shape[1]
             widths[name] = C
-            if C <= T:                                   # H is the smaller record
+            if 2 * C <= T:                               # H (C*C float32) is the smaller record
                 sums[name] = sums.get(name, 0) + X.T.astype(np.float64) @ X
             else:
                 inputs.setdefault(name, []).append(X.astype(np.float16))
