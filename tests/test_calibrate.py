@@ -146,3 +146,13 @@ def test_cli_calibrate_then_convert(tiny, tmp_path):
     r = runner.invoke(cli.main, ["calibrate", str(model.path), str(tmp_path / "missing.txt"), "-o",
                                  str(tmp_path / "x.npz")])
     assert r.exit_code == 1 and "missing.txt" in r.output and not (tmp_path / "x.npz").exists()
+
+
+def test_loaded_calibration_reads_arrays_lazily_and_saves_again(tiny, tmp_path):
+    src, model, _ = tiny
+    calib = calibrate(model, b"In the beginning God created the heaven and the earth. " * 20, tokens=600)
+    back = load_calibration(calib.save(tmp_path / "a.npz"))
+    assert all(v is None for v in dict.values(back.arrays))          # nothing read yet
+    again = load_calibration(back.save(tmp_path / "b.npz"))
+    for key in calib.arrays:
+        np.testing.assert_array_equal(again.arrays[key], calib.arrays[key])

@@ -68,7 +68,8 @@ class Calibration:
         try:
             with open(tmp, "wb") as f:
                 np.savez(f, __tokens__=np.int64(self.tokens),
-                         __source__=np.frombuffer(json.dumps(self.source).encode(), np.uint8), **self.arrays)
+                         __source__=np.frombuffer(json.dumps(self.source).encode(), np.uint8),
+                         **{key: self.arrays[key] for key in self.arrays})
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -79,34 +80,73 @@ class Calibration:
 
 
 def load_calibration(path: str | os.PathLike) -> Calibration:
-    """Read a calibration .npz (numeric arrays only; a file needing pickle is refused)."""
+    """Open a calibration .npz (numeric arrays only; a file needing pickle is refused). Every array is checked
+    once here; they are then read again one at a time as the converter needs them, so a multi-GB file never sits
+    in memory whole."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
+        npz = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise FormatError(f"{path}: no such calibration file") from None
     except (ValueError, OSError, EOFError) as e:
         raise FormatError(f"{path}: not a calibration file ({e.__class__.__name__}: {e})") from None
-    tokens = arrays.pop("__tokens__", None)
-    raw_source = arrays.pop("__source__", None)
-    if tokens is None or tokens.shape != () or not np.issubdtype(tokens.dtype, np.integer):
-        raise FormatError(f"{path}: not a calibration file (no token count)")
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise FormatError(f"{path}: not a calibration file (a single array, not an .npz)")
     try:
-        source = json.loads(bytes(raw_source).decode()) if raw_source is not None else {}
-    except (ValueError, UnicodeDecodeError):
-        raise FormatError(f"{path}: its source record is not UTF-8 JSON") from None
-    for key, arr in arrays.items():
-        kind = key.rsplit(".", 1)[-1]
-        if kind not in ("h", "x") or "." not in key:
-            raise FormatError(f"{path}: unexpected array {key!r} (expected '<tensor>.h' or '<tensor>.x')")
-        want = np.float32 if kind == "h" else np.float16
-        if arr.dtype != want or arr.ndim != 2 or (kind == "h" and arr.shape[0] != arr.shape[1]):
-            raise FormatError(f"{path}: array {key!r} is {arr.dtype}{list(arr.shape)}, expected {np.dtype(want)} "
-                              f"{'(C, C)' if kind == 'h' else '(T, C)'}")
-        if not np.isfinite(arr).all():
-            raise FormatError(f"{path}: array {key!r} holds NaN or Inf")
+        tokens = _member(npz, "__tokens__", path) if "__tokens__" in npz.files else None
+        raw_source = _member(npz, "__source__", path) if "__source__" in npz.files else None
+        if tokens is None or tokens.shape != () or not np.issubdtype(tokens.dtype, np.integer):
+            raise FormatError(f"{path}: not a calibration file (no token count)")
+        try:
+            source = json.loads(bytes(raw_source).decode()) if raw_source is not None else {}
+        except (ValueError, UnicodeDecodeError):
+            raise FormatError(f"{path}: its source record is not UTF-8 JSON") from None
+        for key in npz.files:
+            if key in ("__tokens__", "__source__"):
+                continue
+            kind = key.rsplit(".", 1)[-1]
+            if kind not in ("h", "x") or "." not in key:
+                raise FormatError(f"{path}: unexpected array {key!r} (expected '<tensor>.h' or '<tensor>.x')")
+            arr = _member(npz, key, path)
+            want = np.float32 if kind == "h" else np.float16
+            if arr.dtype != want or arr.ndim != 2 or (kind == "h" and arr.shape[0] != arr.shape[1]):
+                raise FormatError(f"{path}: array {key!r} is {arr.dtype}{list(arr.shape)}, expected "
+                                  f"{np.dtype(want)} {'(C, C)' if kind == 'h' else '(T, C)'}")
+            if not np.isfinite(arr).all():
+                raise FormatError(f"{path}: array {key!r} holds NaN or Inf")
+    except BaseException:
+        npz.close()
+        raise
+    arrays = _LazyArrays(npz, path)
     return Calibration(arrays, int(tokens), source if isinstance(source, dict) else {}, str(path))
+
+
+def _member(npz, key: str, path: Path) -> np.ndarray:
+    try:
+        return npz[key]
+    except (ValueError, OSError, EOFError, KeyError) as e:
+        raise FormatError(f"{path}: array {key!r} cannot be read ({e.__class__.__name__}: {e})") from None
+
+
+class _LazyArrays(dict):
+    """The .npz's tensor arrays by key, each read from the file when asked for (a dict of what exists)."""
+
+    def __init__(self, npz, path: Path):
+        super().__init__((key, None) for key in npz.files if key not in ("__tokens__", "__source__"))
+        self._npz, self._path = npz, path
+
+    def __getitem__(self, key):
+        super().__getitem__(key)                      # KeyError for keys the file does not have
+        return _member(self._npz, key, self._path)
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def items(self):
+        return ((key, self[key]) for key in self)
+
+    def values(self):
+        return (self[key] for key in self)
 
 
 def calibrate(model, text: bytes | str, *, tokens: int = DEFAULT_TOKENS, text_name: str = "text") -> Calibration:
