@@ -7,7 +7,7 @@ import random
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import TOKENIZERS, shared_file
@@ -183,6 +183,9 @@ def test_hf_roundtrip_and_specials(hf):
 def test_hf_roundtrip_nfc_text(hf, text):
     import unicodedata
     text = unicodedata.normalize("NFC", text)   # the 20B tokenizer NFC-normalises its input
+    # Text spelling a special token ("<|endoftext|>", "<|padding|>") encodes to that token, which decoding skips,
+    # as in the reference pipeline (tokenizers' encode/decode defaults): not a round trip by design.
+    assume(not any(special in text for special in ("<|endoftext|>", "<|padding|>")))
     assert hf.decode(hf.encode(text)) == text
 
 
