@@ -423,29 +423,54 @@ def convert(src, dst, quant, group, head, vocab, calibration, quiet):
 @click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), required=True,
               help="The calibration file to write (.npz).")
 @click.option("--tokens", type=click.IntRange(min=2), default=2048, show_default=True,
-              help="Tokens of TEXT to run (a 7B model's inputs take 2.75 MB per token, in memory and on disk).")
+              help="Tokens of TEXT to run (a 7B model's inputs take 2.75 MB per token on disk).")
+@click.option("--max-bytes", type=click.IntRange(min=1), default=None,
+              help="Read only the first N bytes of TEXT (default: all of it; --tokens still applies).")
 @threads_option
 @friendly_errors
-def calibrate(model, text_file, output, tokens, threads):
+def calibrate(model, text_file, output, tokens, max_bytes, threads):
     """Record what each weight matrix's inputs look like on sample text, for `convert --calibration`.
 
     MODEL is any rwkv-lite file of the checkpoint you will quantize (fp16 or int8 are fine); TEXT is UTF-8 text
-    like the model's use, and not the text you will evaluate on.
+    like the model's use, and not the text you will evaluate on. The inputs are staged in a temporary folder
+    beside the output file.
 
     \b
     Examples:
       rwkv-lite calibrate eagle-int8.safetensors sample.txt -o eagle.calib.npz
+      rwkv-lite calibrate tiny-int8.safetensors kjv-bible.txt -o tiny.calib.npz --max-bytes 16384
       rwkv-lite convert ./v5-Eagle-7B-HF eagle-int4.safetensors --quant int4 --calibration eagle.calib.npz
     """
     from .quantize.calibrate import calibrate as run_calibrate
-    text = _read_text_file(text_file)
+    text = _read_text_file(text_file) if max_bytes is None else _read_text_prefix(text_file, max_bytes)
+    if output.exists() and output.is_dir():
+        raise RwkvLiteError(f"{output}: is a folder; give the output file name")
+    output_folder = output.resolve().parent
+    if not output_folder.is_dir():
+        raise RwkvLiteError(f"{output_folder}: output folder does not exist")
     _set_threads(threads)
     llm = _load_model(model)
     start = time.perf_counter()
-    calib = run_calibrate(llm, text, tokens=tokens, text_name=text_file.name)
+    calib = run_calibrate(llm, text, tokens=tokens, text_name=text_file.name, workdir=output_folder)
     calib.save(output)
     click.echo(f"wrote {output} ({calib.tokens} tokens, {len(calib.names())} matrices, "
                f"{output.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s", err=True)
+
+
+def _read_text_prefix(path: Path, max_bytes: int) -> str:
+    """The first `max_bytes` bytes of a UTF-8 text file, less a character cut in half at the end."""
+    import codecs
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes)
+    except FileNotFoundError:
+        raise RwkvLiteError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise RwkvLiteError(f"{path}: is a folder, not a text file") from None
+    try:
+        return codecs.getincrementaldecoder("utf-8")().decode(data, final=False)
+    except UnicodeDecodeError:
+        return _decode_utf8(data, str(path))          # raises the usual one-line error with the offset
 
 
 # ------------------------------------------------------------------------------------------------- generate

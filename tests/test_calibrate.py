@@ -1,6 +1,8 @@
 """Calibration files (quantize/calibrate.py), GPTQ (quantize/gptq.py) and `convert --calibration`."""
 from __future__ import annotations
 
+import gc
+import hashlib
 import json
 
 import numpy as np
@@ -11,6 +13,7 @@ from conftest import shared_file
 import rwkv_lite
 from rwkv_lite import cli
 from rwkv_lite.errors import FormatError
+from rwkv_lite.quantize import calibrate as calibrate_module
 from rwkv_lite.quantize.calibrate import Calibration, calibrate, load_calibration
 from rwkv_lite.quantize.gptq import _scale_and_zero, gptq_int4
 from rwkv_lite.quantize.schemes import Int4, SchemeError
@@ -156,3 +159,64 @@ def test_loaded_calibration_reads_arrays_lazily_and_saves_again(tiny, tmp_path):
     again = load_calibration(back.save(tmp_path / "b.npz"))
     for key in calib.arrays:
         np.testing.assert_array_equal(again.arrays[key], calib.arrays[key])
+
+
+@pytest.mark.parametrize("name", ["tiny-rwkv-4v0-660K-FP32.bin", "tiny-rwkv-7v0-834K-FP32.bin"])
+def test_calibration_records_every_matrix_of_other_versions(tmp_path, name):
+    model = rwkv_lite.load(rwkv_lite.convert(shared_file("rwkv-cpp-tiny", name), tmp_path / "m.st", "fp32"))
+    calib = calibrate(model, b"In the beginning God created the heaven and the earth. " * 10, tokens=200)
+    matrices = sorted(n for n, info in model.metadata["tensors"].items() if info["role"] == "matrix")
+    assert calib.names() == matrices
+
+
+def test_inputs_are_staged_on_disk_and_the_h_sums_are_capped(tiny, tmp_path, monkeypatch):
+    """Inputs go to memory-mapped files in workdir (removed with the Calibration); H sums stop at the budget."""
+    src, model, _ = tiny
+    matrices = sorted(n for n, info in model.metadata["tensors"].items() if info["role"] == "matrix")
+    monkeypatch.setattr(calibrate_module, "H_MEMORY_BYTES", 3 * 8 * 64 * 64)      # room for three 64-wide H
+    calib = calibrate(model, b"And God said, Let there be light: and there was light. " * 20, tokens=600,
+                      workdir=tmp_path)
+    assert calib.names() == matrices
+    assert sum(k.endswith(".h") for k in calib.arrays) == 3
+    staged = [a for k, a in calib.arrays.items() if k.endswith(".x")]
+    assert len(staged) == len(matrices) - 3 and all(isinstance(a, np.memmap) and a.shape[0] == 600 for a in staged)
+    (folder,) = tmp_path.glob("rwkv-lite-calibrate-*")
+    assert len(list(folder.iterdir())) == len(staged)
+    back = load_calibration(calib.save(tmp_path / "c.npz"))
+    for key, arr in calib.arrays.items():
+        np.testing.assert_array_equal(back.arrays[key], arr)
+    del calib, staged, arr
+    gc.collect()
+    assert not folder.exists()
+
+
+def test_inputs_beyond_float16_are_kept_in_float32(tmp_path):
+    recorder = calibrate_module._Recorder(tokens=4, folder=str(tmp_path))
+    small = np.array([[1.5, -2.0, 3.0]], np.float32)
+    large = np.array([[1e5, 0.25, -7.0]], np.float32)
+    recorder.add("m", small)
+    recorder.add("m", large)
+    x = recorder.arrays()["m.x"]
+    assert x.dtype == np.float32
+    np.testing.assert_array_equal(x, np.concatenate([small, large]))
+
+
+def test_cli_max_bytes_reads_a_prefix_and_records_it(tiny, tmp_path):
+    src, model, _ = tiny
+    text = tmp_path / "sample.txt"
+    text.write_text("Und Gott sprach: Es werde Licht! Und es ward Licht. \u00e4\u00f6\u00fc " * 30, encoding="utf-8")
+    data = text.read_bytes()
+    cut = data.index("\u00e4".encode()) + 1                    # inside a two-byte character: it is dropped
+    runner = CliRunner()
+    r = runner.invoke(cli.main, ["calibrate", str(model.path), str(text), "-o", str(tmp_path / "c.npz"),
+                                 "--max-bytes", str(cut)])
+    assert r.exit_code == 0, r.output
+    source = load_calibration(tmp_path / "c.npz").source
+    assert source["text_bytes"] == cut - 1 and source["tokens"] == cut - 1          # byte tokenizer: 1 byte = 1 token
+    assert source["text_sha256"] == hashlib.sha256(data[:cut - 1]).hexdigest()
+    assert not list(tmp_path.glob("rwkv-lite-calibrate-*"))   # the staging folder is gone
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"light \xff\xfe light " * 20)
+    r = runner.invoke(cli.main, ["calibrate", str(model.path), str(bad), "-o", str(tmp_path / "d.npz"),
+                                 "--max-bytes", "100"])
+    assert r.exit_code == 1 and "not UTF-8" in r.output and not (tmp_path / "d.npz").exists()

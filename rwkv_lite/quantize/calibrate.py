@@ -6,42 +6,57 @@
 Rounding a weight matters in proportion to the activations it meets, and rounding errors of one row can be
 compensated by the row's other weights where inputs are correlated. GPTQ (quantize/gptq.py) does exactly that,
 given H = X^T X of each matrix's inputs X (T tokens x C columns). This module runs a model over T tokens of text
-and records, per matrix, whichever of the two is smaller: H itself (float32, C x C, when C <= T / 2: the tiny
-models) or the inputs X (float16, T x C: billion-parameter models, where a 14336 x 14336 H would be 0.8 GB). The
-file is a plain .npz of numeric arrays (read without pickle):
+in sequence mode and records, per matrix, whichever of the two is smaller: H itself (float32, C x C, when
+C <= T / 2: the tiny models) or the inputs X (T x C: billion-parameter models, where a 14336 x 14336 H would be
+0.8 GB). The file is a plain .npz of numeric arrays (read without pickle):
 
     "<tensor name>.h"  float32 (C, C)   sum over tokens of x x^T          or
-    "<tensor name>.x"  float16 (T, C)   the inputs themselves
+    "<tensor name>.x"  float16 (T, C)   the inputs themselves (float32 for a matrix whose inputs exceed float16)
     "__tokens__"       int64 ()         T
     "__source__"       uint8 (n,)       UTF-8 JSON: the model file and the text (name, bytes, sha256) used
 
+Memory stays bounded whatever the model: inputs are appended to temporary files (beside the output, or in
+`workdir`) as each 512-token chunk runs, the H sums held in memory are capped at H_MEMORY_BYTES (further
+matrices record X), and the .npz is written one array at a time. Disk: an Eagle-7B-shaped model's inputs take
+2.75 MB per token (32 layers x 43,008 input values x 2 bytes), 5.6 GB at the default 2048 tokens, twice that
+while the file is written.
+
 The inputs come from the model given (its own rounding included, as llama.cpp's importance matrices come from
 whatever model one has); measured on the tiny models, 512 to 32768 tokens of calibration text give the same
-quality within 20% (docs/quantization.md), so the default is 2048. The records are held in memory until written:
-an Eagle-7B-shaped model's inputs take 2.75 MB per token (use --tokens 512 there on small machines).
+quality within 20% (docs/quantization.md), so the default is 2048.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
+import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import FormatError
+from ..errors import FormatError, RwkvLiteError
 
 DEFAULT_TOKENS = 2048
+H_MEMORY_BYTES = 1 << 30        # float64 H sums held while recording; beyond this, matrices record their inputs
+FLOAT16_MAX = 65504.0
 
 
 class Calibration:
-    """Per-matrix input statistics, keyed by tensor name (e.g. 'blocks.0.att.key.weight')."""
+    """Per-matrix input statistics, keyed by tensor name (e.g. 'blocks.0.att.key.weight').
 
-    def __init__(self, arrays: dict[str, np.ndarray], tokens: int, source: dict, path: str | None = None):
+    arrays: '<name>.h' / '<name>.x' -> array (in memory, memory-mapped from a temporary file, or read from the
+    .npz when first asked for); tokens: T; source: what was run on what text (recorded in converted files)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], tokens: int, source: dict, path: str | None = None,
+                 *, workdir: tempfile.TemporaryDirectory | None = None):
         self.arrays = arrays
         self.tokens = int(tokens)
         self.source = source
         self.path = path
+        self._workdir = workdir           # keeps the memory-mapped input files alive as long as this object
 
     def names(self) -> list[str]:
         return sorted({key.rsplit(".", 1)[0] for key in self.arrays})
@@ -62,14 +77,16 @@ class Calibration:
         return None
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the .npz atomically (temporary name, then rename)."""
+        """Write the .npz atomically (temporary name, then rename), one array at a time."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp.npz")
         try:
             with open(tmp, "wb") as f:
-                np.savez(f, __tokens__=np.int64(self.tokens),
-                         __source__=np.frombuffer(json.dumps(self.source).encode(), np.uint8),
-                         **{key: self.arrays[key] for key in self.arrays})
+                with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
+                    _put(zf, "__tokens__", np.int64(self.tokens))
+                    _put(zf, "__source__", np.frombuffer(json.dumps(self.source).encode(), np.uint8))
+                    for key in self.arrays:
+                        _put(zf, key, self.arrays[key])
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -77,6 +94,18 @@ class Calibration:
             if tmp.exists():
                 tmp.unlink()
         return path
+
+
+def _put(zf: zipfile.ZipFile, key: str, arr) -> None:
+    """One .npy member. Staged inputs (a memory-mapped file) are copied through with plain reads, so writing a
+    multi-GB calibration maps none of it into this process."""
+    with zf.open(key + ".npy", "w", force_zip64=True) as member:
+        if isinstance(arr, np.memmap) and arr.filename and arr.offset == 0 and arr.flags.c_contiguous:
+            np.lib.format.write_array_header_1_0(member, np.lib.format.header_data_from_array_1_0(arr))
+            with open(arr.filename, "rb") as f:
+                shutil.copyfileobj(f, member, 16 << 20)
+        else:
+            np.lib.format.write_array(member, np.asanyarray(arr), allow_pickle=False)
 
 
 def load_calibration(path: str | os.PathLike) -> Calibration:
@@ -108,10 +137,10 @@ def load_calibration(path: str | os.PathLike) -> Calibration:
             if kind not in ("h", "x") or "." not in key:
                 raise FormatError(f"{path}: unexpected array {key!r} (expected '<tensor>.h' or '<tensor>.x')")
             arr = _member(npz, key, path)
-            want = np.float32 if kind == "h" else np.float16
-            if arr.dtype != want or arr.ndim != 2 or (kind == "h" and arr.shape[0] != arr.shape[1]):
+            allowed = (np.float32,) if kind == "h" else (np.float16, np.float32)
+            if arr.dtype not in allowed or arr.ndim != 2 or (kind == "h" and arr.shape[0] != arr.shape[1]):
                 raise FormatError(f"{path}: array {key!r} is {arr.dtype}{list(arr.shape)}, expected "
-                                  f"{np.dtype(want)} {'(C, C)' if kind == 'h' else '(T, C)'}")
+                                  f"{'float32 (C, C)' if kind == 'h' else 'float16 or float32 (T, C)'}")
             if not np.isfinite(arr).all():
                 raise FormatError(f"{path}: array {key!r} holds NaN or Inf")
     except BaseException:
@@ -124,7 +153,7 @@ def load_calibration(path: str | os.PathLike) -> Calibration:
 def _member(npz, key: str, path: Path) -> np.ndarray:
     try:
         return npz[key]
-    except (ValueError, OSError, EOFError, KeyError) as e:
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
         raise FormatError(f"{path}: array {key!r} cannot be read ({e.__class__.__name__}: {e})") from None
 
 
@@ -149,9 +178,54 @@ class _LazyArrays(dict):
         return (self[key] for key in self)
 
 
-def calibrate(model, text: bytes | str, *, tokens: int = DEFAULT_TOKENS, text_name: str = "text") -> Calibration:
+class _Recorder:
+    """Per matrix, the sum of x x^T (float64, in memory) or the inputs x (appended to a file in `folder`)."""
+
+    def __init__(self, tokens: int, folder: str):
+        self.tokens = tokens
+        self.folder = folder
+        self.sums: dict[str, np.ndarray] = {}
+        self.inputs: dict[str, list] = {}            # name -> [file path, columns, dtype]
+        self.h_bytes = 0
+
+    def add(self, name: str, X: np.ndarray) -> None:
+        C = X.shape[1]
+        if name not in self.sums and name not in self.inputs:
+            if 2 * C <= self.tokens and self.h_bytes + 8 * C * C <= H_MEMORY_BYTES:   # H is the smaller record
+                self.sums[name] = np.zeros((C, C), np.float64)
+                self.h_bytes += 8 * C * C
+            else:
+                self.inputs[name] = [os.path.join(self.folder, f"{len(self.inputs)}.x"), C, np.float16]
+        if name in self.sums:
+            X64 = X.astype(np.float64)
+            self.sums[name] += X64.T @ X64
+            return
+        record = self.inputs[name]
+        file, _, dtype = record
+        if dtype == np.float16 and np.abs(X).max(initial=0.0) > FLOAT16_MAX:
+            # beyond float16's range (e.g. large squared activations): this matrix's inputs go in float32
+            if os.path.exists(file):
+                np.fromfile(file, np.float16).astype(np.float32).tofile(file)
+            record[2] = dtype = np.float32
+        with open(file, "ab") as f:
+            X.astype(dtype).tofile(f)
+
+    def names(self) -> set[str]:
+        return set(self.sums) | set(self.inputs)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {name + ".h": h.astype(np.float32) for name, h in self.sums.items()}
+        for name, (file, C, dtype) in self.inputs.items():
+            rows = os.path.getsize(file) // (C * np.dtype(dtype).itemsize)
+            out[name + ".x"] = np.memmap(file, dtype, "r", shape=(rows, C))
+        return out
+
+
+def calibrate(model, text: bytes | str, *, tokens: int = DEFAULT_TOKENS, text_name: str = "text",
+              workdir: str | os.PathLike | None = None) -> Calibration:
     """Run `model` (a loaded rwkv_lite Model) over the first `tokens` tokens of `text` and record each matrix's
-    inputs. The model's tokenizer encodes the text (a model without one reads it as bytes)."""
+    inputs. The model's tokenizer encodes the text (a model without one reads it as bytes). Recorded inputs are
+    kept in a temporary folder inside `workdir` (default: the system's) until the Calibration is dropped."""
     from ..kernels import linear
     from .. import model as model_module
 
@@ -160,35 +234,39 @@ def calibrate(model, text: bytes | str, *, tokens: int = DEFAULT_TOKENS, text_na
     ids = (tokenizer.encode(data.decode("utf-8", errors="replace")) if tokenizer is not None
            else list(data))
     ids = np.asarray(ids[:tokens], np.int64)
-    if ids.size % model_module.CHUNK_TOKENS == 1:      # a 1-token chunk would take the fused decode path
+    chunk = model_module.CHUNK_TOKENS
+    if ids.size % chunk == 1:                         # a 1-token chunk would take the fused decode path
         ids = ids[:-1]
     if ids.size < 2:
         raise FormatError(f"{text_name}: too little text to calibrate on ({ids.size} tokens)")
     T = ids.size
-    sums: dict[str, np.ndarray] = {}
-    inputs: dict[str, list[np.ndarray]] = {}
-    widths: dict[str, int] = {}
+    folder = tempfile.TemporaryDirectory(prefix="rwkv-lite-calibrate-", dir=workdir)
+    recorder = _Recorder(T, folder.name)
     original_call = linear.Matrix.__call__
 
     def recording_call(self, x):
         name = getattr(self, "name", None)
         if name is not None and name != "emb.weight":
-            X = np.asarray(x, np.float32).reshape(-1, self.shape[1])
-            C = self.shape[1]
-            widths[name] = C
-            if 2 * C <= T:                               # H (C*C float32) is the smaller record
-                sums[name] = sums.get(name, 0) + X.T.astype(np.float64) @ X
-            else:
-                inputs.setdefault(name, []).append(X.astype(np.float16))
+            recorder.add(name, np.asarray(x, np.float32).reshape(-1, self.shape[1]))
         return original_call(self, x)
 
     linear.Matrix.__call__ = recording_call
     try:
-        model.forward(ids, all_logits=True)
+        state = None
+        for start in range(0, T, chunk):               # all_logits: the head sees every token; a chunk at a time
+            _, state = model.forward(ids[start:start + chunk], state, all_logits=True)   # bounds the logits
+    except BaseException:
+        folder.cleanup()
+        raise
     finally:
         linear.Matrix.__call__ = original_call
-    arrays = {name + ".h": h.astype(np.float32) for name, h in sums.items()}
-    arrays.update({name + ".x": np.concatenate(xs) for name, xs in inputs.items()})
+    matrices = [name for name, info in model.metadata.get("tensors", {}).items()
+                if info.get("role") == "matrix"]
+    missing = [name for name in matrices if name not in recorder.names()]
+    if missing:
+        folder.cleanup()
+        raise RwkvLiteError(f"{model.path}: calibration saw no inputs for {len(missing)} matrices "
+                            f"(first: {missing[0]}): their products bypass Matrix.__call__ in sequence mode")
     source = {"model": Path(str(model.path)).name, "text": text_name, "text_bytes": len(data),
               "text_sha256": hashlib.sha256(data).hexdigest(), "tokens": T}
-    return Calibration(arrays, T, source)
+    return Calibration(recorder.arrays(), T, source, workdir=folder)

@@ -275,6 +275,25 @@ def _fit_group(v, h, n, code):
     return int(z), err
 
 
+@njit(cache=True)
+def _search_group(v, h, n):
+    """The int4 group word (scale code | zero code << 9) for values v[:n] with importances h[:n]: the scale codes
+    around range/15, each with its fitted zero point, keeping the least importance-weighted squared error."""
+    lo = np.float32(0.0)                              # the levels always reach 0 from below: see docstring
+    hi = v[0]
+    for i in range(n):
+        lo = min(lo, v[i])
+        hi = max(hi, v[i])
+    base = _scale_code_at_most((hi - lo) / 15)
+    best_err = np.inf
+    word = 0
+    for code in range(max(0, base - INT4_SEARCH_BELOW), min(INT4_SCALE_CODES, base + INT4_SEARCH_ABOVE + 1)):
+        z, err = _fit_group(v, h, n, code)
+        if err < best_err:
+            best_err, word = err, code | (z << 9)
+    return word
+
+
 @njit(cache=True, parallel=True)
 def _quantize_int4(rows, importance, group, packed, words):
     R, C = rows.shape
@@ -288,20 +307,10 @@ def _quantize_int4(rows, importance, group, packed, words):
             n = min(group, C - c0)                            # real columns in this group (0 in pure padding)
             word = 0
             if n > 0:
-                lo = np.float32(0.0)                          # the levels always reach 0 from below: see docstring
-                hi = rows[r, c0]
                 for i in range(n):
                     v[i] = rows[r, c0 + i]
                     h[i] = importance[c0 + i]
-                    lo = min(lo, v[i])
-                    hi = max(hi, v[i])
-                base = _scale_code_at_most((hi - lo) / 15)
-                best_err = np.inf
-                for code in range(max(0, base - INT4_SEARCH_BELOW),
-                                  min(INT4_SCALE_CODES, base + INT4_SEARCH_ABOVE + 1)):
-                    z, err = _fit_group(v, h, n, code)
-                    if err < best_err:
-                        best_err, word = err, code | (z << 9)
+                word = _search_group(v, h, n)
             d = int4_scale(np.uint16(word))
             inv = 1 / d
             zf = np.float32(word >> 9) * np.float32(0.125)
