@@ -156,7 +156,7 @@ def _write_gptq_tensor(writer: ModelWriter, t, scheme, hessian) -> None:
     rows = t.rows(0, t.shape[0])
     if not np.isfinite(rows).all():
         raise FormatError(f"tensor {t.name} contains NaN or Inf values")
-    for suffix, arr in gptq_int4(rows, hessian, scheme).items():
+    for suffix, arr in gptq_int4(rows, hessian, scheme, name=t.name).items():
         writer.append(t.name + suffix, arr)
 
 

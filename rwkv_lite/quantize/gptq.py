@@ -15,17 +15,21 @@ blocks with matrix products (numpy's own Cholesky runs at 3-7 GFLOP/s here, its 
 
 Columns go in blocks of 128: the sums over earlier blocks come from one matrix product D[:, :b0] V[:b0, block]
 per block, the sums inside a block from a compiled loop that handles every row in parallel (rows are
-independent). A group's scale and zero point are chosen when its first column comes up, by the same search as
-plain int4 (schemes.Int4), weighted by each column's input energy H_ii, for the values the group's columns would
-take if each of them were rounded without error (as the paper's algorithm, updating the weights in place, sees
-them). Output: exactly the Int4 layout (kernels unchanged).
+independent). A group's scale and zero point are chosen when its first column comes up: for each of a few scale
+codes around the group's range / 15, the zero point is fitted (importance-weighted least squares, weights H_ii,
+as plain int4's search does) to the values the group's columns would take if each were rounded without error,
+the group is then rounded GPTQ's way, and the code leaving the least output error sum_i err_i^2 (which is what
+GPTQ minimises: sum_j err_j^2 = D H D^T) is kept. Output: exactly the Int4 layout (kernels unchanged).
 
 Measured on the tiny models (2048 calibration tokens of the KJV text, evaluated on the GPL text): mean KL vs fp32
-of whole int4 files (emb int8, head int4) 5v2 4.13e-2 -> 2.58e-2, 5v1 6.03e-2 -> 2.87e-2 (docs/quantization.md).
-Cost per matrix: the factorisation (C^3/3) and the block products (R C^2), plus reading H or X; memory: the
-matrix in float32 twice and H once (docs/quantization.md gives the measured times up to Eagle-7B shapes).
+of whole int4 files (emb int8, head int4) 5v2 4.13e-2 -> 2.38e-2, 5v1 6.03e-2 -> 2.80e-2 (docs/quantization.md).
+Cost per matrix: the factorisation (C^3/3), the block products (R C^2) and the rounding loop (R C times a few
+hundred operations); memory: the matrix in float32 twice and H twice (the caller's and the factor). Measured:
+4096 x 14336 (Eagle-7B's ffn.value) 27 s on 2 cores; a whole 1.5B-shaped conversion 8 minutes (docs/quantization.md).
 """
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 from numba import njit, prange
@@ -43,7 +47,7 @@ GROUP_CODES_BELOW, GROUP_CODES_ABOVE = 1, 3
 DAMP = 0.01          # added to H's diagonal, as a fraction of its mean: keeps H invertible (unused columns, T < C)
 
 
-def gptq_int4(W: np.ndarray, H: np.ndarray, scheme: Int4, damp: float = DAMP) -> dict:
+def gptq_int4(W: np.ndarray, H: np.ndarray, scheme: Int4, damp: float = DAMP, name: str = "matrix") -> dict:
     """Quantize float32 W (R, C) to the parts of `scheme` (an Int4), using H = X^T X (C, C) of its inputs."""
     W = np.ascontiguousarray(W, dtype=np.float32)
     R, C = W.shape
@@ -53,13 +57,13 @@ def gptq_int4(W: np.ndarray, H: np.ndarray, scheme: Int4, damp: float = DAMP) ->
     if dead.any():
         W = W.copy()
         W[:, dead] = 0.0
-    M = np.ascontiguousarray(H[::-1, ::-1], dtype=np.float32)   # H reversed, factorised in place (float32:
-    diagonal = np.diag_indices(C)                                 # damping keeps it well conditioned)
-    M[diagonal] = np.where(dead[::-1], 1.0, M[diagonal]) + damp * max(float(energy.mean()), 1e-30)
-    _cholesky_in_place(M)
-    V = M[::-1, ::-1]                                   # upper triangular, H = V V^T
     importance = np.where(dead, 1.0, energy).astype(np.float32)
     importance = np.maximum(importance, 1e-6 * max(float(importance.max()), 1e-30))
+    V = _reversed_cholesky(H, dead, damp * max(float(energy.mean()), 1e-30))
+    if V is None:
+        warnings.warn(f"GPTQ: H of {name} is not positive definite even with 100x the damping; quantized without "
+                      "error compensation (inputs' energy weighting only)", stacklevel=2)
+        return scheme.quantize(W, importance)
 
     Cp = scheme.padded_cols(C)
     q = np.zeros((R, Cp), np.uint8)                     # level indices 0..15 (padding columns stay 0)
@@ -142,6 +146,23 @@ def _choose_group_word(W, V, acc, importance, r, j, k, n, v, h, pending):
         if err < best_err:
             best_err, word = err, code | (z << 9)
     return word
+
+
+def _reversed_cholesky(H: np.ndarray, dead: np.ndarray, damping: float) -> np.ndarray | None:
+    """V upper triangular with H + damping I = V V^T (dead columns' diagonal set to 1 first): the Cholesky factor
+    of H with rows and columns reversed, computed in float32 (the damping keeps it well conditioned; should
+    rounding still break positive definiteness, the damping is raised 10x, twice). None if that fails too."""
+    for _ in range(3):
+        M = np.ascontiguousarray(H[::-1, ::-1], dtype=np.float32)     # a copy, factorised in place
+        diagonal = np.diag_indices(len(M))
+        M[diagonal] = np.where(dead[::-1], 1.0, M[diagonal]) + damping
+        try:
+            _cholesky_in_place(M)
+        except np.linalg.LinAlgError:
+            damping *= 10
+            continue
+        return M[::-1, ::-1]
+    return None
 
 
 def _cholesky_in_place(A: np.ndarray, block: int = CHOLESKY_BLOCK) -> None:

@@ -30,7 +30,9 @@ tensor `name` as the array `name + suffix`.
          so a group holds 16 evenly spaced levels anywhere from d*(-15.875) .. d*(-0.875) up to 0 .. 15*d.
          Quantizing searches, per group, the scale codes around range/15 and, for each, alternates nearest-level
          assignment with the least-squares zero point (rounded to its grid); it keeps the pair with the smallest
-         squared error. At G = 32 that is 4.5 bits/weight, like ggml's Q4_0 (blocks of 32 with an fp16 scale),
+         squared error (optionally weighted per input column: Int4.quantize(rows, importance), e.g. the mean
+         square of each column's inputs from calibration; GPTQ in quantize/gptq.py goes further on the same
+         layout). At G = 32 that is 4.5 bits/weight, like ggml's Q4_0 (blocks of 32 with an fp16 scale),
          with about 30% less squared error than Q4_0 on real and Gaussian weights (bench/bench_kernels.py
          --quality) and 30% lower mean KL on the tiny 5v2 model.
 
