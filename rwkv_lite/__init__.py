@@ -7,6 +7,10 @@
 """
 __version__ = "0.1.0"
 
+from . import kernel_cache  # noqa: E402  (first: Numba's cache folder must be set before any kernel is defined)
+
+kernel_cache.configure()
+
 from .errors import FormatError, NumericalError, RwkvLiteError, UnsafeCheckpointError  # noqa: E402
 from .model import Model, load  # noqa: E402
 from .state import State  # noqa: E402

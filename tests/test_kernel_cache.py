@@ -1,0 +1,88 @@
+"""Compiled kernels go to a per-user cache folder, never into the installed package; with no writable folder the
+kernels run uncached with one notice; a compile is announced on stderr, a cached run is silent."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+PACKAGE = REPO / "rwkv_lite"
+COMPILING = "compiling kernels"
+
+
+def _numba_files_in_package() -> dict[str, float]:
+    """Numba's cache files (index .nbi and data .nbc) anywhere under the package, with their mtimes."""
+    return {str(p): p.stat().st_mtime for p in PACKAGE.rglob("*.nb[ic]")}
+
+
+def _generate(env_changes: dict, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "RWKV_LITE_CACHE_DIR",
+                                                            "XDG_CACHE_HOME")}
+    env.update({"PYTHONPATH": str(REPO), "NUMBA_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", **env_changes})
+    return subprocess.run([sys.executable, "-m", "rwkv_lite.cli", "generate", "-p", "And God said", "-n", "8",
+                           "--greedy"], capture_output=True, env=env, timeout=600, cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_first_run_announces_compile_into_the_user_cache_and_second_run_is_silent(tmp_path):
+    cache = tmp_path / "xdg-cache"
+    before = _numba_files_in_package()
+    first = _generate({"XDG_CACHE_HOME": str(cache), "HOME": str(tmp_path)}, tmp_path)
+    stderr = first.stderr.decode()
+    assert first.returncode == 0, stderr
+    assert stderr.count(COMPILING) == 1, stderr
+    assert sorted((cache / "rwkv-lite").rglob("*.nbi")), "no kernel index written into the user cache folder"
+    assert _numba_files_in_package() == before, "Numba wrote cache files into the package folder"
+
+    second = _generate({"XDG_CACHE_HOME": str(cache), "HOME": str(tmp_path)}, tmp_path)
+    assert second.returncode == 0, second.stderr.decode()
+    assert COMPILING not in second.stderr.decode()
+    assert second.stdout == first.stdout and len(first.stdout) > 0
+
+
+@pytest.mark.slow
+def test_unwritable_home_runs_uncached_with_one_notice(tmp_path):
+    """A service account: HOME cannot be created (it lies under a regular file, which defeats even root), the
+    package folder must not be used instead."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    before = _numba_files_in_package()
+    proc = _generate({"HOME": str(blocker / "home")}, tmp_path)
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    notices = [line for line in stderr.splitlines() if "kernel cache" in line]
+    assert len(notices) == 1 and str(blocker / "home") in notices[0], stderr
+    assert len(proc.stdout.decode().strip()) > 0
+    assert _numba_files_in_package() == before, "Numba wrote cache files into the package folder"
+
+
+def test_cache_folder_preference(monkeypatch, tmp_path):
+    from rwkv_lite import kernel_cache
+    for var in ("RWKV_LITE_CACHE_DIR", "NUMBA_CACHE_DIR", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    if sys.platform.startswith("linux"):
+        assert kernel_cache.default_cache_dir() == tmp_path / "home" / ".cache" / "rwkv-lite"
+        monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
+        assert kernel_cache.default_cache_dir() == tmp_path / "home" / ".cache" / "rwkv-lite"
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        assert kernel_cache.default_cache_dir() == tmp_path / "xdg" / "rwkv-lite"
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "numba"))
+    assert kernel_cache.default_cache_dir() == tmp_path / "numba"
+    monkeypatch.setenv("RWKV_LITE_CACHE_DIR", str(tmp_path / "ours"))
+    assert kernel_cache.default_cache_dir() == tmp_path / "ours"
+
+
+def test_this_process_caches_outside_the_package():
+    import numba.core.config
+
+    from rwkv_lite import kernel_cache
+    assert kernel_cache.cache_dir is not None
+    assert PACKAGE not in kernel_cache.cache_dir.parents
+    assert numba.core.config.CACHE_DIR == str(kernel_cache.cache_dir)
