@@ -143,6 +143,28 @@ class Model:
             raise NumericalError("NaN or Inf in the output logits (head / ln_out)")
         return logits, state
 
+    def forward_batch(self, tokens, states: list[State]) -> np.ndarray:
+        """Advance B independent sequences by one token each: tokens[b] is fed to states[b].
+
+        Returns logits (B, vocab); each state is updated IN PLACE (unlike forward(), which copies), so a serving
+        loop keeps one State per sequence. Every matrix product reads each weight once for all B rows, and row b
+        equals `forward([tokens[b]], states[b])` up to float reassociation (kernels/batched.py). A row whose
+        logits are not finite is returned as it is: the caller decides what to do with that one sequence."""
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if ids.size != len(states) or ids.size == 0:
+            raise ValueError(f"forward_batch() needs one token per state, got {ids.size} tokens and "
+                             f"{len(states)} states")
+        V = self.config["vocab_size"]
+        if ids.min() < 0 or ids.max() >= V:
+            bad = int(ids[(ids < 0) | (ids >= V)][0])
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{V - 1})")
+        for state in states:
+            state.check_compatible(self.config)
+            state.check_shapes(self._state_shapes)
+        if len({id(a) for s in states for a in s.arrays.values()}) != sum(len(s.arrays) for s in states):
+            raise ValueError("forward_batch() was given the same state (or shared state arrays) twice")
+        return self.arch.forward_batch(self.weights, ids, [s.arrays for s in states])
+
     def verify(self, progress=None) -> list[str]:
         """Recompute the file's checksums; returns the names of corrupted arrays (empty: intact)."""
         return verify_checksums(self.file, progress)

@@ -145,3 +145,41 @@ def forward(W: Weights, tokens: np.ndarray, state: dict, all_logits: bool, check
         if check is not None:
             check(x, l)
     return output_logits(W, x, all_logits)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batched decode: B independent sequences, one token each (arch/batch.py)
+
+from .batch import linear_rows, previous_rows, store_rows  # noqa: E402
+
+
+def time_mix_batch(L: Layer, a, states, l):
+    """time_mix for B sequences at one token each: row b of `a` belongs to states[b]."""
+    p = previous_rows(states, "att_x", l)
+    xk, xv, xr = token_mix(a, p, L.mix_k), token_mix(a, p, L.mix_v), token_mix(a, p, L.mix_r)
+    r = sigmoid(linear_rows(L.W_r, xr))
+    k, v = linear_rows(L.W_k, xk), linear_rows(L.W_v, xv)
+    wkv = np.empty_like(k)
+    for b, s in enumerate(states):
+        wkv4(k[b:b + 1], v[b:b + 1], L.w, L.u, s["aa"][l], s["bb"][l], s["pp"][l], wkv[b:b + 1])
+    store_rows(states, "att_x", l, a)
+    return linear_rows(L.W_o, r * wkv)
+
+
+def channel_mix_batch(L: Layer, b, states, l):
+    q = previous_rows(states, "ffn_x", l)
+    xk, xr = token_mix(b, q, L.ffn_mix_k), token_mix(b, q, L.ffn_mix_r)
+    hidden = relu_square(linear_rows(L.F_k, xk))
+    store_rows(states, "ffn_x", l, b)
+    return sigmoid(linear_rows(L.F_r, xr)) * linear_rows(L.F_v, hidden)
+
+
+def forward_batch(W: Weights, tokens: np.ndarray, states: list) -> np.ndarray:
+    """One token for each of B sequences (tokens (B,), states[b] its state dict, updated in place) -> (B, V)."""
+    x = W.emb.rows(tokens)
+    for l, L in enumerate(W.layers):
+        a = layer_norm(x, L.ln1_w, L.ln1_b)
+        x = x + time_mix_batch(L, a, states, l)
+        b = layer_norm(x, L.ln2_w, L.ln2_b)
+        x = x + channel_mix_batch(L, b, states, l)
+    return linear_rows(W.head, layer_norm(x, W.ln_out_w, W.ln_out_b))

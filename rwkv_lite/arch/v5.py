@@ -207,3 +207,44 @@ def forward(W: Weights, tokens: np.ndarray, state: dict, all_logits: bool, check
         if check is not None:
             check(x, l)
     return output_logits(W, x, all_logits)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batched decode: B independent sequences, one token each (arch/batch.py)
+
+from .batch import linear_rows, previous_rows, store_rows  # noqa: E402
+
+
+def time_mix_batch(L: Layer, a, states, l, cfg):
+    """time_mix for B sequences at one token each: row b of `a` belongs to states[b]."""
+    p = previous_rows(states, "att_x", l)
+    xk, xv, xr = token_mix(a, p, L.mix_k), token_mix(a, p, L.mix_v), token_mix(a, p, L.mix_r)
+    r, k, v = linear_rows(L.W_r, xr), linear_rows(L.W_k, xk), linear_rows(L.W_v, xv)
+    o = np.empty_like(r)
+    for b, s in enumerate(states):
+        wkv5(r[b:b + 1], k[b:b + 1], v[b:b + 1], L.decay, L.bonus, s["wkv"][l], o[b:b + 1])
+    y = group_norm(o, cfg["n_head"], L.ln_x_w, L.ln_x_b, cfg["ln_x_eps"])
+    if L.has_gate:
+        y = y * silu(linear_rows(L.W_g, token_mix(a, p, L.mix_g)))
+    store_rows(states, "att_x", l, a)
+    return linear_rows(L.W_o, y)
+
+
+def channel_mix_batch(L: Layer, b, states, l):
+    q = previous_rows(states, "ffn_x", l)
+    xk, xr = token_mix(b, q, L.ffn_mix_k), token_mix(b, q, L.ffn_mix_r)
+    k, r = linear_rows(L.F_k, xk), linear_rows(L.F_r, xr)
+    store_rows(states, "ffn_x", l, b)
+    return sigmoid(r) * linear_rows(L.F_v, relu_square(k))
+
+
+def forward_batch(W: Weights, tokens: np.ndarray, states: list) -> np.ndarray:
+    """One token for each of B sequences (tokens (B,), states[b] its state dict, updated in place) -> (B, V)."""
+    cfg = W.cfg
+    x = W.emb.rows(tokens)
+    for l, L in enumerate(W.layers):
+        a = layer_norm(x, L.ln1_w, L.ln1_b)
+        x = x + time_mix_batch(L, a, states, l, cfg)
+        b = layer_norm(x, L.ln2_w, L.ln2_b)
+        x = x + channel_mix_batch(L, b, states, l)
+    return linear_rows(W.head, layer_norm(x, W.ln_out_w, W.ln_out_b))

@@ -198,3 +198,48 @@ def forward(W: Weights, tokens: np.ndarray, state: dict, all_logits: bool, check
         if check is not None:
             check(x, l)
     return output_logits(W, x, all_logits)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batched decode: B independent sequences, one token each (arch/batch.py)
+
+from .batch import linear_rows, previous_rows, store_rows  # noqa: E402
+
+
+def time_mix_batch(L: Layer, a, states, l, cfg):
+    """time_mix for B sequences at one token each: row b of `a` belongs to states[b]."""
+    B = a.shape[0]
+    d = previous_rows(states, "att_x", l) - a
+    z = np.tanh((a + d * L.maa_x) @ L.maa_w1).reshape(B, 5, -1)
+    extra = np.matmul(z.transpose(1, 0, 2), L.maa_w2)                 # (5, B, C)
+    xw, xk, xv, xr, xg = (a + d * (L.maa[f] + extra[f]) for f in range(5))
+    r, k, v = linear_rows(L.W_r, xr), linear_rows(L.W_k, xk), linear_rows(L.W_v, xv)
+    g = silu(linear_rows(L.W_g, xg))
+    w = np.exp(-np.exp(L.time_decay + np.tanh(xw @ L.decay_w1) @ L.decay_w2))
+    o = np.empty_like(r)
+    for b, s in enumerate(states):
+        wkv6(r[b:b + 1], k[b:b + 1], v[b:b + 1], w[b:b + 1], L.bonus, s["wkv"][l], o[b:b + 1])
+    y = group_norm(o, cfg["n_head"], L.ln_x_w, L.ln_x_b, cfg["ln_x_eps"]) * g
+    store_rows(states, "att_x", l, a)
+    return linear_rows(L.W_o, y)
+
+
+def channel_mix_batch(L: Layer, b, states, l):
+    d = previous_rows(states, "ffn_x", l) - b
+    xk = b + d * L.ffn_maa_k
+    xr = b + d * L.ffn_maa_r
+    hidden = np.square(np.maximum(linear_rows(L.F_k, xk), 0))
+    store_rows(states, "ffn_x", l, b)
+    return sigmoid(linear_rows(L.F_r, xr)) * linear_rows(L.F_v, hidden)
+
+
+def forward_batch(W: Weights, tokens: np.ndarray, states: list) -> np.ndarray:
+    """One token for each of B sequences (tokens (B,), states[b] its state dict, updated in place) -> (B, V)."""
+    cfg = W.cfg
+    x = W.emb.rows(tokens)
+    for l, L in enumerate(W.layers):
+        a = layer_norm(x, L.ln1_w, L.ln1_b)
+        x = x + time_mix_batch(L, a, states, l, cfg)
+        b = layer_norm(x, L.ln2_w, L.ln2_b)
+        x = x + channel_mix_batch(L, b, states, l)
+    return linear_rows(W.head, layer_norm(x, W.ln_out_w, W.ln_out_b))

@@ -221,3 +221,58 @@ def forward(W: Weights, tokens: np.ndarray, state: dict, all_logits: bool, check
         if check is not None:
             check(x, l)
     return output_logits(W, x, all_logits)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batched decode: B independent sequences, one token each (arch/batch.py)
+
+from .batch import linear_rows, previous_rows, store_rows  # noqa: E402
+
+
+def time_mix_batch(L: Layer, a, states, l, cfg, v_first):
+    """time_mix for B sequences at one token each: row b of `a` belongs to states[b]."""
+    B, C = a.shape
+    H = cfg["n_head"]
+    d = previous_rows(states, "att_x", l) - a
+    xr, xw, xk, xv, xa, xg = (a + d * mu for mu in (L.x_r, L.x_w, L.x_k, L.x_v, L.x_a, L.x_g))
+    r, k, v = linear_rows(L.W_r, xr), linear_rows(L.W_k, xk), linear_rows(L.W_v, xv)
+    w = np.exp(DECAY_SCALE * sigmoid(L.w0 + np.tanh(xw @ L.w1) @ L.w2))
+    alpha = sigmoid(L.a0 + (xa @ L.a1) @ L.a2)
+    gate = sigmoid(xg @ L.g1) @ L.g2
+    kappa = per_head_normalise(k * L.k_k, H)
+    k = k * (1 + (alpha - 1) * L.k_a)
+    if L.has_value_residual:
+        v = v + (v_first - v) * sigmoid(L.v0 + (xv @ L.v1) @ L.v2)
+    else:
+        v_first = v
+    o = np.empty_like(r)
+    neg_kappa, kappa_alpha = -kappa, kappa * alpha
+    for b, s in enumerate(states):
+        one = slice(b, b + 1)
+        wkv7(r[one], w[one], k[one], v[one], neg_kappa[one], kappa_alpha[one], s["wkv"][l], o[one])
+    y = group_norm(o, H, L.ln_x_w, L.ln_x_b, cfg["ln_x_eps"])
+    bonus = np.sum((r * k * L.r_k).reshape(B, H, -1), axis=-1, keepdims=True) * v.reshape(B, H, -1)
+    y = y + bonus.reshape(B, C)
+    store_rows(states, "att_x", l, a)
+    return linear_rows(L.W_o, y * gate), v_first
+
+
+def channel_mix_batch(L: Layer, b, states, l):
+    xk = b + (previous_rows(states, "ffn_x", l) - b) * L.ffn_x_k
+    hidden = np.square(np.maximum(linear_rows(L.F_k, xk), 0))
+    store_rows(states, "ffn_x", l, b)
+    return linear_rows(L.F_v, hidden)
+
+
+def forward_batch(W: Weights, tokens: np.ndarray, states: list) -> np.ndarray:
+    """One token for each of B sequences (tokens (B,), states[b] its state dict, updated in place) -> (B, V)."""
+    cfg = W.cfg
+    x = W.emb.rows(tokens)
+    v_first = None
+    for l, L in enumerate(W.layers):
+        a = layer_norm(x, L.ln1_w, L.ln1_b)
+        dx, v_first = time_mix_batch(L, a, states, l, cfg, v_first)
+        x = x + dx
+        b = layer_norm(x, L.ln2_w, L.ln2_b)
+        x = x + channel_mix_batch(L, b, states, l)
+    return linear_rows(W.head, layer_norm(x, W.ln_out_w, W.ln_out_b))

@@ -1,0 +1,28 @@
+"""Helpers of the batched decode step shared by every version (each version's `forward_batch` holds its math).
+
+In a batched step the B rows of an activation matrix are B independent sequences at one token each, not B
+consecutive tokens of one sequence: a row's "previous token" comes from its own state, the WKV recurrence runs
+per sequence, and every matrix product is one kernels/batched.py product whose row b equals the single-token
+GEMV of that row.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..kernels.batched import matmul_rows
+
+
+def linear_rows(matrix, X):
+    """(B, R) = X W^T, row b exactly the decode GEMV of X[b] (see kernels/batched.py)."""
+    return matmul_rows(matrix, X)
+
+
+def previous_rows(states, key: str, l: int) -> np.ndarray:
+    """(B, C): each sequence's last row of state array `key` at layer l (its token-shift input)."""
+    return np.stack([s[key][l] for s in states])
+
+
+def store_rows(states, key: str, l: int, X) -> None:
+    """Write row b of X into sequence b's state array `key` at layer l."""
+    for s, x in zip(states, X):
+        s[key][l] = x

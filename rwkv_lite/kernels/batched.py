@@ -1,0 +1,212 @@
+"""Batched decode products: Y = X W^T for B independent sequences' activation rows X (B, C), one token each.
+
+Decode of one sequence is bound by reading the weights; B sequences advanced together read each weight row once
+(from memory into L1) and dot it with all B activation rows while it is in cache, so a step of B tokens costs
+little more memory traffic than a step of one.
+
+Row b of a result equals the single-token GEMV of that row (``Matrix.__call__`` on a (C,) vector) because it is
+computed by the same per-row dot products (the LLVM intrinsics of kernels/qmatmul.py) on the same inputs:
+  int8 (group-scaled) and int4: X rounded to 15 bits per 64-column block by qmatmul.quantize_activations, row
+      by row, exactly as the GEMV rounds its one vector; the int4 zero-point term is the same sum written once
+      per row for all B vectors (float reassociation only);
+  int8 (one scale per row) and fp16: the same float32 row dot as the GEMV;
+  fp32: BLAS sgemm (the single-token path is BLAS sgemv): float32 reassociation only.
+
+Rows are split over Numba's threads in blocks of qmatmul.ROW_BLOCK; inside a block each weight row meets every
+activation row before the next weight row is read.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from . import qmatmul
+from .linear import (PARALLEL_MIN_WEIGHTS, Fp16Matrix, Fp32Matrix, Int4Matrix, Int8GroupMatrix, Int8Matrix,
+                     Matrix)
+from .qmatmul import (DOT_BLOCK, FASTMATH, ROW_BLOCK, _dot_f16_row, _dot_i4_g32, _dot_i4_g64, _dot_i4_g128,
+                      _dot_i8_row, _dot_i8g_g32, _dot_i8g_g64, _dot_i8g_g128, _stack_activations, f16_to_f32)
+
+# Products with fewer multiply-adds than this (weights x rows) run in the calling thread (see linear.py).
+PARALLEL_MIN_WORK = PARALLEL_MIN_WEIGHTS
+
+
+def matmul_rows(matrix: Matrix, X: np.ndarray) -> np.ndarray:
+    """Y (B, R) = X W^T with row b equal to matrix(X[b]) (the decode GEMV), reading W once for all rows."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    B, C = X.shape
+    R = matrix.shape[0]
+    if C != matrix.shape[1]:
+        raise ValueError(f"{matrix.scheme} matrix {matrix.shape} cannot multiply rows of shape {X.shape}")
+    if B == 1:
+        return matrix(X[0])[None, :]
+    parallel = R > 1 and R * C * B >= PARALLEL_MIN_WORK
+    kind = type(matrix)
+    if kind is Fp32Matrix:
+        return X @ matrix.w.T
+    if kind is Fp16Matrix:
+        return (_gemm_f16 if parallel else _gemm_f16_serial)(matrix.bits, X)
+    if kind is Int8Matrix:
+        return (_gemm_i8 if parallel else _gemm_i8_serial)(matrix.q, matrix.scale, X)
+    if kind is Int8GroupMatrix:
+        Xp = _padded(X, matrix.padded_cols)
+        kernel = _gemm_i8g if parallel else _gemm_i8g_serial
+        return kernel(matrix.q, matrix.scale, Xp, matrix.block_source, matrix.group)
+    if kind is Int4Matrix:
+        Xp = _padded(X, matrix.padded_cols)
+        kernel = _gemm_i4 if parallel else _gemm_i4_serial
+        return kernel(matrix.packed, matrix.groups, Xp, matrix.block_source, matrix.group)
+    return np.stack([matrix(x) for x in X])          # a scheme without a batched kernel: one GEMV per row
+
+
+def _padded(X, cols):
+    if X.shape[1] == cols:
+        return X
+    Xp = np.zeros((X.shape[0], cols), np.float32)       # padding columns meet zero weights (and zero activations)
+    Xp[:, :X.shape[1]] = X
+    return Xp
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# float rows (fp16, int8 with one scale per row): the GEMV's row dot, once per activation row
+
+@njit(cache=True, fastmath=FASTMATH)
+def _f16_rows(w, X, Y, r0, r1):
+    nblk = w.shape[1] // DOT_BLOCK
+    for r in range(r0, r1):
+        for b in range(X.shape[0]):
+            x = X[b]
+            acc = _dot_f16_row(w, r, x, nblk)
+            for c in range(nblk * DOT_BLOCK, w.shape[1]):
+                acc += f16_to_f32(w[r, c]) * x[c]
+            Y[b, r] = acc
+
+
+@njit(cache=True, parallel=True)
+def _gemm_f16(w, X):
+    R = w.shape[0]
+    Y = np.empty((X.shape[0], R), np.float32)
+    for k in prange((R + ROW_BLOCK - 1) // ROW_BLOCK):
+        _f16_rows(w, X, Y, k * ROW_BLOCK, min(R, (k + 1) * ROW_BLOCK))
+    return Y
+
+
+@njit(cache=True)
+def _gemm_f16_serial(w, X):
+    Y = np.empty((X.shape[0], w.shape[0]), np.float32)
+    _f16_rows(w, X, Y, 0, w.shape[0])
+    return Y
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _i8_rows(q, scale, X, Y, r0, r1):
+    nblk = q.shape[1] // DOT_BLOCK
+    for r in range(r0, r1):
+        for b in range(X.shape[0]):
+            x = X[b]
+            acc = _dot_i8_row(q, r, x, nblk)
+            for c in range(nblk * DOT_BLOCK, q.shape[1]):
+                acc += np.float32(q[r, c]) * x[c]
+            Y[b, r] = acc * scale[r]
+
+
+@njit(cache=True, parallel=True)
+def _gemm_i8(q, scale, X):
+    R = q.shape[0]
+    Y = np.empty((X.shape[0], R), np.float32)
+    for k in prange((R + ROW_BLOCK - 1) // ROW_BLOCK):
+        _i8_rows(q, scale, X, Y, k * ROW_BLOCK, min(R, (k + 1) * ROW_BLOCK))
+    return Y
+
+
+@njit(cache=True)
+def _gemm_i8_serial(q, scale, X):
+    Y = np.empty((X.shape[0], q.shape[0]), np.float32)
+    _i8_rows(q, scale, X, Y, 0, q.shape[0])
+    return Y
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# group-scaled int8 and int4: integer dot products on the 15-bit activations of every row
+
+@njit(cache=True, fastmath=FASTMATH)
+def _i8g_rows(q, scale, group, X16, STEP, Y, r0, r1):
+    B = X16.shape[0]
+    for r in range(r0, r1):
+        for b in range(B):
+            if group == 32:
+                Y[b, r] = _dot_i8g_g32(q, r, scale, STEP[b], X16[b])
+            elif group == 64:
+                Y[b, r] = _dot_i8g_g64(q, r, scale, STEP[b], X16[b])
+            else:
+                Y[b, r] = _dot_i8g_g128(q, r, scale, STEP[b], X16[b])
+
+
+@njit(cache=True, parallel=True)
+def _gemm_i8g(q, scale, X, src, group):
+    R = q.shape[0]
+    X16, STEP, _ = _stack_activations(X, src, group)
+    Y = np.empty((X.shape[0], R), np.float32)
+    for k in prange((R + ROW_BLOCK - 1) // ROW_BLOCK):
+        r0, r1 = k * ROW_BLOCK, min(R, (k + 1) * ROW_BLOCK)
+        if group == 32:                    # literal group sizes: one specialisation each (see qmatmul.gemv_i4)
+            _i8g_rows(q, scale, 32, X16, STEP, Y, r0, r1)
+        elif group == 64:
+            _i8g_rows(q, scale, 64, X16, STEP, Y, r0, r1)
+        else:
+            _i8g_rows(q, scale, 128, X16, STEP, Y, r0, r1)
+    return Y
+
+
+@njit(cache=True)
+def _gemm_i8g_serial(q, scale, X, src, group):
+    X16, STEP, _ = _stack_activations(X, src, group)
+    Y = np.empty((X.shape[0], q.shape[0]), np.float32)
+    _i8g_rows(q, scale, group, X16, STEP, Y, 0, q.shape[0])
+    return Y
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _i4_rows(packed, groups, group, X16, STEP, XSUM, Y, r0, r1):
+    B = X16.shape[0]
+    ngroups = groups.shape[1]
+    d = np.empty(ngroups, np.float32)          # the row's group scales
+    dz = np.empty(ngroups, np.float32)         # and scale x zero point (what meets each group's activation sum)
+    for r in range(r0, r1):
+        for g in range(ngroups):
+            u = np.int32(groups[r, g])
+            d[g] = qmatmul.int4_scale(groups[r, g])
+            dz[g] = d[g] * np.float32(u >> 9) * np.float32(0.125)
+        for b in range(B):
+            zero_term = np.float32(0.0)
+            for g in range(ngroups):
+                zero_term -= dz[g] * XSUM[b, g]
+            if group == 32:
+                Y[b, r] = _dot_i4_g32(packed, r, d, STEP[b], X16[b]) + zero_term
+            elif group == 64:
+                Y[b, r] = _dot_i4_g64(packed, r, d, STEP[b], X16[b]) + zero_term
+            else:
+                Y[b, r] = _dot_i4_g128(packed, r, d, STEP[b], X16[b]) + zero_term
+
+
+@njit(cache=True, parallel=True)
+def _gemm_i4(packed, groups, X, src, group):
+    R = packed.shape[0]
+    X16, STEP, XSUM = _stack_activations(X, src, group)
+    Y = np.empty((X.shape[0], R), np.float32)
+    for k in prange((R + ROW_BLOCK - 1) // ROW_BLOCK):
+        r0, r1 = k * ROW_BLOCK, min(R, (k + 1) * ROW_BLOCK)
+        if group == 32:
+            _i4_rows(packed, groups, 32, X16, STEP, XSUM, Y, r0, r1)
+        elif group == 64:
+            _i4_rows(packed, groups, 64, X16, STEP, XSUM, Y, r0, r1)
+        else:
+            _i4_rows(packed, groups, 128, X16, STEP, XSUM, Y, r0, r1)
+    return Y
+
+
+@njit(cache=True)
+def _gemm_i4_serial(packed, groups, X, src, group):
+    X16, STEP, XSUM = _stack_activations(X, src, group)
+    Y = np.empty((X.shape[0], packed.shape[0]), np.float32)
+    _i4_rows(packed, groups, group, X16, STEP, XSUM, Y, 0, packed.shape[0])
+    return Y

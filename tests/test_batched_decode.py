@@ -1,0 +1,133 @@
+"""Batched decode (Model.forward_batch, kernels/batched.py): B independent sequences advanced by one token each
+give, row by row, what each sequence gives alone, for every version and storage scheme.
+
+The quantized products reuse the single-token GEMVs' per-row dot products and activation rounding, so rows agree
+exactly for v4/v5 files; v6/v7's small float32 LoRAs go through numpy matrix-matrix instead of matrix-vector
+products, whose float32 rounding the quantized layers then amplify like sequence mode's (test_versions.py)."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import checkpoint_writers as cw
+import reference_models as rm
+import rwkv_lite
+from rwkv_lite.kernels import batched
+from rwkv_lite.kernels.batched import matmul_rows
+from rwkv_lite.kernels.linear import make_matrix
+from rwkv_lite.quantize.schemes import get_scheme
+from test_versions import ONE_SPEC_PER_VERSION, QUANTIZED_SERIAL_VS_SEQUENCE_TOL
+
+SCHEMES = ["fp32", "fp16", "int8", "int4"]
+
+
+def _matrix(name, params, R, C, seed):
+    w = np.random.default_rng(seed).standard_normal((R, C), dtype=np.float32) / np.sqrt(C)
+    scheme = get_scheme(name, **params)
+    return make_matrix(name, scheme.params, scheme.quantize(w), (R, C))
+
+
+@pytest.mark.parametrize("name, params", [("fp32", {}), ("fp16", {}), ("int8", {"group": 0}),
+                                          ("int8", {"group": 32}), ("int8", {"group": 64}),
+                                          ("int8", {"group": 128}), ("int4", {"group": 32}),
+                                          ("int4", {"group": 64}), ("int4", {"group": 128})])
+@pytest.mark.parametrize("C", [520, 1024])
+@pytest.mark.parametrize("threads", ["serial", "parallel"])
+def test_batched_product_rows_equal_single_token_gemv(name, params, C, threads, monkeypatch):
+    monkeypatch.setattr(batched, "PARALLEL_MIN_WORK", 1 if threads == "parallel" else 1 << 62)
+    R = 130                                     # not a multiple of the row block
+    matrix = _matrix(name, params, R, C, seed=C)
+    rng = np.random.default_rng(1)
+    for B in (1, 3, 33):
+        X = rng.standard_normal((B, C), dtype=np.float32)
+        X[0, :64] = 0.0                         # an all-zero activation block (step 0)
+        Y = matmul_rows(matrix, X)
+        assert Y.shape == (B, R) and Y.dtype == np.float32
+        single = np.stack([matrix(x) for x in X])
+        if name in ("fp32", "int4"):            # BLAS sgemm vs sgemv; int4's zero-point sum reassociated
+            np.testing.assert_allclose(Y, single, rtol=0, atol=2e-6 * np.abs(single).max())
+        else:                                   # the very same row dots on the same rounded activations
+            np.testing.assert_array_equal(Y, single)
+
+
+def test_batched_product_refuses_wrong_width():
+    matrix = _matrix("int8", {"group": 32}, 64, 128, 0)
+    with pytest.raises(ValueError, match="cannot multiply"):
+        matmul_rows(matrix, np.zeros((2, 127), np.float32))
+
+
+_MODELS: dict = {}
+
+
+@pytest.fixture(scope="module")
+def model_of(tmp_path_factory):
+    def get(name, quant):
+        if (name, quant) not in _MODELS:
+            folder = tmp_path_factory.mktemp(f"{name}-{quant}")
+            src = cw.save_pth(rm.make_state_dict(rm.SPECS_BY_NAME[name]), folder / "model.pth")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")            # these models run on token ids: no tokenizer
+                rwkv_lite.convert(src, folder / "m.safetensors", quant=quant)
+            _MODELS[name, quant] = rwkv_lite.load(folder / "m.safetensors")
+        return _MODELS[name, quant]
+    yield get
+    for m in _MODELS.values():
+        m.close()
+    _MODELS.clear()
+
+
+@pytest.mark.parametrize("name", ONE_SPEC_PER_VERSION)
+@pytest.mark.parametrize("quant", SCHEMES)
+def test_batched_step_equals_each_sequence_alone(name, quant, model_of):
+    """B = 6 sequences with different prompts (lengths 1..11) decode greedily together: every step's logits row
+    equals that sequence's single-token forward within the decode rounding bound, the greedy tokens are the
+    same, and so are the final states."""
+    model = model_of(name, quant)
+    tokens = [int(t) for t in rm.token_sequence(rm.SPECS_BY_NAME[name])[:40]]
+    prompts = [tokens[3 * b: 3 * b + 1 + 2 * b] for b in range(6)]
+    alone_states, batch_states, last = [], [], []
+    for p in prompts:
+        logits, state = model.forward(p)
+        alone_states.append(state)
+        batch_states.append(state.copy())
+        last.append(int(np.argmax(logits)))
+    alone_next, batch_next = list(last), list(last)
+    for step in range(8):
+        rows = model.forward_batch(batch_next, batch_states)
+        assert rows.shape == (6, model.config["vocab_size"])
+        for b in range(6):
+            want, alone_states[b] = model.forward([alone_next[b]], alone_states[b])
+            scale = max(1.0, np.abs(want).max())
+            err = np.abs(rows[b] - want).max()
+            assert err <= QUANTIZED_SERIAL_VS_SEQUENCE_TOL * scale, f"{name} {quant} step {step} row {b}: {err:.3e}"
+            alone_next[b] = int(np.argmax(want))
+        batch_next = [int(t) for t in rows.argmax(axis=1)]
+        assert batch_next == alone_next, f"{name} {quant}: greedy tokens differ at step {step}"
+    for s_batch, s_alone in zip(batch_states, alone_states):
+        for k, arr in s_alone.arrays.items():
+            err = np.abs(s_batch.arrays[k] - arr).max()
+            assert err <= QUANTIZED_SERIAL_VS_SEQUENCE_TOL * max(1.0, np.abs(arr).max()), f"{name} {quant} {k}"
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_batch_of_33_identical_prompts_gives_identical_rows(quant, model_of):
+    """33 copies of one sequence: every row is the same as the single-token forward (B beyond 32)."""
+    model = model_of("v52_a", quant)
+    _, state = model.forward([1, 2, 3])
+    want, _ = model.forward([4], state)
+    states = [state.copy() for _ in range(33)]
+    rows = model.forward_batch([4] * 33, states)
+    np.testing.assert_array_equal(rows, np.broadcast_to(want, rows.shape))
+
+
+def test_forward_batch_refuses_bad_input(model_of):
+    model = model_of("v4_a", "fp32")
+    s = model.new_state()
+    with pytest.raises(ValueError, match="one token per state"):
+        model.forward_batch([1, 2], [s])
+    with pytest.raises(ValueError, match="same state"):
+        model.forward_batch([1, 2], [s, s])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.forward_batch([10 ** 6], [s])
