@@ -149,9 +149,16 @@ def _model_path(model, model_opt) -> Path:
     return Path(path)
 
 
+def _announce_compiles() -> None:
+    """One line on stderr when kernels are about to be compiled (first run), so the wait is explained."""
+    from .kernel_cache import announce_compiles
+    announce_compiles(lambda line: click.echo(line, err=True))
+
+
 def _load_model(path: Path):
     """rwkv_lite.load, with a missing file reported before anything else is tried."""
     import rwkv_lite
+    _announce_compiles()
     if not path.exists():
         looks_like_text = " " in str(path) or not path.suffix
         raise FormatError(f"{path}: no such model file" + (" (to give a prompt, use -p TEXT)" if looks_like_text
@@ -392,6 +399,7 @@ def convert(src, dst, quant, group, head, vocab, calibration, quiet):
       rwkv-lite convert tiny-rwkv-5v2-730K-FP32.bin tiny.safetensors --quant fp32
     """
     from .quantize.convert import convert as run_convert
+    _announce_compiles()
     if not src.exists():
         raise click.BadParameter(f"{src}: no such file or folder", param_hint="SRC")
     start = time.perf_counter()
@@ -888,6 +896,7 @@ def bench(model, model_opt, decode_tokens, prompt_lengths, no_probe, as_json, th
     if not path.exists():
         raise FormatError(f"{path}: no such model file")
     read_model_file(path).close()      # a bad file is reported now, not after the bandwidth probe
+    _announce_compiles()
     progress = None if as_json else (lambda msg: click.echo(f"(measuring {msg})", err=True))
     doc = benchmark.run(path, threads=threads, decode_tokens=decode_tokens, prompt_lengths=prompt_lengths,
                         probe=not no_probe, progress=progress)
