@@ -345,10 +345,9 @@ def _report_stats(stats) -> None:
 
 
 def _load_state_for(model, path: Path):
+    """A saved state or a state-tuned .pth, refused (one line) unless it fits `model`."""
     from .state import State
-    state = State.load(path)
-    state.check_compatible(model.config, path)
-    return state
+    return State.load(path, model)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -384,12 +383,16 @@ def main():
               help="Tokenizer to embed: World vocab .txt or tokenizer.json (default: found beside SRC).")
 @click.option("--calibration", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="A file from `rwkv-lite calibrate`: quantize the int4 matrices with GPTQ (better quality).")
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
-def convert(src, dst, quant, group, head, vocab, calibration, quiet):
+def convert(src, dst, quant, group, head, vocab, calibration, force, quiet):
     """Convert a checkpoint to one compact, memory-mappable rwkv-lite file.
 
-    SRC: a Hugging Face RWKV folder, a BlinkDL .pth or .safetensors, or an rwkv.cpp .bin file.
+    SRC: a Hugging Face RWKV folder, a BlinkDL .pth or .safetensors, an rwkv.cpp .bin file, or an rwkv-lite
+    fp32/fp16 file (to quantize it further). The tokenizer comes from --vocab, else a tokenizer file beside SRC,
+    else the one shipped with rwkv-lite for the model's vocabulary (World: 65536 ids; GPT-NeoX 20B: RWKV-4
+    Pile, 50277).
 
     \b
     Examples:
@@ -397,11 +400,15 @@ def convert(src, dst, quant, group, head, vocab, calibration, quiet):
       rwkv-lite convert ./v5-Eagle-7B-HF eagle-int4.safetensors --quant int4
       rwkv-lite convert ./v5-Eagle-7B-HF eagle-int4.safetensors --quant int4 --calibration eagle.calib.npz
       rwkv-lite convert tiny-rwkv-5v2-730K-FP32.bin tiny.safetensors --quant fp32
+      rwkv-lite convert eagle-fp16.safetensors eagle-int4.safetensors --quant int4
     """
-    from .quantize.convert import convert as run_convert
+    from .quantize.convert import convert as run_convert, refuse_overwriting_an_input
     _announce_compiles()
     if not src.exists():
         raise click.BadParameter(f"{src}: no such file or folder", param_hint="SRC")
+    refuse_overwriting_an_input(dst, [src, vocab, calibration])      # even with --force
+    if dst.exists() and not dst.is_dir() and not force:
+        raise RwkvLiteError(f"{dst}: already exists (add --force to replace it)")
     start = time.perf_counter()
     bar = None
 
@@ -422,6 +429,42 @@ def convert(src, dst, quant, group, head, vocab, calibration, quiet):
             bar.__exit__(None, None, None)
     size = dst.stat().st_size
     click.echo(f"wrote {dst} ({size / 1e6:.1f} MB, {quant}) in {time.perf_counter() - start:.1f} s", err=True)
+    from .inspect import describe
+    if describe(dst)["tokenizer"] == "none":
+        click.echo(f"note: {src} came without a tokenizer and rwkv-lite ships none for its vocabulary, so {dst} "
+                   "runs on token ids only (give one with --vocab FILE to read and write text)", err=True)
+
+
+@main.command("convert-state")
+@click.argument("src", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("dst", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("-m", "--model", "model_opt", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="The converted model the state was tuned for (its shape is checked).")
+@friendly_errors
+def convert_state(src, dst, model_opt):
+    """Convert a state-tuned initial state (.pth of blocks.N.att.time_state) to an rwkv-lite state file.
+
+    The result is checksummed and loads with --state on generate and chat (which also accept the .pth
+    itself). A state tuned for another model shape is refused.
+
+    \b
+    Example:
+      rwkv-lite convert-state rwkv7-g1-1.5b-state-poet.pth poet.state -m g1-1.5b-int8.safetensors
+      rwkv-lite chat g1-1.5b-int8.safetensors --state poet.state
+    """
+    from .quantize.state_file import is_torch_file
+    if not src.exists():
+        raise click.BadParameter(f"{src}: no such file", param_hint="SRC")
+    if not is_torch_file(src):
+        raise FormatError(f"{src}: not a .pth file (a state-tuned state is a torch .pth of "
+                          f"blocks.N.att.time_state tensors)")
+    model = _load_model(model_opt)
+    try:
+        state = _load_state_for(model, src)
+        state.save(dst)
+    finally:
+        model.close()
+    click.echo(f"wrote {dst} ({model.config['n_layer']} layers, {state.nbytes() / 1e6:.2f} MB)", err=True)
 
 
 # ------------------------------------------------------------------------------------------------- calibrate
@@ -954,7 +997,7 @@ def info(model, model_opt, tensors, as_json):
     click.echo("storage       " + ", ".join(f"{k}: {v:,}" for k, v in sorted(doc["parameters_by_scheme"].items())))
     click.echo(f"bits/weight   {doc['bits_per_weight']:.3f} overall, {doc['matrix_bits_per_weight']:.3f} "
                f"in matrices and embedding")
-    click.echo(f"tokenizer     {doc['tokenizer']}")
+    click.echo(f"tokenizer     {doc['tokenizer']}" + (f": {doc['tokenizer_file']}" if doc.get("tokenizer_file") else ""))
     prov = doc["provenance"]
     if prov:
         click.echo(f"converted     by {prov.get('converter')} on {prov.get('created')} from {prov.get('source_kind')}: "

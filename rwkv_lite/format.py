@@ -110,13 +110,20 @@ class AtomicFile:
         self.dst = Path(dst)
         clean_stale_temporaries(self.dst)
         self.tmp = _temp_path(self.dst)
-        self.file = open(self.tmp, "w+b")
+        try:
+            self.file = open(self.tmp, "w+b")
+        except OSError as e:            # name the file the user asked for, not our temporary
+            raise OSError(e.errno, e.strerror or str(e), str(self.dst)) from None
 
     def commit(self) -> None:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        os.replace(self.tmp, self.dst)
+        try:
+            os.replace(self.tmp, self.dst)
+        except OSError as e:
+            self.abort()
+            raise OSError(e.errno, e.strerror or str(e), str(self.dst)) from None
         try:                                   # make the rename itself durable
             dir_fd = os.open(self.dst.parent, os.O_RDONLY)
             try:

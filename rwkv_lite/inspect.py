@@ -54,8 +54,15 @@ def describe(path: str | os.PathLike) -> dict:
             "bits_per_weight": round(stored_bits / max(1, n_params), 4),
             "matrix_bits_per_weight": round(matrix_bits / max(1, matrix_params), 4),
             "tokenizer": tok.get("kind", "none"),
+            "tokenizer_file": _tokenizer_file(meta.get("provenance")),
             "provenance": meta.get("provenance", {}),
             "tensors": tensors,
         }
     finally:
         mf.close()
+
+
+def _tokenizer_file(provenance) -> str | None:
+    """Which tokenizer file the converter embedded, as recorded in the provenance (files are untrusted)."""
+    value = provenance.get("tokenizer") if isinstance(provenance, dict) else None
+    return value if isinstance(value, str) else None

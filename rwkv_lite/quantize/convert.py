@@ -9,9 +9,7 @@ The output appears under its final name only once complete (see format.AtomicFil
 from __future__ import annotations
 
 import datetime as _dt
-import importlib.util
 import os
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -52,11 +50,16 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "fp16",
     """Convert a checkpoint (HF folder, BlinkDL .pth/.safetensors, rwkv.cpp .bin) to an rwkv-lite file.
 
     quant: fp32 | fp16 | int8 | int4. vocab: tokenizer file to embed (World vocab .txt or tokenizer.json);
-    default: one found beside the source, else (vocab 65536) the World vocab of the `rwkv` package if installed,
-    else (vocab 256) the byte tokenizer. provenance: extra JSON-ready facts recorded in the file (e.g. how a model
-    was trained). calibration: a file from `rwkv-lite calibrate` (quantize/calibrate.py): int4 matrices it covers are
-    quantized with GPTQ (quantize/gptq.py) instead of rounding each weight on its own.
-    progress(done, total, tensor_name) is called after each tensor."""
+    default: one found beside the source, else the tokenizer shipped with rwkv-lite that fits the vocabulary
+    size (see builtin_tokenizer_for), else (vocab 256) the byte tokenizer, else none (the file then runs on
+    token ids only; its metadata says tokenizer kind "none"). provenance: extra JSON-ready facts
+    recorded in the file (e.g. how a model was trained). calibration: a file from `rwkv-lite calibrate`
+    (quantize/calibrate.py): int4 matrices it covers are quantized with GPTQ (quantize/gptq.py) instead of
+    rounding each weight on its own. progress(done, total, tensor_name) is called after each tensor.
+
+    An rwkv-lite fp32/fp16 file is also a valid source (re-quantization, quantize/requantize.py): its tokenizer
+    and provenance are carried over. The destination must not be a file the conversion reads."""
+    from .requantize import RwkvLiteSource, is_rwkv_lite_file
     src, dst = Path(src), Path(dst)
     schemes = storage_plan(quant, group, head)
     calib = None
@@ -69,7 +72,29 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "fp16",
         raise FormatError(f"{dst}: is a folder; give the output file name")
     if not dst.parent.exists():
         raise FormatError(f"{dst.parent}: output folder does not exist")
+    refuse_overwriting_an_input(dst, [src, vocab, calibration])
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+    if is_rwkv_lite_file(src):
+        with RwkvLiteSource(src) as source:
+            if vocab is not None:
+                tok = _checked_tokenizer(vocab, source.config["vocab_size"])
+                tok_kind, tok_bytes = tok.kind, tok.to_bytes()
+            else:
+                tok_kind, tok_bytes = source.tokenizer_kind, source.tokenizer_bytes
+            prov = {**source.provenance, "converter": f"rwkv-lite {__version__}", "created": created,
+                    "quant": quant, "requantized_from": {"file": src.name, "quant": source.quant}}
+            if vocab is not None:
+                prov["tokenizer"] = Path(vocab).name
+            prov.pop("calibration", None)
+            if calib is not None:
+                prov["calibration"] = {"file": Path(calibration).name, **calib.source}
+            return _write_model(dst, source.config, source.planned, tok_kind, tok_bytes, {**prov, **(provenance or {})},
+                                schemes, calib, progress)
+
     with open_checkpoint(src) as ckpt:
+        base = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
+        refuse_overwriting_an_input(dst, [base / name for name in ckpt.source_files] + [ckpt.tokenizer_file])
         refs = canonical_names(ckpt)
         try:
             version = detect_version(refs)
@@ -80,57 +105,85 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "fp16",
         except (KeyError, IndexError, ValueError) as e:
             raise FormatError(f"{src}: cannot infer the model configuration ({e.__class__.__name__}: {e})") from None
         _check_against_config_json(src, cfg, ckpt.config)
+        _config_json_eps(cfg, ckpt.config)
+        read = _ReadTracker(refs)
         try:
-            planned = arch.plan(refs, cfg, ckpt.kind)
+            planned = arch.plan(read, cfg, ckpt.kind)
         except FormatError as e:
             raise FormatError(f"{src}: {e}") from None
-        tokenizer = _choose_tokenizer(src, vocab, ckpt.tokenizer_file, cfg["vocab_size"])
-
-        if calib is not None:
-            _check_calibration(calib, planned)
-        tensors_meta, arrays, scheme_of = {}, [], {}
-        for t in planned:
-            if t.role == "vector":
-                scheme = get_scheme("fp32")
-                parts = {"": (np.dtype(np.float32), t.shape)}
-            else:
-                scheme = schemes["head"] if t.name == "head.weight" else schemes[t.role]
-                parts = scheme.parts(t.shape)
-            scheme_of[t.name] = (scheme, parts)
-            tensors_meta[t.name] = {"scheme": scheme.name, "params": scheme.params, "shape": list(t.shape),
-                                    "role": t.role}
-            arrays += [(t.name + suffix, dtype, shape) for suffix, (dtype, shape) in parts.items()]
-        tok_bytes = tokenizer.to_bytes() if tokenizer is not None else b""
-        arrays.append((TOKENIZER_ARRAY, np.uint8, (len(tok_bytes),)))
-        metadata = {
-            "kind": "model",
-            "config": cfg,
-            "tensors": tensors_meta,
-            "tokenizer": {"kind": tokenizer.kind if tokenizer is not None else "none"},
-            "provenance": {
-                "converter": f"rwkv-lite {__version__}",
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "source_kind": ckpt.kind,
-                "source_files": list(ckpt.source_files),
-                "quant": quant,
-                **({"calibration": {"file": Path(calibration).name, **calib.source}} if calib is not None else {}),
-                **(provenance or {}),
-            },
+        read.check_all_used(src)
+        tokenizer, tokenizer_name = _choose_tokenizer(src, vocab, ckpt.tokenizer_file, cfg["vocab_size"])
+        prov = {
+            "converter": f"rwkv-lite {__version__}",
+            "created": created,
+            "source_kind": ckpt.kind,
+            "source_files": list(ckpt.source_files),
+            "quant": quant,
+            **({"tokenizer": tokenizer_name} if tokenizer_name else {}),
+            **({"calibration": {"file": Path(calibration).name, **calib.source}} if calib is not None else {}),
+            **(provenance or {}),
         }
-        with ModelWriter(dst, metadata, arrays) as writer:
-            for done, t in enumerate(planned, 1):
-                scheme, parts = scheme_of[t.name]
-                hessian = (calib.hessian(t.name, t.shape[1])
-                           if calib is not None and scheme.name == "int4" and t.role == "matrix" else None)
-                if hessian is not None:
-                    _write_gptq_tensor(writer, t, scheme, hessian)
-                else:
-                    _write_tensor(writer, t, scheme, parts)
-                if progress is not None:
-                    progress(done, len(planned), t.name)
-            writer.append(TOKENIZER_ARRAY, np.frombuffer(tok_bytes, dtype=np.uint8))
-            writer.close()
+        return _write_model(dst, cfg, planned, tokenizer.kind if tokenizer is not None else "none",
+                            tokenizer.to_bytes() if tokenizer is not None else b"", prov, schemes, calib, progress)
+
+
+def _write_model(dst: Path, cfg: dict, planned, tokenizer_kind: str, tok_bytes: bytes, provenance: dict, schemes,
+                 calib, progress) -> Path:
+    """Choose each tensor's storage, then stream every tensor through its scheme into the file."""
+    if calib is not None:
+        _check_calibration(calib, planned)
+    tensors_meta, arrays, scheme_of = {}, [], {}
+    for t in planned:
+        if t.role == "vector":
+            scheme = get_scheme("fp32")
+            parts = {"": (np.dtype(np.float32), t.shape)}
+        else:
+            scheme = schemes["head"] if t.name == "head.weight" else schemes[t.role]
+            parts = scheme.parts(t.shape)
+        scheme_of[t.name] = (scheme, parts)
+        tensors_meta[t.name] = {"scheme": scheme.name, "params": scheme.params, "shape": list(t.shape),
+                                "role": t.role}
+        arrays += [(t.name + suffix, dtype, shape) for suffix, (dtype, shape) in parts.items()]
+    arrays.append((TOKENIZER_ARRAY, np.uint8, (len(tok_bytes),)))
+    metadata = {
+        "kind": "model",
+        "config": cfg,
+        "tensors": tensors_meta,
+        "tokenizer": {"kind": tokenizer_kind},
+        "provenance": provenance,
+    }
+    with ModelWriter(dst, metadata, arrays) as writer:
+        for done, t in enumerate(planned, 1):
+            scheme, parts = scheme_of[t.name]
+            hessian = (calib.hessian(t.name, t.shape[1])
+                       if calib is not None and scheme.name == "int4" and t.role == "matrix" else None)
+            if hessian is not None:
+                _write_gptq_tensor(writer, t, scheme, hessian)
+            else:
+                _write_tensor(writer, t, scheme, parts)
+            if progress is not None:
+                progress(done, len(planned), t.name)
+        writer.append(TOKENIZER_ARRAY, np.frombuffer(tok_bytes, dtype=np.uint8))
+        writer.close()
     return dst
+
+
+def refuse_overwriting_an_input(dst: Path, inputs) -> None:
+    """The destination is replaced at the end: it must not be the source (inputs[0], same inode) or any other file
+    the conversion reads (`convert X X` would otherwise swap the checkpoint for its own conversion)."""
+    if not dst.exists():
+        return
+    for index, path in enumerate(inputs):
+        if path is None:
+            continue
+        path = Path(path)
+        try:
+            same = path.exists() and os.path.samefile(path, dst)
+        except OSError:
+            same = False
+        if same:
+            what = "the source" if index == 0 else f"read by the conversion (as {path})"
+            raise FormatError(f"{dst}: the output file is {what}; give another output file name")
 
 
 def _write_tensor(writer: ModelWriter, t, scheme, parts) -> None:
@@ -174,6 +227,44 @@ def _check_calibration(calib, planned) -> None:
                 raise FormatError(f"{calib.path}: {key} has {arr.shape[1]} columns, the matrix has {widths[name]}")
 
 
+class _ReadTracker(dict):
+    """The canonical tensors, recording which ones the version's plan looks up.
+
+    A tensor the plan never reads would be dropped from the output without a word, and the model would run with
+    wrong logits (a DeepEmbed checkpoint did exactly that): every tensor must be read, or the conversion fails
+    naming it."""
+
+    def __init__(self, refs: dict):
+        super().__init__(refs)
+        self.used: set[str] = set()
+
+    def __getitem__(self, name):
+        self.used.add(name)
+        return super().__getitem__(name)
+
+    def get(self, name, default=None):
+        if name in self:
+            self.used.add(name)
+        return super().get(name, default)
+
+    def check_all_used(self, src) -> None:
+        unused = [name for name in self if name not in self.used]
+        if unused:
+            more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
+            raise FormatError(f"{src}: tensor {unused[0]!r}{more} is not part of the RWKV layout this converter "
+                              f"knows; refusing to drop it (the model would run with wrong results)")
+
+
+def _config_json_eps(cfg: dict, config_json: dict | None) -> None:
+    """An fla RWKV-7 folder states its GroupNorm epsilon as head_dim * norm_eps (64 * 1e-5 = 64e-5 in every
+    published one, BlinkDL's value); a model trained with other values runs with them."""
+    if not config_json or cfg.get("version") != "7" or config_json.get("model_type") != "rwkv7":
+        return
+    norm_eps = config_json.get("norm_eps")
+    if isinstance(norm_eps, (int, float)) and not isinstance(norm_eps, bool) and 0 < norm_eps < 1:
+        cfg["ln_x_eps"] = float(cfg["head_size"] * norm_eps)
+
+
 def _check_against_config_json(src: Path, cfg: dict, config_json: dict | None) -> None:
     """Shapes decide the config; a config.json beside the weights must agree with them."""
     if not config_json:
@@ -182,6 +273,10 @@ def _check_against_config_json(src: Path, cfg: dict, config_json: dict | None) -
         "hidden_size": cfg["n_embd"], "num_hidden_layers": cfg["n_layer"], "vocab_size": cfg["vocab_size"],
         "head_size": cfg.get("head_size"), "intermediate_size": cfg.get("ffn_size"),
         "attention_hidden_size": cfg["n_embd"],
+        # RWKV-7 fla folders
+        "head_dim": cfg.get("head_size") if cfg.get("version") == "7" else None,
+        "decay_low_rank_dim": cfg.get("d_w"), "a_low_rank_dim": cfg.get("d_a"),
+        "v_low_rank_dim": cfg.get("d_v") or None, "gate_low_rank_dim": cfg.get("d_g"),
     }
     for key, inferred in checks.items():
         stated = config_json.get(key)
@@ -191,25 +286,48 @@ def _check_against_config_json(src: Path, cfg: dict, config_json: dict | None) -
             raise FormatError(f"{src}: config.json says {key}={stated} but the weights have {inferred}")
 
 
-def _choose_tokenizer(src: Path, vocab, found_beside, vocab_size: int):
-    from ..tokenizer import ByteTokenizer, tokenizer_from_file
-    if vocab is not None:
-        tok = tokenizer_from_file(vocab)
-    elif found_beside is not None:
-        tok = tokenizer_from_file(found_beside)
-    elif vocab_size == 256:
-        return ByteTokenizer()
+# Tokenizers shipped in rwkv_lite/data, used when a checkpoint comes without one (docs/versions.md):
+#   the RWKV World vocabulary (Apache-2.0, from the reference `rwkv` package): every World model, v4 World to
+#   v7 G1, has a 65536-row embedding;
+#   the GPT-NeoX 20B tokenizer.json (Apache-2.0, EleutherAI): RWKV-4 Pile and Raven models, 50277 ids, stored
+#   in embeddings of 50277 rows or padded up to a multiple of 64 or 128 (50304, 50432).
+WORLD_VOCAB_FILE = "rwkv_vocab_v20230424.txt"
+NEOX_20B_FILE = "20B_tokenizer.json"
+_NEOX_20B_IDS = 50277
+
+
+def builtin_tokenizer_for(vocab_size: int) -> Path | None:
+    """The shipped tokenizer file that fits an embedding of `vocab_size` rows, or None."""
+    data = Path(__file__).resolve().parent.parent / "data"
+    if vocab_size == 65536:
+        name = WORLD_VOCAB_FILE
+    elif _NEOX_20B_IDS <= vocab_size <= 50432:
+        name = NEOX_20B_FILE
     else:
-        tok = None
-        spec = importlib.util.find_spec("rwkv")
-        if vocab_size == 65536 and spec is not None and spec.origin:
-            candidate = Path(spec.origin).parent / "rwkv_vocab_v20230424.txt"
-            if candidate.exists():
-                tok = tokenizer_from_file(candidate)
-        if tok is None:
-            warnings.warn(f"{src}: no tokenizer found (pass --vocab); the model will run on token ids only",
-                          stacklevel=3)
-            return None
+        return None
+    path = data / name
+    return path if path.is_file() else None
+
+
+def _checked_tokenizer(path, vocab_size: int):
+    from ..tokenizer import tokenizer_from_file
+    tok = tokenizer_from_file(path)
     if tok.vocab_size > vocab_size:
-        raise FormatError(f"tokenizer has {tok.vocab_size} ids but the model's vocabulary is {vocab_size}")
+        raise FormatError(f"{path}: tokenizer has {tok.vocab_size} ids but the model's vocabulary is {vocab_size}")
     return tok
+
+
+def _choose_tokenizer(src: Path, vocab, found_beside, vocab_size: int):
+    """(tokenizer or None, the name recorded in the provenance): --vocab, else a tokenizer file beside the
+    source, else the shipped one for this vocabulary size, else bytes (vocab 256), else none."""
+    from ..tokenizer import ByteTokenizer
+    if vocab is not None:
+        return _checked_tokenizer(vocab, vocab_size), Path(vocab).name
+    if found_beside is not None:
+        return _checked_tokenizer(found_beside, vocab_size), Path(found_beside).name
+    if vocab_size == 256:
+        return ByteTokenizer(), "bytes"
+    builtin = builtin_tokenizer_for(vocab_size)
+    if builtin is None:
+        return None, None           # the file runs on token ids; `rwkv-lite convert` says so in one line
+    return _checked_tokenizer(builtin, vocab_size), f"{builtin.name}, shipped with rwkv-lite"
