@@ -386,7 +386,7 @@ class ChatSession:
         """Continue from a state saved by save_state() (same model). `history` restarts empty."""
         from rwkv_lite import State
         self._close_active()
-        self._state = State.load(path)
+        self._state = State.load(path, self.model)
         self._pending = []
         self._history = []
 

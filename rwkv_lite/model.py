@@ -208,7 +208,7 @@ def _embedded_tokenizer(model_file: ModelFile):
 # the forward pass uses is checked against the tensors once, here.
 
 _REQUIRED_DIMS = ("n_layer", "n_embd", "vocab_size")
-_OPTIONAL_DIMS = ("n_head", "head_size", "ffn_size", "d_mix", "d_decay", "d_w", "d_a", "d_v", "d_g")
+_OPTIONAL_DIMS = ("n_head", "head_size", "ffn_size", "d_mix", "d_decay", "d_w", "d_a", "d_v", "d_g", "d_de")
 
 
 def _expected_shapes(cfg: dict) -> tuple[dict, dict]:
@@ -229,6 +229,9 @@ def _expected_shapes(cfg: dict) -> tuple[dict, dict]:
         D = cfg.get(f"d_{lora}")
         if D is not None:
             block.update({f"att.{lora}1": (C, D), f"att.{lora}2": (D, C)})
+    D = cfg.get("d_de")                                    # RWKV-7 DeepEmbed
+    if D is not None:
+        block.update({"ffn.s_emb.weight": (V, D * D), "ffn.s1": (C, D), "ffn.s2": (D, F), "ffn.s0": (F,)})
     return top, {name: shape for name, shape in block.items() if None not in shape}
 
 

@@ -25,7 +25,9 @@ import numpy as np
 
 from ..errors import FormatError
 from ..kernels.wkv5 import wkv6
-from .common import output_logits, Planner, group_norm, layer_count, layer_norm, linear, shifted, sigmoid, silu
+from ..kernels import pointwise
+from .common import (output_logits, Planner, group_norm, layer_count, layer_norm, linear, linear_many, lora_down,
+                     lora_up, relu_square, sigmoid, silu)
 
 VERSIONS = ("6",)
 LN_X_EPS = 64e-5     # reference, training code and rwkv.cpp agree for v6
@@ -144,6 +146,11 @@ class Layer:
         self.ffn_maa_k, self.ffn_maa_r = v(p + "ffn.time_maa_k"), v(p + "ffn.time_maa_r")
         self.F_k, self.F_v = m(p + "ffn.key.weight"), m(p + "ffn.value.weight")
         self.F_r = m(p + "ffn.receptance.weight")
+        # for the compiled row kernels: mixes stacked, the token-shift LoRA's up factors one per mix
+        self.maa_stack = np.stack(self.maa)
+        self.maa_x_stack = self.maa_x.reshape(1, -1)
+        self.maa_up = tuple(self.maa_w2[f] for f in range(5))
+        self.ffn_mixes = np.stack([self.ffn_maa_k, self.ffn_maa_r])
 
 
 class Weights:
@@ -156,19 +163,21 @@ class Weights:
 
 
 def time_mix(L: Layer, a, state, l, cfg):
-    """RWKV-6 attention replacement of layer l over T tokens; updates the layer's shift and WKV state."""
-    T = a.shape[0]
-    p = shifted(a, state["att_x"][l])
-    d = p - a
+    """RWKV-6 attention replacement of layer l over T tokens; updates the layer's shift and WKV state.
+    One token runs without BLAS (fused projections, LoRAs in Numba's pool; see kernels/lowrank.py)."""
+    previous = state["att_x"][l]
     # data-dependent token shift: a LoRA of the mixed input gives each of w, k, v, r, g its own extra mix
-    z = np.tanh((a + d * L.maa_x) @ L.maa_w1).reshape(T, 5, -1)
-    extra = np.matmul(z.transpose(1, 0, 2), L.maa_w2)                 # (5, T, C)
-    xw, xk, xv, xr, xg = (a + d * (L.maa[f] + extra[f]) for f in range(5))
-    r, k, v = linear(L.W_r, xr), linear(L.W_k, xk), linear(L.W_v, xv)
-    g = silu(linear(L.W_g, xg))
+    (z,) = lora_down((pointwise.shift_mixes(a, previous, L.maa_x_stack)[0],), (L.maa_w1,))
+    D = L.maa_w1.shape[1] // 5
+    z = np.tanh(z)
+    extra = np.stack(lora_up([z[:, f * D:(f + 1) * D] for f in range(5)], L.maa_up))     # (5, T, C)
+    xw, xk, xv, xr, xg = pointwise.rwkv6_mixes(a, previous, L.maa_stack, extra)
+    r, k, v, g = linear_many((L.W_r, L.W_k, L.W_v, L.W_g), (xr, xk, xv, xg))
+    g = silu(g)
     # data-dependent decay, one per token and channel
-    delta = L.time_decay + np.tanh(xw @ L.decay_w1) @ L.decay_w2
-    w = np.exp(-np.exp(delta))
+    (h,) = lora_down((xw,), (L.decay_w1,))
+    (u,) = lora_up((np.tanh(h),), (L.decay_w2,))
+    w = pointwise.rwkv6_decay(L.time_decay, u)
     o = np.empty_like(r)
     wkv6(r, k, v, w, L.bonus, state["wkv"][l], o)
     y = group_norm(o, cfg["n_head"], L.ln_x_w, L.ln_x_b, cfg["ln_x_eps"]) * g
@@ -178,12 +187,10 @@ def time_mix(L: Layer, a, state, l, cfg):
 
 def channel_mix(L: Layer, b, state, l):
     """Feed-forward of layer l over T tokens (v6 mix form b + d * maa); updates the layer's shift state."""
-    d = shifted(b, state["ffn_x"][l]) - b
-    xk = b + d * L.ffn_maa_k
-    xr = b + d * L.ffn_maa_r
-    hidden = np.square(np.maximum(linear(L.F_k, xk), 0))
+    xk, xr = pointwise.shift_mixes(b, state["ffn_x"][l], L.ffn_mixes)
+    k, r = linear_many((L.F_k, L.F_r), (xk, xr))
     state["ffn_x"][l] = b[-1]
-    return sigmoid(linear(L.F_r, xr)) * linear(L.F_v, hidden)
+    return sigmoid(r) * linear(L.F_v, relu_square(k))
 
 
 def forward(W: Weights, tokens: np.ndarray, state: dict, all_logits: bool, check=None) -> np.ndarray:

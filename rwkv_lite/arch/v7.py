@@ -29,7 +29,9 @@ import numpy as np
 
 from ..errors import FormatError
 from ..kernels.wkv7 import wkv7
-from .common import output_logits, Planner, group_norm, layer_count, layer_norm, linear, shifted, sigmoid
+from ..kernels import pointwise
+from .common import (output_logits, Planner, group_norm, layer_count, layer_norm, linear, linear_many, lora_down,
+                     lora_up, relu_square, sigmoid)
 
 VERSIONS = ("7",)
 LN_X_EPS = 64e-5                       # reference, training code and rwkv.cpp agree for v7
@@ -153,6 +155,12 @@ class Layer:
         self.W_o = m(p + "att.output.weight")
         self.ffn_x_k = v(p + "ffn.x_k")
         self.F_k, self.F_v = m(p + "ffn.key.weight"), m(p + "ffn.value.weight")
+        # for the compiled row kernels: the six token-shift mixes stacked, the LoRA factors in pipeline order
+        self.mixes = np.stack([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g])
+        self.ffn_mixes = self.ffn_x_k.reshape(1, -1)
+        loras = "wavg" if self.has_value_residual else "wag"
+        self.lora_down = tuple(getattr(self, f + "1") for f in loras)
+        self.lora_up = tuple(getattr(self, f + "2") for f in loras)
 
 
 class Weights:
@@ -175,34 +183,33 @@ def per_head_normalise(x, H: int):
 def time_mix(L: Layer, a, state, l, cfg, v_first):
     """RWKV-7 attention replacement of layer l over T tokens; updates the layer's shift and WKV state.
 
-    Returns (delta x, v_first): layer 0 sets v_first (its value per token), later layers read it."""
-    T, C = a.shape
+    Returns (delta x, v_first): layer 0 sets v_first (its value per token), later layers read it.
+    One token runs without BLAS (fused projections, LoRAs in Numba's pool; see kernels/lowrank.py)."""
     H = cfg["n_head"]
-    d = shifted(a, state["att_x"][l]) - a
-    xr, xw, xk, xv, xa, xg = (a + d * mu for mu in (L.x_r, L.x_w, L.x_k, L.x_v, L.x_a, L.x_g))
-    r, k, v = linear(L.W_r, xr), linear(L.W_k, xk), linear(L.W_v, xv)
-    w = np.exp(DECAY_SCALE * sigmoid(L.w0 + np.tanh(xw @ L.w1) @ L.w2))
-    alpha = sigmoid(L.a0 + (xa @ L.a1) @ L.a2)
-    gate = sigmoid(xg @ L.g1) @ L.g2
-    kappa = per_head_normalise(k * L.k_k, H)
-    k = k * (1 + (alpha - 1) * L.k_a)
+    xr, xw, xk, xv, xa, xg = pointwise.shift_mixes(a, state["att_x"][l], L.mixes)
+    r, k, v = linear_many((L.W_r, L.W_k, L.W_v), (xr, xk, xv))
     if L.has_value_residual:
-        v = v + (v_first - v) * sigmoid(L.v0 + (xv @ L.v1) @ L.v2)
+        h_w, h_a, h_v, h_g = lora_down((xw, xa, xv, xg), L.lora_down)
+        u_w, u_a, u_v, gate = lora_up((np.tanh(h_w), h_a, h_v, sigmoid(h_g)), L.lora_up)
+        v0 = L.v0
     else:
-        v_first = v
+        h_w, h_a, h_g = lora_down((xw, xa, xg), L.lora_down)
+        u_w, u_a, gate = lora_up((np.tanh(h_w), h_a, sigmoid(h_g)), L.lora_up)
+        u_v, v0, v_first = v, L.a0, v                      # layer 0's value is the value residual of later ones
+    w, k, v, neg_kappa, kappa_alpha = pointwise.rwkv7_wkv_inputs(
+        k, v, v_first, u_w, u_a, u_v, L.w0, L.a0, v0, L.k_k, L.k_a, H, L.has_value_residual, DECAY_SCALE,
+        NORM_FLOOR)
     o = np.empty_like(r)
-    wkv7(r, w, k, v, -kappa, kappa * alpha, state["wkv"][l], o)
-    y = group_norm(o, H, L.ln_x_w, L.ln_x_b, cfg["ln_x_eps"])
-    bonus = np.sum((r * k * L.r_k).reshape(T, H, -1), axis=-1, keepdims=True) * v.reshape(T, H, -1)
-    y = y + bonus.reshape(T, C)
+    wkv7(r, w, k, v, neg_kappa, kappa_alpha, state["wkv"][l], o)
+    y = pointwise.rwkv7_output(o, r, k, v, L.r_k, gate, L.ln_x_w, L.ln_x_b, H, float(cfg["ln_x_eps"]))
     state["att_x"][l] = a[-1]
-    return linear(L.W_o, y * gate), v_first
+    return linear(L.W_o, y), v_first
 
 
 def channel_mix(L: Layer, b, state, l):
     """Feed-forward of layer l over T tokens; updates the layer's shift state."""
-    xk = b + (shifted(b, state["ffn_x"][l]) - b) * L.ffn_x_k
-    hidden = np.square(np.maximum(linear(L.F_k, xk), 0))
+    xk = pointwise.shift_mixes(b, state["ffn_x"][l], L.ffn_mixes)[0]
+    hidden = relu_square(linear(L.F_k, xk))
     state["ffn_x"][l] = b[-1]
     return linear(L.F_v, hidden)
 

@@ -3,7 +3,7 @@
 A ``Matrix`` wraps the stored arrays of one 2-D weight (views of the mapped model file; never copied) and picks
 the kernel for its storage scheme (layouts: ``rwkv_lite.quantize.schemes`` and ``kernels/qmatmul.py``):
 
-  x float32 (C,)   -> (R,)    decode: a Numba GEMV that dequantises in registers (numpy/BLAS for fp32)
+  x float32 (C,)   -> (R,)    decode: a Numba GEMV that dequantises in registers (never BLAS)
   X float32 (T, C) -> (T, R)  sequence: rows are dequantised a tile at a time into a reused float32 buffer and
                               multiplied by BLAS (numpy matmul), so prompts run at GEMM speed
   rows(ids)        -> (len(ids), C) float32: dequantised rows (embedding lookup)
@@ -113,7 +113,8 @@ class Fp32Matrix(Matrix):
         self.w = w
 
     def _gemv(self, x):
-        return self.w @ x
+        # a Numba kernel, not BLAS: decode keeps one owner of the cores (kernels/threads.py)
+        return (qmatmul.gemv_f32 if self.parallel else qmatmul.gemv_f32_serial)(self.w, x)
 
     def _gemm(self, X):
         return X @ self.w.T

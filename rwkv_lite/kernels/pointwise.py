@@ -115,3 +115,108 @@ def shifted(x, previous_row):
     for t in range(1, T):
         out[t, :] = x[t - 1, :]
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RWKV-6 / RWKV-7 row kernels (same conventions: (T, C) float32 rows in, new arrays out)
+
+@njit(cache=True)
+def shift_mixes(a, previous_row, mus):
+    """out[f, t] = a[t] + (p[t] - a[t]) * mus[f] for every mix f, p = a shifted by one token (row 0: the state's
+    previous row): RWKV-6/7's token shift `a + d * mu`, all mixes of a layer in one pass -> (n, T, C)."""
+    T, C = a.shape
+    n = mus.shape[0]
+    out = np.empty((n, T, C), np.float32)
+    for t in range(T):
+        for c in range(C):
+            p = previous_row[c] if t == 0 else a[t - 1, c]
+            d = p - a[t, c]
+            for f in range(n):
+                out[f, t, c] = a[t, c] + d * mus[f, c]
+    return out
+
+
+@njit(cache=True)
+def rwkv6_mixes(a, previous_row, maa, extra):
+    """RWKV-6's data-dependent token shift: out[f, t] = a[t] + d[t] * (maa[f] + extra[f, t]), d = p - a."""
+    T, C = a.shape
+    n = maa.shape[0]
+    out = np.empty((n, T, C), np.float32)
+    for t in range(T):
+        for c in range(C):
+            p = previous_row[c] if t == 0 else a[t - 1, c]
+            d = p - a[t, c]
+            for f in range(n):
+                out[f, t, c] = a[t, c] + d * (maa[f, c] + extra[f, t, c])
+    return out
+
+
+@njit(cache=True)
+def rwkv6_decay(time_decay, u):
+    """w = exp(-exp(time_decay + u)): RWKV-6's per-token decay from the decay LoRA's output u (T, C)."""
+    T, C = u.shape
+    out = np.empty((T, C), np.float32)
+    for t in range(T):
+        for c in range(C):
+            out[t, c] = np.exp(-np.exp(time_decay[c] + u[t, c]))
+    return out
+
+
+@njit(cache=True)
+def rwkv7_wkv_inputs(k, v, v_first, u_w, u_a, u_v, w0, a0, v0, k_k, k_a, n_head, value_residual, decay_scale,
+                     norm_floor):
+    """The RWKV-7 quantities around the WKV step, from the projections k, v (T, C) and the LoRA outputs u_*:
+        w      = exp(decay_scale * sigmoid(w0 + u_w))
+        alpha  = sigmoid(a0 + u_a)
+        kappa  = per head: (k * k_k) / max(|k * k_k|, norm_floor)
+        k~     = k * (1 + (alpha - 1) * k_a)
+        v~     = v + (v_first - v) * sigmoid(v0 + u_v)      (value_residual; else v)
+    Returns (w, k~, v~, -kappa, kappa * alpha), the arguments of kernels/wkv7.wkv7 after r."""
+    T, C = k.shape
+    N = C // n_head
+    one = np.float32(1.0)
+    w = np.empty((T, C), np.float32)
+    kt = np.empty((T, C), np.float32)
+    vt = np.empty((T, C), np.float32)
+    neg = np.empty((T, C), np.float32)
+    b = np.empty((T, C), np.float32)
+    kk = np.empty(N, np.float32)
+    for t in range(T):
+        for h in range(n_head):
+            c0 = h * N
+            sq = 0.0
+            for j in range(N):
+                x = k[t, c0 + j] * k_k[c0 + j]
+                kk[j] = x
+                sq += np.float64(x) * x
+            norm = max(np.float32(np.sqrt(sq)), norm_floor)
+            for j in range(N):
+                c = c0 + j
+                w[t, c] = np.exp(decay_scale * (one / (one + np.exp(-(w0[c] + u_w[t, c])))))
+                alpha = one / (one + np.exp(-(a0[c] + u_a[t, c])))
+                kappa = kk[j] / norm
+                neg[t, c] = -kappa
+                b[t, c] = kappa * alpha
+                kt[t, c] = k[t, c] * (one + (alpha - one) * k_a[c])
+                if value_residual:
+                    vt[t, c] = v[t, c] + (v_first[t, c] - v[t, c]) * (one / (one + np.exp(-(v0[c] + u_v[t, c]))))
+                else:
+                    vt[t, c] = v[t, c]
+    return w, kt, vt, neg, b
+
+
+@njit(cache=True)
+def rwkv7_output(o, r, k, v, r_k, gate, weight, bias, n_head, eps):
+    """(GroupNorm_H(o) * weight + bias + (sum over the head of r * k * r_k) * v) * gate, per row (RWKV-7)."""
+    T, C = o.shape
+    N = C // n_head
+    out = group_norm(o, n_head, weight, bias, eps)
+    for t in range(T):
+        for h in range(n_head):
+            c0 = h * N
+            s = np.float32(0.0)
+            for j in range(c0, c0 + N):
+                s += r[t, j] * k[t, j] * r_k[j]
+            for j in range(c0, c0 + N):
+                out[t, j] = (out[t, j] + s * v[t, j]) * gate[t, j]
+    return out

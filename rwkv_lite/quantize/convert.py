@@ -105,7 +105,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "fp16",
         except (KeyError, IndexError, ValueError) as e:
             raise FormatError(f"{src}: cannot infer the model configuration ({e.__class__.__name__}: {e})") from None
         _check_against_config_json(src, cfg, ckpt.config)
-        _config_json_eps(cfg, ckpt.config)
+        _check_fla_norm_eps(src, cfg, ckpt.config)
         read = _ReadTracker(refs)
         try:
             planned = arch.plan(read, cfg, ckpt.kind)
@@ -255,14 +255,17 @@ class _ReadTracker(dict):
                               f"knows; refusing to drop it (the model would run with wrong results)")
 
 
-def _config_json_eps(cfg: dict, config_json: dict | None) -> None:
-    """An fla RWKV-7 folder states its GroupNorm epsilon as head_dim * norm_eps (64 * 1e-5 = 64e-5 in every
-    published one, BlinkDL's value); a model trained with other values runs with them."""
+def _check_fla_norm_eps(src: Path, cfg: dict, config_json: dict | None) -> None:
+    """An fla RWKV-7 folder's norm_eps is its LayerNorms' epsilon, and head_dim * norm_eps its g_norm's (ln_x).
+    Every published one has norm_eps 1e-5 and head_dim 64, i.e. BlinkDL's 1e-5 and 64e-5, which we run with
+    (a converted BlinkDL model with another head size keeps the 64e-5 it was trained with). Other values would
+    need LayerNorms this engine does not have: refused, not silently run with other numbers."""
     if not config_json or cfg.get("version") != "7" or config_json.get("model_type") != "rwkv7":
         return
-    norm_eps = config_json.get("norm_eps")
-    if isinstance(norm_eps, (int, float)) and not isinstance(norm_eps, bool) and 0 < norm_eps < 1:
-        cfg["ln_x_eps"] = float(cfg["head_size"] * norm_eps)
+    norm_eps = config_json.get("norm_eps", 1e-5)
+    if not isinstance(norm_eps, (int, float)) or isinstance(norm_eps, bool) or abs(norm_eps - 1e-5) > 1e-12:
+        raise FormatError(f"{src}: config.json says norm_eps={norm_eps!r}; RWKV-7 runs with 1e-5 (LayerNorm) and 64e-5 "
+                          f"(ln_x), the values every published RWKV-7 model was trained with")
 
 
 def _check_against_config_json(src: Path, cfg: dict, config_json: dict | None) -> None:

@@ -1,0 +1,168 @@
+"""Low-rank (LoRA-style) products of RWKV-6/7 for one token: h = x . A (down) and y = h . B (up), float32.
+
+RWKV-6 and RWKV-7 compute their data-dependent decay, token shift, in-context learning rate, value residual and
+gate through small float32 factors stored (in, out): A (C, D), B (D, C) with D = 32..480. Written as numpy `@`
+they go to BLAS, whose thread pool then fights Numba's for the cores on every token (measured on 2 cores, RWKV-7
+1.5B: 600 ms/token with the fight, ~110 ms without; see kernels/threads.py for why the pools collide). So the
+decode step computes them here, inside Numba's pool, several factors per parallel launch:
+
+  down  x_m (C,) . A_m (C, D_m) for m = 0..n-1 -> the D_m-vectors, concatenated
+        work split by row ranges of A (contiguous memory); each task writes a partial sum, added up at the end
+  up    h_m (D_m,) . B_m (D_m, C) for m = 0..n-1 -> (n, C)
+        work split by column ranges of B
+
+Sums are float32 with reassociation (as numpy/BLAS), so results equal x @ A to float32 rounding.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+FASTMATH = {"reassoc", "contract"}
+DOWN_ROWS = 256          # rows of A per task of the down product (256 x 96 x 4 B = 96 KiB: stays in L2)
+UP_COLS = 512            # columns of B per task of the up product (2 KiB of each row)
+PARALLEL_MIN_WEIGHTS = 1 << 16   # fewer weights in all: one thread (a pool wake-up costs more than the work)
+
+
+@njit(cache=True)
+def _down_tasks(rows):
+    """(matrix, first row, end row) of every task over the stacked factors."""
+    total = 0
+    for m in range(len(rows)):
+        total += (rows[m] + DOWN_ROWS - 1) // DOWN_ROWS
+    table = np.empty((total, 3), np.int64)
+    b = 0
+    for m in range(len(rows)):
+        for r0 in range(0, rows[m], DOWN_ROWS):
+            table[b, 0], table[b, 1], table[b, 2] = m, r0, min(rows[m], r0 + DOWN_ROWS)
+            b += 1
+    return table
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _down_part(x, A, r0, r1, out):
+    """out (D,) = x[r0:r1] . A[r0:r1] (axpy over rows: the inner loop runs along a contiguous row of A)."""
+    D = A.shape[1]
+    acc = np.zeros(D, np.float32)
+    for r in range(r0, r1):
+        xr = x[r]
+        row = A[r]
+        for j in range(D):
+            acc[j] += xr * row[j]
+    out[:D] = acc
+
+
+@njit(cache=True)
+def _down_layout(As, widths):
+    n = len(As)
+    rows = np.empty(n, np.int64)
+    offsets = np.zeros(n + 1, np.int64)
+    width = 0
+    for m in range(n):
+        rows[m] = As[m].shape[0]
+        offsets[m + 1] = offsets[m] + widths[m]
+        width = max(width, widths[m])
+    table = _down_tasks(rows)
+    return table, offsets, np.empty((table.shape[0], width), np.float32)
+
+
+@njit(cache=True)
+def _down_sum(table, offsets, widths, partial):
+    """Add the tasks' partial sums (the tasks of one matrix are consecutive and added in order)."""
+    h = np.zeros(offsets[-1], np.float32)
+    for b in range(table.shape[0]):
+        m = table[b, 0]
+        o = offsets[m]
+        for j in range(widths[m]):
+            h[o + j] += partial[b, j]
+    return h
+
+
+@njit(cache=True, parallel=True)
+def _down_parallel(X, As, widths):
+    table, offsets, partial = _down_layout(As, widths)
+    for b in prange(table.shape[0]):
+        m = table[b, 0]
+        _down_part(X[m], As[m], table[b, 1], table[b, 2], partial[b])
+    return _down_sum(table, offsets, widths, partial)
+
+
+@njit(cache=True)
+def _down_serial(X, As, widths):
+    table, offsets, partial = _down_layout(As, widths)
+    for b in range(table.shape[0]):
+        m = table[b, 0]
+        _down_part(X[m], As[m], table[b, 1], table[b, 2], partial[b])
+    return _down_sum(table, offsets, widths, partial)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _up_part(H, o, B, c0, c1, Y, m):
+    """Y[m, c0:c1] = H[o:o+D] . B[:, c0:c1], accumulated in a local buffer (no aliasing for the vectoriser)."""
+    acc = np.zeros(c1 - c0, np.float32)
+    for i in range(B.shape[0]):
+        hi = H[o + i]
+        row = B[i, c0:c1]
+        for c in range(c1 - c0):
+            acc[c] += hi * row[c]
+    Y[m, c0:c1] = acc
+
+
+@njit(cache=True, parallel=True)
+def _up_parallel(H, offsets, Bs):
+    n = len(Bs)
+    C = Bs[0].shape[1]
+    per = (C + UP_COLS - 1) // UP_COLS
+    Y = np.empty((n, C), np.float32)
+    for b in prange(n * per):
+        m, k = b // per, b % per
+        _up_part(H, offsets[m], Bs[m], k * UP_COLS, min(C, (k + 1) * UP_COLS), Y, m)
+    return Y
+
+
+@njit(cache=True)
+def _up_serial(H, offsets, Bs):
+    n = len(Bs)
+    C = Bs[0].shape[1]
+    per = (C + UP_COLS - 1) // UP_COLS
+    Y = np.empty((n, C), np.float32)
+    for b in range(n * per):
+        m, k = b // per, b % per
+        _up_part(H, offsets[m], Bs[m], k * UP_COLS, min(C, (k + 1) * UP_COLS), Y, m)
+    return Y
+
+
+def _contiguous(mats):
+    return tuple(np.ascontiguousarray(m, dtype=np.float32) for m in mats)
+
+
+def down_many(xs, As) -> list[np.ndarray]:
+    """[x @ A for x, A in zip(xs, As)] for one token: x float32 (C_m,), A float32 (C_m, D_m) -> list of (D_m,)."""
+    As = _contiguous(As)
+    C = max(A.shape[0] for A in As)
+    X = np.zeros((len(As), C), np.float32)
+    for m, (x, A) in enumerate(zip(xs, As)):
+        x = np.asarray(x, np.float32).reshape(-1)
+        if x.shape[0] != A.shape[0]:
+            raise ValueError(f"low-rank factor {A.shape} cannot multiply an input of shape {x.shape}")
+        X[m, :x.shape[0]] = x
+    widths = np.array([A.shape[1] for A in As], np.int64)
+    work = sum(A.size for A in As)
+    h = (_down_parallel if work >= PARALLEL_MIN_WEIGHTS else _down_serial)(X, As, widths)
+    return np.split(h, np.cumsum(widths)[:-1])
+
+
+def up_many(hs, Bs) -> np.ndarray:
+    """np.stack([h @ B for h, B in zip(hs, Bs)]) for one token: h (D_m,), B float32 (D_m, C) -> (n, C)."""
+    Bs = _contiguous(Bs)
+    C = Bs[0].shape[1]
+    widths = []
+    for h, B in zip(hs, Bs):
+        if B.shape[1] != C or np.shape(h) != (B.shape[0],):
+            raise ValueError(f"low-rank factor {B.shape} cannot multiply an input of shape {np.shape(h)}")
+        widths.append(B.shape[0])
+    offsets = np.zeros(len(Bs) + 1, np.int64)
+    offsets[1:] = np.cumsum(widths)
+    H = np.concatenate([np.asarray(h, np.float32) for h in hs]) if len(hs) > 1 else np.asarray(hs[0], np.float32)
+    work = sum(B.size for B in Bs)
+    return (_up_parallel if work >= PARALLEL_MIN_WEIGHTS else _up_serial)(H, offsets, Bs)

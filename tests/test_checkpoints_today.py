@@ -1,0 +1,273 @@
+"""Checkpoints as people download them today: RWKV-7 in the Hugging Face "fla" layout, RWKV-7 DeepEmbed, state-tuned
+initial states, LoRA adapters merged at conversion; and the converter refusing any tensor it does not understand.
+
+Every model here is random and small, written by the test in the exact published layout. Parity is against the
+reference `rwkv` package: the committed fixture logits (tests/fixtures/reference, no torch needed) where the
+weights are a committed spec's, and the live reference (tests/reference_oracle.py, skipped without torch) where the
+layout changes what the reference must run (DeepEmbed, an initial state, merged weights).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import checkpoint_writers as cw
+import reference_models as rm
+import rwkv_lite
+from rwkv_lite.errors import FormatError
+from test_reference_parity import assert_logits_match, load_fixture, regenerate_weights, run_serial
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def convert(src, dst, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                    # "no tokenizer found": these models run on ids
+        rwkv_lite.convert(src, dst, quant=kwargs.pop("quant", "fp32"), **kwargs)
+    return rwkv_lite.load(dst)
+
+
+def check_both_modes(model, tokens, ref, what, state=None):
+    got_serial, _ = run_serial_from(model, tokens, state)
+    assert_logits_match(got_serial, ref["logits_serial"], f"{what} serial")
+    got_seq, _ = model.forward([int(t) for t in tokens], state, all_logits=True)
+    assert_logits_match(got_seq, ref["logits_seq"], f"{what} sequence")
+
+
+def run_serial_from(model, tokens, state=None):
+    if state is None:
+        return run_serial(model, tokens)
+    rows = []
+    for tok in tokens:
+        logits, state = model.forward([int(tok)], state)
+        rows.append(np.array(logits, dtype=np.float32))
+    return np.stack(rows), state
+
+
+def live_reference(*args, **kwargs):
+    pytest.importorskip("torch")
+    pytest.importorskip("rwkv")
+    from reference_oracle import run_reference
+    return run_reference(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RWKV-7 in the fla layout (fla-hub RWKV7ForCausalLM folders, rwkv7-hf)
+
+def to_fla(sd: dict, stacked_mixes: bool = False) -> dict:
+    """BlinkDL RWKV-7 tensors under fla's names and orientations (LoRAs as nn.Linear: weight transposed, *0 as
+    the bias of lora.2; layer 0 without v_lora; older files: the six mixes as one x_x (6, C))."""
+    out = {}
+    norms = {"ln0": "pre_norm", "ln1": "attn_norm", "ln2": "ffn_norm"}
+    proj = {"receptance": "r_proj", "key": "k_proj", "value": "v_proj", "output": "o_proj"}
+    for name, a in sd.items():
+        if name == "emb.weight":
+            out["model.embeddings.weight"] = a
+            continue
+        if name.startswith("ln_out."):
+            out["model.norm." + name.split(".")[1]] = a
+            continue
+        if name == "head.weight":
+            out["lm_head.weight"] = a
+            continue
+        _, l, part, *rest = name.split(".")
+        p = f"model.layers.{l}."
+        if part in norms:
+            out[p + f"{norms[part]}.{rest[0]}"] = a
+        elif part == "ffn":
+            out[p + "ffn." + ".".join(rest)] = a
+        elif rest[0] in proj:
+            out[p + f"attn.{proj[rest[0]]}.weight"] = a
+        elif rest[0] == "ln_x":
+            out[p + f"attn.g_norm.{rest[1]}"] = a
+        elif len(rest) == 1 and len(rest[0]) == 2 and rest[0][0] in "wavg" and rest[0][1] in "012":
+            f, i = rest[0]
+            if f == "v" and l == "0":
+                continue                                     # fla has no v_lora in layer 0
+            if i == "0":
+                out[p + f"attn.{f}_lora.lora.2.bias"] = a.reshape(-1)
+            else:
+                out[p + f"attn.{f}_lora.lora.{0 if i == '1' else 2}.weight"] = np.ascontiguousarray(a.T)
+        elif rest[0].startswith("x_") and stacked_mixes:
+            if rest[0] == "x_r":
+                out[p + "attn.x_x"] = np.stack([sd[f"blocks.{l}.att.x_{f}"].reshape(-1) for f in "rwkvag"])
+        elif rest[0] in ("k_k", "k_a"):
+            out[p + f"attn.{rest[0]}"] = a.reshape(-1)            # fla keeps these as (C,)
+        else:
+            out[p + "attn." + rest[0]] = a
+    return out
+
+
+def fla_config(spec: rm.ModelSpec) -> dict:
+    """config.json of an fla RWKV-7 folder (fields as fla-hub's rwkv7 repos write them)."""
+    return {"architectures": ["RWKV7ForCausalLM"], "model_type": "rwkv7", "attn_mode": "chunk",
+            "hidden_size": spec.n_embd, "num_hidden_layers": spec.n_layer, "head_dim": spec.head_size,
+            "num_heads": None, "intermediate_size": spec.ffn_dim, "hidden_ratio": spec.ffn_dim / spec.n_embd,
+            "decay_low_rank_dim": spec.d_w, "a_low_rank_dim": spec.d_a, "v_low_rank_dim": spec.d_v,
+            "gate_low_rank_dim": spec.d_g, "hidden_act": "sqrelu", "norm_eps": 1e-5, "norm_bias": True,
+            "norm_first": True, "fuse_norm": False, "vocab_size": spec.vocab_size, "tie_word_embeddings": False,
+            "bos_token_id": 0, "eos_token_id": 0, "use_cache": True}
+
+
+def write_fla_dir(sd, spec, folder: Path, stacked_mixes=False, shards=1, config=None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = to_fla(sd, stacked_mixes)
+    (folder / "config.json").write_text(json.dumps(config or fla_config(spec)))
+    if shards == 1:
+        cw.save_safetensors(tensors, folder / "model.safetensors")
+        return folder
+    names, weight_map = list(tensors), {}
+    for i, group in enumerate(np.array_split(np.arange(len(names)), shards), 1):
+        shard = f"model-{i:05d}-of-{shards:05d}.safetensors"
+        cw.save_safetensors({names[j]: tensors[names[j]] for j in group}, folder / shard)
+        weight_map.update({names[j]: shard for j in group})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+@pytest.mark.parametrize("name,stacked,shards", [("v7_a", False, 1), ("v7_b", False, 2), ("v7_a", True, 1)],
+                         ids=["v7_a-fla", "v7_b-fla-sharded", "v7_a-fla-x_x"])
+def test_fla_layout_matches_reference(name, stacked, shards, tmp_path):
+    """An fla folder of the committed spec's weights converts to the reference's logits, serial and sequence."""
+    spec = rm.SPECS_BY_NAME[name]
+    fx = load_fixture(spec)
+    sd = regenerate_weights(spec, fx)
+    src = write_fla_dir(sd, spec, tmp_path / "fla", stacked_mixes=stacked, shards=shards)
+    model = convert(src, tmp_path / "model.safetensors")
+    assert model.config["ln_x_eps"] == pytest.approx(64e-5)          # BlinkDL's, whatever the head size
+    got, _ = run_serial(model, fx["tokens"])
+    assert_logits_match(got, fx["logits_serial"], f"{name} fla serial")
+    got, _ = model.forward([int(t) for t in fx["tokens"]], None, all_logits=True)
+    assert_logits_match(got, fx["logits_seq"], f"{name} fla sequence")
+    model.close()
+
+
+def test_fla_other_norm_eps_is_refused(tmp_path):
+    """fla's LayerNorms use norm_eps and its g_norm head_dim * norm_eps: 1e-5 and 64e-5 in every published file
+    (BlinkDL's values). A folder stating another norm_eps is refused rather than run with other numbers."""
+    spec = rm.SPECS_BY_NAME["v7_a"]
+    cfg = dict(fla_config(spec), norm_eps=2e-5)
+    src = write_fla_dir(rm.make_state_dict(spec), spec, tmp_path / "fla", config=cfg)
+    with pytest.raises(FormatError, match="norm_eps"):
+        rwkv_lite.convert(src, tmp_path / "m.safetensors", quant="fp32")
+
+
+def test_fla_config_disagreeing_with_weights_is_refused(tmp_path):
+    spec = rm.SPECS_BY_NAME["v7_a"]
+    cfg = dict(fla_config(spec), decay_low_rank_dim=spec.d_w * 2)
+    src = write_fla_dir(rm.make_state_dict(spec), spec, tmp_path / "fla", config=cfg)
+    with pytest.raises(FormatError, match="decay_low_rank_dim"):
+        rwkv_lite.convert(src, tmp_path / "m.safetensors", quant="fp32")
+
+
+def test_fla_unknown_tensor_is_named(tmp_path):
+    spec = rm.SPECS_BY_NAME["v7_a"]
+    folder = tmp_path / "fla"
+    folder.mkdir()
+    tensors = to_fla(rm.make_state_dict(spec))
+    tensors["model.layers.1.attn.mystery"] = np.zeros(spec.n_embd, np.float32)
+    cw.save_safetensors(tensors, folder / "model.safetensors")
+    with pytest.raises(FormatError, match=r"model\.layers\.1\.attn\.mystery") as e:
+        rwkv_lite.convert(folder, tmp_path / "m.safetensors", quant="fp32")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# any tensor the converter does not read is an error, never silently dropped
+
+def test_unknown_tensor_is_an_error_naming_it(tmp_path):
+    spec = rm.SPECS_BY_NAME["v7_a"]
+    sd = rm.make_state_dict(spec)
+    sd["blocks.1.ffn.mystery.weight"] = np.ones((4, spec.n_embd), np.float32)
+    cw.save_pth(sd, tmp_path / "x.pth")
+    proc = subprocess.run([sys.executable, "-m", "rwkv_lite", "convert", str(tmp_path / "x.pth"),
+                           str(tmp_path / "x.safetensors"), "--quant", "fp32", "--quiet"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 1, proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "blocks.1.ffn.mystery.weight" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_layer0_value_residual_of_v7_is_accepted(tmp_path):
+    """blocks.0.att.v0/v1/v2 exist in some files and are unused by the reference: not 'unknown'."""
+    spec = rm.SPECS_BY_NAME["v7_b"]                         # writes layer 0's v0/v1/v2
+    sd = rm.make_state_dict(spec)
+    assert "blocks.0.att.v1" in sd
+    cw.save_pth(sd, tmp_path / "x.pth")
+    convert(tmp_path / "x.pth", tmp_path / "x.safetensors").close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RWKV-7 DeepEmbed ("v7a": ffn.s_emb / s_emb_x / s0 / s1 / s2)
+
+DE_WIDTH = 32                                               # the reference's channel mix hard-codes 32 x 32
+
+
+def add_deep_embed(sd: dict, spec: rm.ModelSpec, seed: int = 7) -> dict:
+    """The spec's weights plus DeepEmbed tensors per layer, inserted after each layer's ffn tensors."""
+    rng = np.random.default_rng(seed)
+    C, F, V, D = spec.n_embd, spec.ffn_dim, spec.vocab_size, DE_WIDTH
+    out = {}
+    for name, a in sd.items():
+        out[name] = a
+        if name.endswith("ffn.value.weight"):
+            p = name[: -len("value.weight")]
+            out[p + "s_emb.weight"] = rng.normal(0, 0.3, (V, D * D)).astype(np.float32)
+            out[p + "s_emb_x.weight"] = rng.normal(0, 0.3 / np.sqrt(C), (D * D, C)).astype(np.float32)
+            out[p + "s0"] = rng.normal(1.0, 0.2, (1, 1, F)).astype(np.float32)
+            out[p + "s1"] = rng.normal(0, 1 / np.sqrt(C), (C, D)).astype(np.float32)
+            out[p + "s2"] = rng.normal(0, 0.5 / np.sqrt(D), (D, F)).astype(np.float32)
+    return out
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("quant", ["fp32"])
+def test_deep_embed_matches_reference(quant, tmp_path):
+    spec = rm.SPECS_BY_NAME["v7_a"]
+    sd = add_deep_embed(rm.make_state_dict(spec, seed=spec.seed + 15), spec)
+    pth = cw.save_pth(sd, tmp_path / "de.pth")
+    tokens = np.random.default_rng(15).integers(0, spec.vocab_size, 64)
+    model = convert(pth, tmp_path / "de.safetensors", quant=quant)
+    assert model.config["d_de"] == DE_WIDTH
+    ref = live_reference(pth, "7", tokens, tmp_path, deep_embed=True)
+    plain = live_reference(pth, "7", tokens, tmp_path)      # the same file without DeepEmbed: visibly different
+    assert np.abs(ref["logits_serial"] - plain["logits_serial"]).max() > 0.1
+    check_both_modes(model, tokens, ref, "DeepEmbed")
+    model.close()
+
+
+def test_deep_embed_table_is_stored_like_the_embedding(tmp_path):
+    """int8 files keep the per-token s_emb rows at fp16 (as the embedding), not float32 vectors."""
+    spec = rm.SPECS_BY_NAME["v7_a"]
+    sd = add_deep_embed(rm.make_state_dict(spec), spec)
+    pth = cw.save_pth(sd, tmp_path / "de.pth")
+    fp32 = convert(pth, tmp_path / "de32.safetensors")
+    int8 = convert(pth, tmp_path / "de8.safetensors", quant="int8")
+    info = int8.file.tensors["blocks.0.ffn.s_emb.weight"]
+    assert info["scheme"] == int8.file.tensors["emb.weight"]["scheme"] == "fp16"
+    assert info["role"] == "embedding"
+    tokens = np.array([0, 5, 17, spec.vocab_size - 1])
+    for l in range(spec.n_layer):
+        exact = fp32.weights.layers[l].s_emb.rows(tokens)
+        half = int8.weights.layers[l].s_emb.rows(tokens)
+        np.testing.assert_allclose(half, exact.astype(np.float16).astype(np.float32), rtol=0, atol=1e-6)
+    fp32.close()
+    int8.close()
+
+
+def test_deep_embed_missing_piece_is_named(tmp_path):
+    spec = rm.SPECS_BY_NAME["v7_a"]
+    sd = add_deep_embed(rm.make_state_dict(spec), spec)
+    del sd["blocks.1.ffn.s2"]
+    cw.save_pth(sd, tmp_path / "de.pth")
+    with pytest.raises(FormatError, match=r"blocks\.1\.ffn\.s2"):
+        rwkv_lite.convert(tmp_path / "de.pth", tmp_path / "de.safetensors", quant="fp32")
