@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import FormatError
 from ..kernels.wkv7 import wkv7
 from ..kernels import pointwise
-from .common import (output_logits, Planner, group_norm, layer_count, layer_norm, linear, linear_many, lora_down,
+from .common import (output_logits, Planner, PlannedTensor, group_norm, layer_count, layer_norm, linear, linear_many, lora_down,
                      lora_up, relu_square, sigmoid)
 
 VERSIONS = ("7",)
@@ -68,7 +68,22 @@ def infer_config(refs: dict, version: str, source_kind: str) -> dict:
         "ln_x_eps": LN_X_EPS,
         "d_w": width("blocks.0.att.w1"), "d_a": width("blocks.0.att.a1"),
         "d_v": width("blocks.1.att.v1"), "d_g": width("blocks.0.att.g1"),
+        **deep_embed_config(refs, n_embd),
     }
+
+
+def deep_embed_config(refs: dict, n_embd: int) -> dict:
+    """{'d_de': D} for a DeepEmbed ("v7a") checkpoint (ffn.s_emb / s_emb_x / s0 / s1 / s2 per layer), else {}.
+
+    D is the width of s1 (C, D); each token's s_emb row is a D x D matrix (D = 32 in every published file)."""
+    if "blocks.0.ffn.s1" not in refs and "blocks.0.ffn.s_emb.weight" not in refs:
+        return {}
+    if "blocks.0.ffn.s1" not in refs:
+        raise FormatError("DeepEmbed checkpoint without blocks.0.ffn.s1")
+    s1 = tuple(refs["blocks.0.ffn.s1"].shape)
+    if len(s1) != 2 or s1[0] != n_embd:
+        raise FormatError(f"tensor blocks.0.ffn.s1 has shape {list(s1)}, expected [{n_embd}, D]")
+    return {"d_de": int(s1[1])}
 
 
 def plan(refs: dict, cfg: dict, source_kind: str):
@@ -100,6 +115,8 @@ def plan(refs: dict, cfg: dict, source_kind: str):
                 P.vector(p + f"att.x_{f}", (C,))
         for f in LORAS:
             if f == "v" and l == 0:
+                for unused in ("v0", "v1", "v2"):          # some files carry them; the reference ignores them too
+                    refs.get(p + f"att.{unused}")
                 continue                                   # layer 0's value residual is v itself
             if f != "g":
                 P.vector(p + f"att.{f}0", (C,))
@@ -111,25 +128,63 @@ def plan(refs: dict, cfg: dict, source_kind: str):
         P.vector(p + "att.r_k", (H, N))
         P.vector(p + "att.ln_x.weight", (C,))
         P.vector(p + "att.ln_x.bias", (C,))
+        if P.has(p + "att.time_state"):               # a state-tuned initial state merged into the model
+            P.vector(p + "att.time_state", (H, N, N), transform=time_state_to_wkv)
         for m in ("receptance", "key", "value", "output"):
             P.matrix(p + f"att.{m}.weight", shape=(C, C))
         P.vector(p + "ffn.x_k", (C,))
         P.matrix(p + "ffn.key.weight", shape=(F, C))
         P.matrix(p + "ffn.value.weight", shape=(C, F))
+        if cfg.get("d_de"):
+            plan_deep_embed(P, l, cfg)
     P.vector("ln_out.weight", (C,))
     P.vector("ln_out.bias", (C,))
     P.matrix("head.weight", shape=(cfg["vocab_size"], C))
     return P.tensors
 
 
+def time_state_to_wkv(a):
+    """A state-tuned `time_state` (H, N, N) as our wkv state: every reference loader starts from
+    time_state.transpose(1, 2), and our v7 state is the reference's (S[h, value, key])."""
+    return np.ascontiguousarray(np.swapaxes(a, -1, -2))
+
+
+def plan_deep_embed(P: Planner, l: int, cfg: dict) -> None:
+    """DeepEmbed tensors of layer l. The reference folds s_emb += ln0(emb) @ s_emb_x^T at load; we fold it here,
+    row block by row block, into one (V, D*D) table that is read one row per token like the embedding (and
+    stored like it: fp16 in fp16/int8 files, int8 in int4 files)."""
+    C, F, V, D = cfg["n_embd"], cfg["ffn_size"], cfg["vocab_size"], cfg["d_de"]
+    p = f"blocks.{l}.ffn."
+    P.expect_shape(p + "s_emb.weight", (V, D * D))
+    P.expect_shape(p + "s_emb_x.weight", (D * D, C))
+    s_emb, s_emb_x, emb = P.ref(p + "s_emb.weight"), P.ref(p + "s_emb_x.weight"), P.ref("emb.weight")
+    w0 = np.asarray(P.ref("blocks.0.ln0.weight").load(), np.float32).reshape(C)
+    b0 = np.asarray(P.ref("blocks.0.ln0.bias").load(), np.float32).reshape(C)
+
+    def rows(a, b):
+        folded = s_emb.load_rows(a, b) + layer_norm(emb.load_rows(a, b), w0, b0) @ s_emb_x.load().T
+        return np.ascontiguousarray(folded, dtype=np.float32)
+    P.tensors.append(PlannedTensor(p + "s_emb.weight", (V, D * D), "embedding", rows))
+    P.expect_shape(p + "s1", (C, D))
+    P.vector(p + "s1", (C, D))
+    P.expect_shape(p + "s2", (D, F))
+    P.vector(p + "s2", (D, F))
+    P.vector(p + "s0", (F,))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Running
 
 def init_state(cfg: dict, weights=None) -> dict[str, np.ndarray]:
-    """att_x, ffn_x (L, C) and wkv (L, H, N, N) in the reference's [head][value][key] order; all zeros."""
+    """att_x, ffn_x (L, C) and wkv (L, H, N, N) in the reference's [head][value][key] order: zeros, or the
+    time_state of a state-tuned model where the file holds one."""
     L, C, H, N = cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["head_size"]
-    return {"att_x": np.zeros((L, C), np.float32), "ffn_x": np.zeros((L, C), np.float32),
-            "wkv": np.zeros((L, H, N, N), np.float32)}
+    wkv = np.zeros((L, H, N, N), np.float32)
+    if weights is not None:
+        for l in range(L):
+            if weights.has(f"blocks.{l}.att.time_state"):
+                wkv[l] = weights.vector(f"blocks.{l}.att.time_state")
+    return {"att_x": np.zeros((L, C), np.float32), "ffn_x": np.zeros((L, C), np.float32), "wkv": wkv}
 
 
 class Layer:
@@ -155,6 +210,9 @@ class Layer:
         self.W_o = m(p + "att.output.weight")
         self.ffn_x_k = v(p + "ffn.x_k")
         self.F_k, self.F_v = m(p + "ffn.key.weight"), m(p + "ffn.value.weight")
+        self.s_emb = m(p + "ffn.s_emb.weight") if weights.has(p + "ffn.s_emb.weight") else None   # DeepEmbed
+        if self.s_emb is not None:
+            self.s0, self.s1, self.s2 = v(p + "ffn.s0"), v(p + "ffn.s1"), v(p + "ffn.s2")
         # for the compiled row kernels: the six token-shift mixes stacked, the LoRA factors in pipeline order
         self.mixes = np.stack([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g])
         self.ffn_mixes = self.ffn_x_k.reshape(1, -1)
@@ -206,12 +264,24 @@ def time_mix(L: Layer, a, state, l, cfg, v_first):
     return linear(L.W_o, y), v_first
 
 
-def channel_mix(L: Layer, b, state, l):
-    """Feed-forward of layer l over T tokens; updates the layer's shift state."""
+def channel_mix(L: Layer, b, state, l, tokens=None):
+    """Feed-forward of layer l over T tokens; updates the layer's shift state. DeepEmbed layers scale the hidden
+    units per token (deep_embed_scale)."""
     xk = pointwise.shift_mixes(b, state["ffn_x"][l], L.ffn_mixes)[0]
     hidden = relu_square(linear(L.F_k, xk))
+    if L.s_emb is not None:
+        hidden = hidden * deep_embed_scale(L, b, tokens)
     state["ffn_x"][l] = b[-1]
     return linear(L.F_v, hidden)
+
+
+def deep_embed_scale(L: Layer, b, tokens):
+    """DeepEmbed's per-token FFN modulation ((b . s1) . E_t) . s2 + s0, with E_t token t's s_emb row as a D x D
+    matrix and b the un-shifted LN2 output (the reference's channel mix with RWKV_DE_VERSION=1)."""
+    T, D = b.shape[0], L.s1.shape[1]
+    table = L.s_emb.rows(np.asarray(tokens, dtype=np.int64)).reshape(T, D, D)
+    ss = np.einsum("ti,tij->tj", b @ L.s1, table)
+    return ss @ L.s2 + L.s0
 
 
 def forward(W: Weights, tokens: np.ndarray, state: dict, all_logits: bool, check=None) -> np.ndarray:
@@ -224,7 +294,7 @@ def forward(W: Weights, tokens: np.ndarray, state: dict, all_logits: bool, check
         dx, v_first = time_mix(L, a, state, l, cfg, v_first)
         x = x + dx
         b = layer_norm(x, L.ln2_w, L.ln2_b)
-        x = x + channel_mix(L, b, state, l)
+        x = x + channel_mix(L, b, state, l, tokens)
         if check is not None:
             check(x, l)
     return output_logits(W, x, all_logits)
@@ -264,9 +334,11 @@ def time_mix_batch(L: Layer, a, states, l, cfg, v_first):
     return linear_rows(L.W_o, y * gate), v_first
 
 
-def channel_mix_batch(L: Layer, b, states, l):
+def channel_mix_batch(L: Layer, b, states, l, tokens=None):
     xk = b + (previous_rows(states, "ffn_x", l) - b) * L.ffn_x_k
     hidden = np.square(np.maximum(linear_rows(L.F_k, xk), 0))
+    if L.s_emb is not None:
+        hidden = hidden * deep_embed_scale(L, b, tokens)
     store_rows(states, "ffn_x", l, b)
     return linear_rows(L.F_v, hidden)
 
@@ -281,5 +353,5 @@ def forward_batch(W: Weights, tokens: np.ndarray, states: list) -> np.ndarray:
         dx, v_first = time_mix_batch(L, a, states, l, cfg, v_first)
         x = x + dx
         b = layer_norm(x, L.ln2_w, L.ln2_b)
-        x = x + channel_mix_batch(L, b, states, l)
+        x = x + channel_mix_batch(L, b, states, l, tokens)
     return linear_rows(W.head, layer_norm(x, W.ln_out_w, W.ln_out_b))
