@@ -538,7 +538,8 @@ def _read_text_prefix(path: Path, max_bytes: int) -> str:
 @click.option("--stop", "stops", multiple=True, metavar="TEXT",
               help=r"Stop when this text appears (not printed). Repeatable; \n, \t, \\ are understood.")
 @click.option("--state", "state_in", type=click.Path(path_type=Path), default=None,
-              help="Continue from a state saved with --save-state or chat's /save.")
+              help="Continue from a state saved with --save-state or chat's /save, or start from a state-tuned "
+                   ".pth (blocks.N.att.time_state).")
 @click.option("--save-state", "state_out", type=click.Path(path_type=Path), default=None,
               help="Save the state after the prompt and the generated text to this file.")
 @json_option
@@ -670,7 +671,8 @@ class _ChatCommandError(RwkvLiteError):
                    "reference chat demo).")
 @click.option("--no-preamble", is_flag=True, help="Start from the empty state.")
 @click.option("--state", "state_in", type=click.Path(path_type=Path), default=None,
-              help="Start from a state saved with /save (like /load FILE as the first command).")
+              help="Start from a state saved with /save (like /load FILE as the first command), or from a "
+                   "state-tuned .pth (blocks.N.att.time_state).")
 @click.option("--verbose", "-v", is_flag=True, help="After each reply, print its tokens and tokens/s to stderr.")
 @threads_option
 @friendly_errors

@@ -271,3 +271,116 @@ def test_deep_embed_missing_piece_is_named(tmp_path):
     cw.save_pth(sd, tmp_path / "de.pth")
     with pytest.raises(FormatError, match=r"blocks\.1\.ffn\.s2"):
         rwkv_lite.convert(tmp_path / "de.pth", tmp_path / "de.safetensors", quant="fp32")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# state-tuned initial states (.pth of blocks.N.att.time_state, [H, N, N] per layer)
+
+def random_time_state(spec: rm.ModelSpec, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    H, N = spec.n_head, spec.head_size
+    return {f"blocks.{l}.att.time_state": rng.normal(0, 0.7, (H, N, N)).astype(np.float32)
+            for l in range(spec.n_layer)}
+
+
+def with_time_state(sd: dict, ts: dict) -> dict:
+    """The model's tensors with each layer's time_state after its time_faaaa (where state tuners' merges put it)."""
+    out = {}
+    for name, a in sd.items():
+        out[name] = a
+        if name.endswith("att.time_faaaa"):
+            key = name[: -len("time_faaaa")] + "time_state"
+            out[key] = ts[key]
+    return out
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("name", ["v6_a", "v7_a"])
+def test_state_tuned_file_matches_reference(name, tmp_path):
+    """Logits after a prompt from a tuned initial state equal the reference's: v6 through the reference's own
+    time_state loader (the state merged into the model file), v7 with its loaders' convention (transpose(1, 2)).
+    The same state without the transpose gives clearly different logits (the bug other loaders had)."""
+    spec = rm.SPECS_BY_NAME[name]
+    seed = spec.seed + 1515
+    sd = rm.make_state_dict(spec, seed=seed)
+    ts = random_time_state(spec, seed)
+    base = cw.save_pth(sd, tmp_path / "base.pth")
+    state_pth = cw.save_pth(ts, tmp_path / "state.pth")
+    tokens = np.random.default_rng(seed).integers(0, spec.vocab_size, 48)
+    if spec.version == "6":
+        merged = cw.save_pth(with_time_state(sd, ts), tmp_path / "merged.pth")
+        ref = live_reference(merged, "6", tokens, tmp_path)
+    else:
+        ref = live_reference(base, "7", tokens, tmp_path, time_state=state_pth)
+    model = convert(base, tmp_path / "base.safetensors")
+    state = rwkv_lite.State.load(state_pth, model)
+    check_both_modes(model, tokens, ref, f"{name} state-tuned", state=state)
+
+    wrong = state.copy()
+    wrong.arrays["wkv"] = np.ascontiguousarray(np.swapaxes(wrong.arrays["wkv"], -1, -2))
+    got, _ = model.forward([int(t) for t in tokens], wrong, all_logits=True)
+    assert np.abs(got - ref["logits_seq"]).max() > 100 * 1e-4 * max(1.0, np.abs(ref["logits_seq"]).max())
+
+    # the same state merged into the model file is the model's initial state
+    if spec.version == "7":
+        merged_model = convert(cw.save_pth(with_time_state_v7(sd, ts), tmp_path / "merged7.pth"),
+                               tmp_path / "merged7.safetensors")
+    else:
+        merged_model = convert(tmp_path / "merged.pth", tmp_path / "merged.safetensors")
+    got, _ = merged_model.forward([int(t) for t in tokens], None, all_logits=True)
+    assert_logits_match(got, ref["logits_seq"], f"{name} time_state in the model file")
+    merged_model.close()
+    model.close()
+
+
+def with_time_state_v7(sd: dict, ts: dict) -> dict:
+    out = {}
+    for name, a in sd.items():
+        out[name] = a
+        if name.endswith("att.r_k"):
+            key = name[: -len("r_k")] + "time_state"
+            out[key] = ts[key]
+    return out
+
+
+def test_convert_state_command_and_refusals(tmp_path):
+    """convert-state writes a checksummed state file that generate --state uses like the .pth; a state for
+    another model shape, or a file that is not a state, is refused with one line (exit 1)."""
+    spec = rm.SPECS_BY_NAME["v7_a"]
+    sd = rm.make_state_dict(spec)
+    model_path = tmp_path / "m.safetensors"
+    convert(cw.save_pth(sd, tmp_path / "m.pth"), model_path).close()
+    state_pth = cw.save_pth(random_time_state(spec, 3), tmp_path / "tuned.pth")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "rwkv_lite", *map(str, args)], capture_output=True,
+                              text=True, cwd=REPO)
+
+    out = tmp_path / "tuned.state"
+    proc = cli("convert-state", state_pth, out, "-m", model_path)
+    assert proc.returncode == 0, proc.stderr
+    model = rwkv_lite.load(model_path)
+    a = rwkv_lite.State.load(out, model)
+    b = rwkv_lite.State.load(state_pth, model)
+    for k in a.arrays:
+        np.testing.assert_array_equal(a.arrays[k], b.arrays[k])
+    runs = [cli("generate", model_path, "--tokens", "1 2 3", "-n", "5", "--temperature", "0", "--state", s)
+            for s in (out, state_pth)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr + runs[1].stderr
+    assert runs[0].stdout == runs[1].stdout
+    plain = cli("generate", model_path, "--tokens", "1 2 3", "-n", "5", "--temperature", "0")
+    assert plain.returncode == 0 and plain.stdout != runs[0].stdout
+
+    other = rm.SPECS_BY_NAME["v7_b"]                        # another shape: 2 heads of 64, 3 layers
+    bad = cw.save_pth(random_time_state(other, 4), tmp_path / "other.pth")
+    for args in (("convert-state", bad, tmp_path / "x.state", "-m", model_path),
+                 ("generate", model_path, "--tokens", "1", "-n", "1", "--state", bad),
+                 ("convert-state", tmp_path / "m.pth", tmp_path / "y.state", "-m", model_path)):
+        proc = cli(*args)
+        errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+        assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert str(args[1] if args[0] == "convert-state" else bad) in errors[0], errors[0]
+    assert not (tmp_path / "x.state").exists() and not (tmp_path / "y.state").exists()
+    with pytest.raises(FormatError, match="pass|model it was made for"):
+        rwkv_lite.State.load(state_pth)
+    model.close()
