@@ -16,11 +16,17 @@ from .model import Model, load  # noqa: E402
 from .state import State  # noqa: E402
 
 
+def generate_batch(model, prompts, **kwargs):
+    """Generate for many prompts with the batched engine, results in prompt order; see rwkv_lite.engine."""
+    from .engine import generate_batch as _generate_batch
+    return _generate_batch(model, prompts, **kwargs)
+
+
 def convert(src, dst, quant="fp16", **kwargs):
     """Convert a checkpoint to an rwkv-lite file; see rwkv_lite.quantize.convert.convert."""
     from .quantize.convert import convert as _convert
     return _convert(src, dst, quant, **kwargs)
 
 
-__all__ = ["load", "convert", "Model", "State", "RwkvLiteError", "FormatError", "NumericalError",
+__all__ = ["load", "convert", "generate_batch", "Model", "State", "RwkvLiteError", "FormatError", "NumericalError",
            "UnsafeCheckpointError", "__version__"]
