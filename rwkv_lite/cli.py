@@ -383,10 +383,16 @@ def main():
               help="Tokenizer to embed: World vocab .txt or tokenizer.json (default: found beside SRC).")
 @click.option("--calibration", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="A file from `rwkv-lite calibrate`: quantize the int4 matrices with GPTQ (better quality).")
+@click.option("--lora", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="A LoRA adapter (.pth of *.lora_A/*.lora_B, as RWKV-PEFT and RWKV-LM-LoRA write) to merge into "
+                   "the weights before quantization.")
+@click.option("--lora-alpha", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="The lora_alpha the adapter was trained with (not stored in adapter files): merged as "
+                   "W + alpha/r * B A.")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
-def convert(src, dst, quant, group, head, vocab, calibration, force, quiet):
+def convert(src, dst, quant, group, head, vocab, calibration, lora, lora_alpha, force, quiet):
     """Convert a checkpoint to one compact, memory-mappable rwkv-lite file.
 
     SRC: a Hugging Face RWKV folder, a BlinkDL .pth or .safetensors, an rwkv.cpp .bin file, or an rwkv-lite
@@ -401,12 +407,15 @@ def convert(src, dst, quant, group, head, vocab, calibration, force, quiet):
       rwkv-lite convert ./v5-Eagle-7B-HF eagle-int4.safetensors --quant int4 --calibration eagle.calib.npz
       rwkv-lite convert tiny-rwkv-5v2-730K-FP32.bin tiny.safetensors --quant fp32
       rwkv-lite convert eagle-fp16.safetensors eagle-int4.safetensors --quant int4
+      rwkv-lite convert rwkv7-g1-1.5b.pth g1-poet-int8.safetensors --quant int8 --lora poet.pth --lora-alpha 32
     """
     from .quantize.convert import convert as run_convert, refuse_overwriting_an_input
     _announce_compiles()
     if not src.exists():
         raise click.BadParameter(f"{src}: no such file or folder", param_hint="SRC")
-    refuse_overwriting_an_input(dst, [src, vocab, calibration])      # even with --force
+    if lora_alpha is not None and lora is None:
+        raise click.UsageError("--lora-alpha needs --lora")
+    refuse_overwriting_an_input(dst, [src, vocab, calibration, lora])      # even with --force
     if dst.exists() and not dst.is_dir() and not force:
         raise RwkvLiteError(f"{dst}: already exists (add --force to replace it)")
     start = time.perf_counter()
@@ -422,8 +431,8 @@ def convert(src, dst, quant, group, head, vocab, calibration, force, quiet):
         bar.update(1)
 
     try:
-        run_convert(src, dst, quant, vocab=vocab, group=group, head=head, calibration=calibration,
-                    progress=progress)
+        run_convert(src, dst, quant, vocab=vocab, group=group, head=head, calibration=calibration, lora=lora,
+                    lora_alpha=lora_alpha, progress=progress)
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)

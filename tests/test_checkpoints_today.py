@@ -384,3 +384,111 @@ def test_convert_state_command_and_refusals(tmp_path):
     with pytest.raises(FormatError, match="pass|model it was made for"):
         rwkv_lite.State.load(state_pth)
     model.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA adapters (RWKV-PEFT / RWKV-LM-LoRA: X.lora_A (r, in), X.lora_B (out, r); full tensors replace)
+
+LORA_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
+
+
+def make_adapter(sd: dict, spec: rm.ModelSpec, r: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    adapter = {}
+    for l in range(spec.n_layer):
+        for t in LORA_TARGETS:
+            out_dim, in_dim = sd[f"blocks.{l}.{t}.weight"].shape
+            adapter[f"blocks.{l}.{t}.lora_A"] = rng.normal(0, 1 / np.sqrt(in_dim), (r, in_dim)).astype(np.float32)
+            adapter[f"blocks.{l}.{t}.lora_B"] = rng.normal(0, 0.05, (out_dim, r)).astype(np.float32)
+    key = f"blocks.{spec.n_layer - 1}.att.ln_x.weight"               # a full tensor trained alongside
+    adapter[key] = (sd[key] * 1.5).astype(np.float32)
+    return adapter
+
+
+def merged_in_float64(sd: dict, adapter: dict, alpha: float) -> dict:
+    out = dict(sd)
+    for name, a in adapter.items():
+        if name.endswith(".lora_A"):
+            stem = name[: -len(".lora_A")]
+            A, B = a.astype(np.float64), adapter[stem + ".lora_B"].astype(np.float64)
+            W = sd[stem + ".weight"].astype(np.float64)
+            out[stem + ".weight"] = (W + (alpha / A.shape[0]) * (B @ A)).astype(np.float32)
+        elif not name.endswith(".lora_B"):
+            out[name] = a
+    return out
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("name", ["v7_a", "v6_a"])
+def test_lora_merge_matches_reference(name, tmp_path):
+    """convert --lora equals the reference run on weights the test merged in float64."""
+    spec = rm.SPECS_BY_NAME[name]
+    seed, r, alpha = spec.seed + 51, 8, 32.0
+    sd = rm.make_state_dict(spec, seed=seed)
+    adapter = make_adapter(sd, spec, r, seed)
+    base = cw.save_pth(sd, tmp_path / "base.pth")
+    lora = cw.save_pth(adapter, tmp_path / "adapter.pth")
+    merged = cw.save_pth(merged_in_float64(sd, adapter, alpha), tmp_path / "merged.pth")
+    tokens = np.random.default_rng(seed).integers(0, spec.vocab_size, 48)
+    ref = live_reference(merged, spec.version, tokens, tmp_path)
+    plain = live_reference(base, spec.version, tokens, tmp_path)
+    assert np.abs(ref["logits_seq"] - plain["logits_seq"]).max() > 0.05       # the adapter matters
+    model = convert(base, tmp_path / "m.safetensors", lora=lora, lora_alpha=alpha)
+    assert model.metadata["provenance"]["lora"] == {"file": "adapter.pth", "alpha": alpha}
+    check_both_modes(model, tokens, ref, f"{name} + LoRA")
+    model.close()
+
+
+def test_lora_merge_equals_converting_merged_weights(tmp_path):
+    """Without torch: merging at conversion gives the same file values as converting pre-merged weights."""
+    spec = rm.SPECS_BY_NAME["v7_a"]
+    sd = rm.make_state_dict(spec)
+    adapter = make_adapter(sd, spec, 4, 5)
+    ours = convert(cw.save_pth(sd, tmp_path / "b.pth"), tmp_path / "a.safetensors",
+                   lora=cw.save_pth(adapter, tmp_path / "ad.pth"), lora_alpha=8)
+    theirs = convert(cw.save_pth(merged_in_float64(sd, adapter, 8), tmp_path / "m.pth"), tmp_path / "b.safetensors")
+    for name in ours.file.arrays:
+        if name != "tokenizer.data":
+            np.testing.assert_allclose(ours.file.arrays[name], theirs.file.arrays[name], rtol=2e-6, atol=2e-7,
+                                       err_msg=name)
+    ours.close()
+    theirs.close()
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda ad, sd: ad.update({"blocks.0.att.gate.lora_A": np.zeros((4, 64), np.float32),
+                               "blocks.0.att.gate.lora_B": np.zeros((64, 4), np.float32)}),
+     r"blocks\.0\.att\.gate\.lora_A.*matches no weight"),
+    (lambda ad, sd: ad.pop("blocks.1.ffn.key.lora_B"), r"blocks\.1\.ffn\.key\.lora_A.*no lora_B"),
+    (lambda ad, sd: ad.update({"blocks.0.att.mystery": np.zeros(64, np.float32)}),
+     r"blocks\.0\.att\.mystery.*matches no tensor"),
+    (lambda ad, sd: ad.update({"blocks.0.att.key.init_lora_A": np.zeros((4, 64), np.float32)}),
+     r"init_lora_A.*not supported"),
+    (lambda ad, sd: ad.update({"blocks.0.att.key.lora_A": np.zeros((4, 32), np.float32)}),
+     r"blocks\.0\.att\.key\.lora_A.*does not fit"),
+], ids=["no-base-weight", "lone-lora_A", "unknown-full-tensor", "pissa", "wrong-shape"])
+def test_lora_adapter_problems_are_named(change, message, tmp_path):
+    spec = rm.SPECS_BY_NAME["v7_a"]
+    sd = rm.make_state_dict(spec)
+    adapter = make_adapter(sd, spec, 4, 5)
+    change(adapter, sd)
+    base, lora = cw.save_pth(sd, tmp_path / "b.pth"), cw.save_pth(adapter, tmp_path / "ad.pth")
+    with pytest.raises(FormatError, match=message) as e:
+        rwkv_lite.convert(base, tmp_path / "x.safetensors", quant="fp32", lora=lora, lora_alpha=8)
+    assert "\n" not in str(e.value) and str(lora) in str(e.value)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_lora_cli_needs_alpha(tmp_path):
+    spec = rm.SPECS_BY_NAME["v7_a"]
+    sd = rm.make_state_dict(spec)
+    base = cw.save_pth(sd, tmp_path / "b.pth")
+    lora = cw.save_pth(make_adapter(sd, spec, 4, 5), tmp_path / "ad.pth")
+    proc = subprocess.run([sys.executable, "-m", "rwkv_lite", "convert", str(base), str(tmp_path / "x.safetensors"),
+                           "--quant", "fp32", "--quiet", "--lora", str(lora)], capture_output=True, text=True,
+                          cwd=REPO)
+    assert proc.returncode == 1 and "--lora-alpha" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "rwkv_lite", "convert", str(base), str(tmp_path / "x.safetensors"),
+                           "--quant", "int8", "--quiet", "--lora", str(lora), "--lora-alpha", "16"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +20,7 @@ from .. import __version__
 from ..arch import detect_version, module_for
 from ..errors import FormatError
 from ..format import TOKENIZER_ARRAY, ModelWriter
+from .lora import merge_adapter, open_adapter
 from .names import canonical_names
 from .readers import open_checkpoint
 from .schemes import get_scheme
@@ -45,8 +47,8 @@ def storage_plan(quant: str, group: int | None = None, head: str | None = None) 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "fp16", *, vocab: str | os.PathLike | None = None,
             group: int | None = None, head: str | None = None, provenance: dict | None = None,
-            calibration: str | os.PathLike | None = None,
-            progress: Callable[[int, int, str], None] | None = None) -> Path:
+            calibration: str | os.PathLike | None = None, lora: str | os.PathLike | None = None,
+            lora_alpha: float | None = None, progress: Callable[[int, int, str], None] | None = None) -> Path:
     """Convert a checkpoint (HF folder, BlinkDL .pth/.safetensors, rwkv.cpp .bin) to an rwkv-lite file.
 
     quant: fp32 | fp16 | int8 | int4. vocab: tokenizer file to embed (World vocab .txt or tokenizer.json);
@@ -55,7 +57,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "fp16",
     token ids only; its metadata says tokenizer kind "none"). provenance: extra JSON-ready facts
     recorded in the file (e.g. how a model was trained). calibration: a file from `rwkv-lite calibrate`
     (quantize/calibrate.py): int4 matrices it covers are quantized with GPTQ (quantize/gptq.py) instead of
-    rounding each weight on its own. progress(done, total, tensor_name) is called after each tensor.
+    rounding each weight on its own. lora, lora_alpha: an adapter merged into the weights before quantization
+    (quantize/lora.py). progress(done, total, tensor_name) is called after each tensor.
 
     An rwkv-lite fp32/fp16 file is also a valid source (re-quantization, quantize/requantize.py): its tokenizer
     and provenance are carried over. The destination must not be a file the conversion reads."""
@@ -72,10 +75,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "fp16",
         raise FormatError(f"{dst}: is a folder; give the output file name")
     if not dst.parent.exists():
         raise FormatError(f"{dst.parent}: output folder does not exist")
-    refuse_overwriting_an_input(dst, [src, vocab, calibration])
+    refuse_overwriting_an_input(dst, [src, vocab, calibration, lora])
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
     if is_rwkv_lite_file(src):
+        if lora is not None:
+            raise FormatError(f"{src}: merge a LoRA adapter into the original checkpoint, not an rwkv-lite file")
         with RwkvLiteSource(src) as source:
             if vocab is not None:
                 tok = _checked_tokenizer(vocab, source.config["vocab_size"])
@@ -92,10 +97,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "fp16",
             return _write_model(dst, source.config, source.planned, tok_kind, tok_bytes, {**prov, **(provenance or {})},
                                 schemes, calib, progress)
 
-    with open_checkpoint(src) as ckpt:
+    with open_checkpoint(src) as ckpt, (open_adapter(lora) if lora is not None else nullcontext()) as adapter:
         base = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
         refuse_overwriting_an_input(dst, [base / name for name in ckpt.source_files] + [ckpt.tokenizer_file])
         refs = canonical_names(ckpt)
+        if adapter is not None:
+            refs = merge_adapter(refs, adapter, lora_alpha)
         try:
             version = detect_version(refs)
             arch = module_for(version)
@@ -121,6 +128,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "fp16",
             "quant": quant,
             **({"tokenizer": tokenizer_name} if tokenizer_name else {}),
             **({"calibration": {"file": Path(calibration).name, **calib.source}} if calib is not None else {}),
+            **({"lora": {"file": Path(lora).name, "alpha": lora_alpha}} if lora is not None else {}),
             **(provenance or {}),
         }
         return _write_model(dst, cfg, planned, tokenizer.kind if tokenizer is not None else "none",
