@@ -84,7 +84,7 @@ class Request:
 
     def __init__(self, rid: int, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
                  stop: tuple[str, ...], logprobs: int | None, on_step, cache_points: Sequence[int], tokenizer,
-                 eot: int | None, n_decodable: int, ban_eot: bool, penalty_exempt_text, cache_final):
+                 eot: int | None, n_decodable: int, ban_eot: bool, penalty_exempt_text, reply_suffix):
         self.id = rid
         self.prompt_ids = prompt_ids
         self.max_tokens = max_tokens
@@ -101,7 +101,9 @@ class Request:
         self._on_step = on_step
         self._cancelled = False
         self._cache_points = sorted({p for p in cache_points if 0 < p <= len(prompt_ids)} | {len(prompt_ids)})
-        self._cache_final = cache_final
+        self._reply_suffix = reply_suffix
+        self._raw_text = ""                   # decoded text of every generated token (before stop filtering)
+        self._snapshot = None                 # (tokens, state, logits, text) when _raw_text last ended in the suffix
         self._eot = eot
         self._n_decodable = n_decodable
         self._rng = self.params.make_rng()
@@ -171,14 +173,16 @@ class Engine:
                stop: Sequence[str] | str = (), logprobs: int | None = None,
                on_step: Callable[[Step], None] | None = None, cache_points: Sequence[int] = (),
                ban_end_of_text: bool = False, penalty_exempt_text: str | None = DIGITS_AND_SPACES,
-               cache_final: Sequence[int] | None = None) -> Request:
+               reply_suffix: str | None = None) -> Request:
         """Queue a generation; returns its Request at once. Raises QueueFullError when the queue is full,
         GenerationError for bad arguments.
 
         cache_points   prompt lengths after which the state is worth keeping in the prefix cache (e.g. the end
                        of a chat's system prompt and of each earlier turn); the whole prompt always is
-        cache_final    when given: if the request ends by a stop string and its tokens equal these ids, the state
-                       after prompt + tokens is cached too (a chat reply as the next turn's prompt will encode it)
+        reply_suffix   when given (and a cache is in use): each time the generated text ends with this suffix the
+                       state is kept aside, and if the request then ends by a stop string, the state after prompt +
+                       that text is cached, provided the tokenizer encodes the text to exactly the generated ids.
+                       A chat passes "\n\n": its next turn's prompt repeats the reply closed by "\n\n"
         """
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
             raise GenerationError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
@@ -204,7 +208,7 @@ class Engine:
                 raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
             request = Request(next(self._ids), ids, int(max_tokens), params, stop, logprobs, on_step, cache_points,
                               self.tokenizer, self._eot, self._n_decodable, ban_end_of_text, penalty_exempt_text,
-                              None if cache_final is None else list(cache_final))
+                              reply_suffix if self.cache is not None else None)
             self._waiting.append(request)
             self.metrics.requests += 1
             self._lock.notify_all()
@@ -293,6 +297,8 @@ class Engine:
             else:
                 for (r, _), row in zip(feed, logits):
                     r._logits = row
+                    if r._reply_suffix and r._raw_text.endswith(r._reply_suffix):
+                        r._snapshot = (list(r.tokens), r._state.copy(), row.copy(), r._raw_text)
                 self.metrics.observe_decode(len(feed), time.perf_counter() - start)
         self._active = [r for r in self._active if r.finish_reason is None]
 
@@ -355,7 +361,9 @@ class Engine:
         r.usage.completion_tokens += 1
         self.metrics.tokens += 1
         r._penalties.update(token)
-        piece, stopped = r._stops.push(r._decoder.push(token))
+        text = r._decoder.push(token)
+        r._raw_text += text
+        piece, stopped = r._stops.push(text)
         r._emit(Step(text=piece, token=token, logprob=logprob, top_logprobs=top))
         if stopped:
             self._finish(r, "stop", flush=False)
@@ -376,14 +384,11 @@ class Engine:
                 reason = "stop"
             else:
                 tail += r._stops.flush()
-        if (reason == "stop" and self.cache is not None and r._cache_final is not None
-                and r.tokens == r._cache_final and r._state is not None and error is None):
-            # the state after prompt + reply: a chat's next turn starts with exactly these ids
-            try:
-                logits, state = self.model.forward([r.tokens[-1]], r._state)
-                self.cache.store(r.prompt_ids + r.tokens, state, logits)
-            except Exception:                         # noqa: BLE001 - caching is best effort
-                pass
+        if reason == "stop" and not flush and r._snapshot is not None and self.cache is not None:
+            ids, state, logits, text = r._snapshot       # a reply the next turn of a conversation will repeat
+            if self.tokenizer.encode(text) == ids:
+                self.cache.store(r.prompt_ids + ids, state, logits)
+        r._snapshot = None
         r.finish_reason = reason
         r.error = error
         r._state = None                               # release the state (the slot's memory)

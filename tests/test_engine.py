@@ -157,12 +157,21 @@ def test_prefix_cache_second_turn_reads_only_new_tokens(model):
         uncached.step()
     assert second.text == alone.text
 
-    # cache_final: a reply that ends by a stop string with exactly the expected ids also leaves the state after
-    # prompt + reply, so the next turn reads only its own new tokens
+    # reply_suffix: the state after the reply up to the suffix is kept aside and cached when the request stops,
+    # so the next turn, which repeats the reply, reads only its own new tokens (chat: suffix "\n\n", stop
+    # "\n\nUser:"; here "," and ", they")
     engine = Engine(model, cache=PrefixCache(64 << 20), prefill_chunk=8)
-    first = engine.submit(turn1, max_tokens=80, params=SamplingParams.greedy(), stop=[","], cache_final=reply)
+    first = engine.submit(turn1, max_tokens=80, params=SamplingParams.greedy(), stop=[", they"], reply_suffix=",")
+    assert first.wait(0) is False
     while engine.has_work():
         engine.step()
+    assert first.finish_reason == "stop" and first.text + "," == tok.decode(reply)
+    read_before = engine.metrics.prompt_tokens_read
+    again = engine.submit(turn1, max_tokens=1)           # a hit on the whole prompt: no prompt reading at all
+    while engine.has_work():
+        engine.step()
+    assert again.usage.cached_tokens == len(turn1) and engine.metrics.prompt_tokens_read == read_before
+    assert again.tokens == first.tokens[:1]
     read_before = engine.metrics.prompt_tokens_read
     second = engine.submit(turn2, max_tokens=20, params=SamplingParams.greedy())
     while engine.has_work():
