@@ -682,11 +682,14 @@ class _ChatCommandError(RwkvLiteError):
 @click.option("--state", "state_in", type=click.Path(path_type=Path), default=None,
               help="Start from a state saved with /save (like /load FILE as the first command), or from a "
                    "state-tuned .pth (blocks.N.att.time_state).")
+@click.option("--think", is_flag=True,
+              help="RWKV-7 G1 think mode: start each reply with <think, so the model reasons before it answers.")
+@click.option("--hide-thinking", is_flag=True, help="With --think, show only the answer, not the reasoning.")
 @click.option("--verbose", "-v", is_flag=True, help="After each reply, print its tokens and tokens/s to stderr.")
 @threads_option
 @friendly_errors
 def chat(model, model_opt, temperature, top_p, top_k, min_p, presence_penalty, frequency_penalty, penalty_decay,
-         seed, greedy, max_tokens, preamble, no_preamble, state_in, verbose, threads):
+         seed, greedy, max_tokens, preamble, no_preamble, state_in, think, hide_thinking, verbose, threads):
     """Chat with a model in the World chat format ("User: ...\\n\\nAssistant: ...").
 
     The model's state is kept between turns, so history is never read twice. Defaults are the reference chat
@@ -694,6 +697,9 @@ def chat(model, model_opt, temperature, top_p, top_k, min_p, presence_penalty, f
 
     With piped stdin each line is one message (or command) and stdout gets each reply followed by an empty
     line (replies never contain one), so a chat can be scripted.
+
+    RWKV-7 G1 models can think before answering: with --think each reply starts with "<think", the model writes
+    its reasoning up to "</think>" and then the answer (--hide-thinking prints only the answer).
 
     \b
     Commands (type them as a message):
@@ -709,10 +715,13 @@ def chat(model, model_opt, temperature, top_p, top_k, min_p, presence_penalty, f
       rwkv-lite chat eagle-int8.safetensors --seed 1 --temperature 0.7
       printf 'Hi!\\nWhat is the capital of France?\\n/save paris.state\\n' | rwkv-lite chat eagle-int8.safetensors
       rwkv-lite chat eagle-int8.safetensors --state paris.state
+      rwkv-lite chat g1-2.9b-int8.safetensors --think --hide-thinking
     """
     from .generate import DEFAULT_PREAMBLE, ChatSession
     if preamble is not None and no_preamble:
         raise click.UsageError("--preamble and --no-preamble cannot be used together")
+    if hide_thinking and not think:
+        raise click.UsageError("--hide-thinking needs --think")
     params = _sampling_params("chat", greedy, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                               penalty_decay=penalty_decay, seed=seed)
@@ -721,7 +730,7 @@ def chat(model, model_opt, temperature, top_p, top_k, min_p, presence_penalty, f
     llm = _load_model(path)
     if llm.tokenizer is None:
         raise RwkvLiteError(f"{path}: this model has no tokenizer, so it cannot chat")
-    session = ChatSession(llm, params=params, max_reply_tokens=max_tokens,
+    session = ChatSession(llm, params=params, max_reply_tokens=max_tokens, think=think,
                           preamble="" if no_preamble else (DEFAULT_PREAMBLE if preamble is None else preamble))
     if state_in is not None:
         _load_state_for(llm, state_in)      # checks that it fits this model
@@ -749,7 +758,7 @@ def chat(model, model_opt, temperature, top_p, top_k, min_p, presence_penalty, f
                 continue
             if message.startswith("//"):
                 message = message[1:]
-            _chat_turn(session, message, interactive, verbose)
+            _chat_turn(session, message, interactive, verbose, show_thinking=not hide_thinking)
         except KeyboardInterrupt:           # between two steps of a turn or a command: drop it, keep chatting
             if not interactive:
                 raise
@@ -821,14 +830,35 @@ def _chat_command(session, llm, message: str) -> bool:
     return True
 
 
-def _chat_turn(session, message: str, interactive: bool, verbose: bool) -> None:
+def _chat_turn(session, message: str, interactive: bool, verbose: bool, show_thinking: bool = True) -> None:
+    from .generate import ThinkingSplitter
     gen = session.reply(message)
     printer = _ReplyPrinter()
+    splitter = ThinkingSplitter() if session.think else None
     if interactive:
         _write("Assistant: ")
+    if splitter is not None and show_thinking:
+        _write("<think")
+
+    answering = []
+
+    def show(parts):
+        for kind, text in parts:
+            if kind == "answer":
+                if show_thinking and not answering:
+                    answering.append(True)
+                    _write("\n")           # the answer starts on its own line, after the shown reasoning
+                printer.push(text)
+            elif show_thinking:
+                _write(text)
     try:
         for piece in gen:
-            printer.push(piece)
+            if splitter is None:
+                printer.push(piece)
+            else:
+                show(splitter.push(piece))
+        if splitter is not None:
+            show(splitter.flush())
     except KeyboardInterrupt:
         gen.close()                 # the partial reply stays in the conversation, closed as a finished turn
         if not interactive:

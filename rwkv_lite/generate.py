@@ -274,6 +274,34 @@ def _prefix_overlap(text: str, stop: str) -> int:
     return 0
 
 
+class ThinkingSplitter:
+    """Splits a think-mode reply, streamed in pieces, into its reasoning and its answer at the first "</think>"
+    (which may arrive split over pieces). push() and flush() return [(kind, text)], kind "thinking" (up to and
+    including "</think>") or "answer"."""
+
+    def __init__(self):
+        self.thinking = True
+        self._held = ""
+
+    def push(self, piece: str) -> list[tuple[str, str]]:
+        if not self.thinking:
+            return [("answer", piece)] if piece else []
+        text = self._held + piece
+        end = text.find(THINK_END)
+        if end >= 0:
+            self.thinking, self._held = False, ""
+            cut = end + len(THINK_END)
+            return [("thinking", text[:cut])] + ([("answer", text[cut:])] if text[cut:] else [])
+        keep = _prefix_overlap(text, THINK_END)
+        self._held = text[len(text) - keep:] if keep else ""
+        shown = text[:len(text) - keep]
+        return [("thinking", shown)] if shown else []
+
+    def flush(self) -> list[tuple[str, str]]:
+        held, self._held = self._held, ""
+        return [("thinking", held)] if held else []
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Chat
 
@@ -281,6 +309,8 @@ def _prefix_overlap(text: str, stop: str) -> int:
 DEFAULT_PREAMBLE = ("User: hi\n\nAssistant: Hi. I am your assistant and I will provide expert full response in "
                     "full details. Please feel free to ask any question and I will always answer it.\n\n")
 TURN_SEPARATOR = "\n\n"
+THINK_START = " <think"          # RWKV-7 G1's think mode: the assistant turn starts with it; the model writes
+THINK_END = "</think>"           # its reasoning (">...") up to this, then the answer
 
 
 def normalize_message(message: str) -> str:
@@ -299,7 +329,9 @@ class ChatSession:
             print(piece, end="", flush=True)
 
     The transcript is  preamble + "User: <msg>\\n\\nAssistant:" + reply + "\\n\\n" + "User: ..."; the model writes
-    the space after "Assistant:" itself. A reply ends when the model writes "\\n\\n" (not shown), and end-of-text
+    the space after "Assistant:" itself. With think=True (RWKV-7 G1's think mode) each turn ends with
+    "Assistant: <think" and the reply is the model's reasoning, "</think>", then its answer (ThinkingSplitter
+    separates them). A reply ends when the model writes "\\n\\n" (not shown), and end-of-text
     is never sampled during a reply (as in the reference chat demo). Each reply uses fresh penalties with weight 1
     for every token (the chat demo's convention) and `params` (default SamplingParams.chat()).
 
@@ -314,13 +346,14 @@ class ChatSession:
     """
 
     def __init__(self, model, *, params: SamplingParams | None = None, preamble: str | None = DEFAULT_PREAMBLE,
-                 max_reply_tokens: int = 1024):
+                 max_reply_tokens: int = 1024, think: bool = False):
         if model.tokenizer is None:
             raise GenerationError("this model has no tokenizer: it cannot chat")
         self.model = model
         self.params = params if params is not None else SamplingParams.chat()
         self.preamble = preamble or ""
         self.max_reply_tokens = max_reply_tokens
+        self.think = think
         self._active: Generation | None = None
         self.reset()
 
@@ -347,7 +380,7 @@ class ChatSession:
         message = normalize_message(message)
         if not message:
             raise GenerationError("the message is empty")
-        turn = self.model.tokenizer.encode(f"User: {message}\n\nAssistant:")
+        turn = self.model.tokenizer.encode(f"User: {message}\n\nAssistant:" + (THINK_START if self.think else ""))
 
         def on_finish(gen: Generation) -> None:
             self._active = None

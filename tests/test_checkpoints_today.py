@@ -492,3 +492,49 @@ def test_lora_cli_needs_alpha(tmp_path):
                            "--quant", "int8", "--quiet", "--lora", str(lora), "--lora-alpha", "16"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RWKV-7 G1 chat: think mode
+
+def test_thinking_splitter_finds_the_end_tag_across_pieces():
+    from rwkv_lite.generate import ThinkingSplitter
+    pieces = [">\nthe user asks", " about Paris </th", "ink", ">\nParis", " is the capital."]
+    s = ThinkingSplitter()
+    parts = [p for piece in pieces for p in s.push(piece)] + s.flush()
+    thinking = "".join(t for k, t in parts if k == "thinking")
+    answer = "".join(t for k, t in parts if k == "answer")
+    assert thinking == ">\nthe user asks about Paris </think>"
+    assert answer == "\nParis is the capital."
+    s = ThinkingSplitter()                                   # a reply cut off while thinking: all reasoning
+    assert s.push("> still </thi") == [("thinking", "> still ")] and s.flush() == [("thinking", "</thi")]
+
+
+def test_chat_think_mode_turn_format():
+    """With think=True each turn ends "Assistant: <think"; the reply (reasoning, </think>, answer) follows."""
+    from test_generate import GREEDY, ScriptedModel, TinyVocab, script_of
+    from rwkv_lite.generate import ChatSession
+    vocab = TinyVocab()
+    script = script_of(vocab, ">", "\n", "h", "m", "<", "/", "t", "h", "i", "n", "k", ">", "\n", "P", "a", "r", "i",
+                       "s", "\n\n")
+    model = ScriptedModel(vocab, script)
+    chat = ChatSession(model, params=GREEDY, preamble="", think=True)
+    reply = chat.ask("Capital of France?")
+    assert reply == ">\nhm</think>\nParis"
+    assert model.calls[0][0] == vocab.encode("User: Capital of France?\n\nAssistant: <think")
+    assert chat.transcript == "User: Capital of France?\n\nAssistant: <think>\nhm</think>\nParis\n\n"
+
+
+@pytest.mark.parametrize("hide", [False, True])
+def test_chat_cli_shows_or_hides_the_reasoning(hide, monkeypatch, capsys):
+    from test_generate import GREEDY, ScriptedModel, TinyVocab, script_of
+    from rwkv_lite import cli
+    from rwkv_lite.generate import ChatSession
+    vocab = TinyVocab()
+    script = script_of(vocab, ">", "\n", "h", "m", "<", "/", "t", "h", "i", "n", "k", ">", "\n", "O", "K", "\n\n")
+    chat = ChatSession(ScriptedModel(vocab, script), params=GREEDY, preamble="", think=True)
+    written = []
+    monkeypatch.setattr(cli, "_write", written.append)
+    cli._chat_turn(chat, "hi", interactive=False, verbose=False, show_thinking=not hide)
+    out = "".join(written)
+    assert out == ("OK\n\n" if hide else "<think>\nhm</think>\nOK\n\n")

@@ -385,7 +385,7 @@ def test_chat_reset_and_state_files(vocab, tmp_path, monkeypatch):
     assert saved == chat.history
     import rwkv_lite
     monkeypatch.setattr(rwkv_lite, "State",
-                        type("S", (), {"load": staticmethod(lambda p: HistoryState(json.loads(Path(p).read_text())))}),
+                        type("S", (), {"load": staticmethod(lambda p, model=None: HistoryState(json.loads(Path(p).read_text())))}),
                         raising=False)
     chat2 = ChatSession(model, params=GREEDY, preamble=None)
     chat2.load_state(tmp_path / "chat.state")

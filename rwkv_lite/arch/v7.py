@@ -30,8 +30,8 @@ import numpy as np
 from ..errors import FormatError
 from ..kernels.wkv7 import wkv7
 from ..kernels import pointwise
-from .common import (output_logits, Planner, PlannedTensor, group_norm, layer_count, layer_norm, linear, linear_many, lora_down,
-                     lora_up, relu_square, sigmoid)
+from .common import (output_logits, Planner, PlannedTensor, group_norm, layer_count, layer_norm, linear, linear_many,
+                     lora_down, lora_up, relu_square, sigmoid)
 
 VERSIONS = ("7",)
 LN_X_EPS = 64e-5                       # reference, training code and rwkv.cpp agree for v7
