@@ -538,3 +538,18 @@ def test_chat_cli_shows_or_hides_the_reasoning(hide, monkeypatch, capsys):
     cli._chat_turn(chat, "hi", interactive=False, verbose=False, show_thinking=not hide)
     out = "".join(written)
     assert out == ("OK\n\n" if hide else "<think>\nhm</think>\nOK\n\n")
+
+
+def test_deep_embed_batched_decode_equals_single_sequences(tmp_path):
+    """forward_batch (serving) applies DeepEmbed per row's own token, as forward does."""
+    spec = rm.SPECS_BY_NAME["v7_a"]
+    sd = add_deep_embed(rm.make_state_dict(spec), spec)
+    model = convert(cw.save_pth(sd, tmp_path / "de.pth"), tmp_path / "de.safetensors")
+    prompts = [[3, 9, 27], [200, 1], [5]]
+    states = [model.forward(p, None)[1] for p in prompts]
+    nxt = [11, 250, 7]
+    singles = [model.forward([t], s)[0] for t, s in zip(nxt, states)]
+    batch = model.forward_batch(nxt, [s.copy() for s in states])
+    for b in range(3):
+        assert_logits_match(batch[b], singles[b], f"DeepEmbed batch row {b}")
+    model.close()
