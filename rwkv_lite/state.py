@@ -12,7 +12,7 @@ import numpy as np
 
 from .errors import FormatError
 from .format import ModelWriter, read_model_file, verify_checksums
-from .quantize.state_file import is_torch_file, read_time_state
+from .quantize.state_file import is_state_tuning_file, read_time_state
 
 # config keys that must agree between a saved state and the model it is used with
 _IDENTITY_KEYS = ("arch", "n_layer", "n_embd", "n_head", "head_size", "vocab_size")
@@ -43,12 +43,12 @@ class State:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model=None) -> "State":
-        """A state saved by save() (or `rwkv-lite convert-state`), or a state-tuned `.pth` of
-        blocks.N.att.time_state tensors (which needs `model`, the model it was tuned for). With `model`, a state
+        """A state saved by save() (or `rwkv-lite convert-state`), or a state tuner's file (.pth or .safetensors
+        of blocks.N.att.time_state tensors; it needs `model`, the model it was tuned for). With `model`, a state
         made for another model shape is refused (FormatError naming the file)."""
-        if is_torch_file(Path(path)):
+        if is_state_tuning_file(Path(path)):
             if model is None:
-                raise FormatError(f"{path}: a state-tuned .pth file; load it with the model it was made for "
+                raise FormatError(f"{path}: a state-tuned state file; load it with the model it was made for "
                                   f"(State.load(path, model))")
             state = cls(model.config, read_time_state(path, model.config))
         else:

@@ -553,3 +553,25 @@ def test_deep_embed_batched_decode_equals_single_sequences(tmp_path):
     for b in range(3):
         assert_logits_match(batch[b], singles[b], f"DeepEmbed batch row {b}")
     model.close()
+
+
+def test_state_tuning_file_as_safetensors_and_int4_deep_embed(tmp_path):
+    """A time_state file saved as safetensors loads like the .pth; a DeepEmbed model converts to int4 (its s_emb
+    table at int8, as the embedding) and runs close to fp32."""
+    spec = rm.SPECS_BY_NAME["v7_a"]
+    sd = add_deep_embed(rm.make_state_dict(spec), spec)
+    pth = cw.save_pth(sd, tmp_path / "de.pth")
+    fp32 = convert(pth, tmp_path / "de32.safetensors")
+    ts = random_time_state(spec, 9)
+    a = rwkv_lite.State.load(cw.save_pth(ts, tmp_path / "s.pth"), fp32)
+    b = rwkv_lite.State.load(cw.save_safetensors(ts, tmp_path / "s.safetensors"), fp32)
+    np.testing.assert_array_equal(a.arrays["wkv"], b.arrays["wkv"])
+    np.testing.assert_array_equal(a.arrays["wkv"][1, 0], ts["blocks.1.att.time_state"][0].T)
+    int4 = convert(pth, tmp_path / "de4.safetensors", quant="int4")
+    assert int4.file.tensors["blocks.0.ffn.s_emb.weight"]["scheme"] == int4.file.tensors["emb.weight"]["scheme"]
+    tokens = [1, 50, 100, 150, 200]
+    x, _ = fp32.forward(tokens, a, all_logits=True)
+    y, _ = int4.forward(tokens, a, all_logits=True)
+    assert np.corrcoef(x.ravel(), y.ravel())[0, 1] > 0.95
+    fp32.close()
+    int4.close()

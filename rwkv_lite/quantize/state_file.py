@@ -73,3 +73,16 @@ def is_torch_file(path: Path) -> bool:
             return f.read(4) in (b"PK\x03\x04", b"PK\x05\x06")
     except OSError:
         return False
+
+
+def is_state_tuning_file(path: Path) -> bool:
+    """A state tuner's file: a .pth, or a safetensors file of blocks.N.att.time_state tensors (rwkv-lite's own
+    state files are safetensors too, but hold att_x / ffn_x / wkv)."""
+    if is_torch_file(path):
+        return True
+    from .readers import open_weights_file
+    try:
+        with open_weights_file(path) as ckpt:
+            return any(_KEY.match(name) for name in ckpt.tensors)
+    except (FormatError, OSError):
+        return False
