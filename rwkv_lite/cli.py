@@ -56,14 +56,14 @@ def friendly_errors(fn):
 
 
 def _quiet_exit_after_broken_pipe() -> None:
-    """The reader of stdout went away (`rwkv-lite generate ... | head`): stop quietly. Python would otherwise
+    """The reader of stdout went away (`rwkv-lite generate ... | head`): stop quietly, exit code 0. Python would otherwise
     complain once more when it flushes stdout at exit, so point stdout at /dev/null first."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError, AttributeError):     # (io.UnsupportedOperation is both OSError and ValueError)
         pass
-    sys.exit(1)
+    sys.exit(0)             # the reader took what it wanted, as with `cat file | head`: not a failure
 
 
 def _set_threads(threads: int | None) -> None:
@@ -131,6 +131,22 @@ threads_option = click.option("--threads", "-t", type=click.IntRange(1, 1024), d
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document (see docs/cli.md).")
 
 
+def old_spelling(flag: str, dest: str, **option_kwargs):
+    """Keep an earlier spelling of an option working without showing it in --help: a hidden option whose value,
+    when given, is passed on as `dest` (the current option's parameter)."""
+    hidden_dest = "old_spelling_" + dest
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            value = kwargs.pop(hidden_dest, None)
+            if value is not None:
+                kwargs[dest] = value
+            return fn(*args, **kwargs)
+        return click.option(flag, hidden_dest, hidden=True, default=None, **option_kwargs)(wrapper)
+    return decorate
+
+
 def model_argument(fn):
     """MODEL as an optional first argument, with -m/--model as an alias (absent: the built-in demo model)."""
     fn = click.option("--model", "-m", "model_opt", type=click.Path(path_type=Path), default=None,
@@ -169,8 +185,9 @@ def _load_model(path: Path):
 def sampling_options(fn):
     """The sampling options shared by generate and chat (defaults: see each command's help)."""
     options = [
-        click.option("--temperature", type=click.FloatRange(min=0.0), default=None,
-                     help="Sharpness: 0 = greedy, 1 = the model's distribution, higher = flatter."),
+        click.option("--temperature", "--temp", "temperature", type=click.FloatRange(min=0.0), default=None,
+                     help="Sharpness: 1 = the model's distribution, higher = flatter; 0 = greedy, exactly as "
+                          "--greedy."),
         click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=None,
                      help="Keep the smallest set of most probable tokens whose probability reaches P (1 = off)."),
         click.option("--top-k", type=click.IntRange(min=0), default=None,
@@ -183,10 +200,11 @@ def sampling_options(fn):
                      help="Also subtracted per (decayed) occurrence of a generated token."),
         click.option("--penalty-decay", type=click.FloatRange(0.0, 1.0), default=None,
                      help="Occurrence counts are multiplied by this after every token."),
-        click.option("--seed", type=click.IntRange(min=0), default=None,
+        click.option("--seed", "-s", type=click.IntRange(min=0), default=None,
                      help="Random seed: the same seed, model and options give the same text."),
         click.option("--greedy", is_flag=True,
-                     help="Always pick the most probable token, without penalties (temperature 0)."),
+                     help="Always pick the most probable token; repetition penalties off unless given "
+                          "(same as --temperature 0)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -199,6 +217,7 @@ def _sampling_params(base: str, greedy: bool, **given):
     given = {k: v for k, v in given.items() if v is not None}
     if greedy and given.get("temperature", 0.0) != 0.0:
         raise click.UsageError("--greedy means temperature 0: drop one of --greedy and --temperature")
+    greedy = greedy or given.get("temperature") == 0.0     # one meaning: argmax, penalties off unless given
     try:
         if greedy:
             return SamplingParams.greedy(**given)
@@ -262,18 +281,18 @@ def _read_stdin_text() -> str:
 
 
 def _parse_ids(text: str, vocab_size: int) -> list[int]:
-    """--tokens "1 2 3" (spaces and/or commas) -> [1, 2, 3], each checked against the vocabulary."""
+    """--prompt-ids "1 2 3" (spaces and/or commas) -> [1, 2, 3], each checked against the vocabulary."""
     parts = [p for p in re.split(r"[\s,]+", text.strip()) if p]
     if not parts:
-        raise click.BadParameter("give at least one token id", param_hint="--tokens")
+        raise click.BadParameter("give at least one token id", param_hint="--prompt-ids")
     ids = []
     for p in parts:
         if not (p.isascii() and p.isdigit()):
             raise click.BadParameter(f"{p!r} is not a token id (whole numbers separated by spaces)",
-                                     param_hint="--tokens")
+                                     param_hint="--prompt-ids")
         if int(p) >= vocab_size:
             raise click.BadParameter(f"token id {p} is outside the vocabulary (0..{vocab_size - 1})",
-                                     param_hint="--tokens")
+                                     param_hint="--prompt-ids")
         ids.append(int(p))
     return ids
 
@@ -294,7 +313,7 @@ def _peak_rss_bytes() -> int:
 class _IdsTokenizer:
     """Stands in for the tokenizer of a model that has none: output ids are printed as "12 345 6 ".
 
-    The prompt must then be given as ids (--tokens); there is no text to encode."""
+    The prompt must then be given as ids (--prompt-ids); there is no text to encode."""
 
     kind = "ids"
     eot_id = None
@@ -303,7 +322,7 @@ class _IdsTokenizer:
         self.vocab_size = vocab_size
 
     def encode(self, text: str) -> list[int]:
-        raise RwkvLiteError("this model has no tokenizer: give the prompt as token ids with --tokens")
+        raise RwkvLiteError("this model has no tokenizer: give the prompt as token ids with --prompt-ids")
 
     def decode_bytes(self, ids) -> bytes:
         return "".join(f"{int(i)} " for i in ids).encode()
@@ -461,12 +480,12 @@ def convert_state(src, dst, model_opt):
       rwkv-lite convert-state rwkv7-g1-1.5b-state-poet.pth poet.state -m g1-1.5b-int8.safetensors
       rwkv-lite chat g1-1.5b-int8.safetensors --state poet.state
     """
-    from .quantize.state_file import is_torch_file
+    from .quantize.state_file import is_state_tuning_file
     if not src.exists():
         raise click.BadParameter(f"{src}: no such file", param_hint="SRC")
-    if not is_torch_file(src):
-        raise FormatError(f"{src}: not a .pth file (a state-tuned state is a torch .pth of "
-                          f"blocks.N.att.time_state tensors)")
+    if not is_state_tuning_file(src):
+        raise FormatError(f"{src}: not a state tuner's file (a .pth or .safetensors of blocks.N.att.time_state "
+                          f"tensors)")
     model = _load_model(model_opt)
     try:
         state = _load_state_for(model, src)
@@ -482,11 +501,12 @@ def convert_state(src, dst, model_opt):
 @click.argument("text_file", type=click.Path(path_type=Path), metavar="TEXT")
 @click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), required=True,
               help="The calibration file to write (.npz).")
-@click.option("--tokens", type=click.IntRange(min=2), default=2048, show_default=True,
+@click.option("--max-tokens", "-n", "tokens", type=click.IntRange(min=2), default=2048, show_default=True,
               help="Tokens of TEXT to run (a 7B model's inputs take 2.75 MB per token on disk).")
 @click.option("--max-bytes", type=click.IntRange(min=1), default=None,
-              help="Read only the first N bytes of TEXT (default: all of it; --tokens still applies).")
+              help="Read only the first N bytes of TEXT (default: all of it; --max-tokens still applies).")
 @threads_option
+@old_spelling("--tokens", "tokens", type=click.IntRange(min=2))
 @friendly_errors
 def calibrate(model, text_file, output, tokens, max_bytes, threads):
     """Record what each weight matrix's inputs look like on sample text, for `convert --calibration`.
@@ -539,7 +559,7 @@ def _read_text_prefix(path: Path, max_bytes: int) -> str:
 @click.option("--prompt", "-p", default=None, help="The text to continue.")
 @click.option("--file", "-f", "prompt_file", type=click.Path(path_type=Path), default=None,
               help="Read the prompt from a UTF-8 text file.")
-@click.option("--tokens", "prompt_ids", default=None, metavar="IDS",
+@click.option("--prompt-ids", "prompt_ids", default=None, metavar="IDS",
               help='The prompt as token ids, e.g. "34 105 110" (for models without a tokenizer).')
 @click.option("--max-tokens", "-n", type=click.IntRange(min=0), default=100, show_default=True,
               help="Generate at most this many tokens.")
@@ -555,25 +575,26 @@ def _read_text_prefix(path: Path, max_bytes: int) -> str:
 @click.option("--verbose", "-v", is_flag=True,
               help="At the end, print tokens/s of the prompt and of generation, and peak memory, to stderr.")
 @threads_option
+@old_spelling("--tokens", "prompt_ids", metavar="IDS")
 @friendly_errors
 def generate(model, model_opt, prompt, prompt_file, prompt_ids, max_tokens, temperature, top_p, top_k, min_p,
              presence_penalty, frequency_penalty, penalty_decay, seed, greedy, stops, state_in, state_out,
              as_json, verbose, threads):
     """Continue a prompt, streaming the generated text to stdout.
 
-    The prompt comes from -p, -f FILE, --tokens, or stdin when it is piped. Defaults are the reference's
+    The prompt comes from -p, -f FILE, --prompt-ids, or stdin when it is piped. Defaults are the reference's
     sampling settings (temperature 1, top-p 0.85, presence and frequency penalties 0.2, decay 0.996).
 
     \b
     Examples:
       rwkv-lite generate -p "And God said"                      # the built-in demo model
       rwkv-lite generate eagle-int8.safetensors -p "The Eiffel tower is in" -n 40 --greedy
-      rwkv-lite generate eagle-int8.safetensors -f story.txt --temperature 0.8 --top-p 0.9 --seed 7
+      rwkv-lite generate eagle-int8.safetensors -f story.txt --temp 0.8 --top-p 0.9 -s 7
       echo "Q: What is 2+2?" | rwkv-lite generate eagle-int8.safetensors --stop '\\n' --json
-      rwkv-lite generate tiny.safetensors --tokens "34 105 110" -n 8
+      rwkv-lite generate tiny.safetensors --prompt-ids "34 105 110" -n 8
     """
     from .generate import generate as run_generate
-    given = [name for name, value in (("-p", prompt), ("-f", prompt_file), ("--tokens", prompt_ids))
+    given = [name for name, value in (("-p", prompt), ("-f", prompt_file), ("--prompt-ids", prompt_ids))
              if value is not None]
     if len(given) > 1:
         raise click.UsageError(f"give the prompt one way: {' and '.join(given)} were both given")
@@ -600,7 +621,7 @@ def generate(model, model_opt, prompt, prompt_file, prompt_ids, max_tokens, temp
     if llm.tokenizer is None:
         if isinstance(prompt_value, str):
             raise RwkvLiteError(f"{path}: this model has no tokenizer, so it cannot read text: give the prompt as "
-                                "token ids with --tokens (or convert it again with --vocab)")
+                                "token ids with --prompt-ids (or convert it again with --vocab)")
         llm = _WithIdsTokenizer(llm)
     state = _load_state_for(llm, state_in) if state_in is not None else None
 
@@ -701,6 +722,9 @@ def chat(model, model_opt, temperature, top_p, top_k, min_p, presence_penalty, f
     RWKV-7 G1 models can think before answering: with --think each reply starts with "<think", the model writes
     its reasoning up to "</think>" and then the answer (--hide-thinking prints only the answer).
 
+    RWKV-7 G1 models can think before answering: with --think each reply starts with "<think", the model writes
+    its reasoning up to "</think>" and then the answer (--hide-thinking prints only the answer).
+
     \b
     Commands (type them as a message):
       /reset        forget the conversation
@@ -720,6 +744,8 @@ def chat(model, model_opt, temperature, top_p, top_k, min_p, presence_penalty, f
     from .generate import DEFAULT_PREAMBLE, ChatSession
     if preamble is not None and no_preamble:
         raise click.UsageError("--preamble and --no-preamble cannot be used together")
+    if hide_thinking and not think:
+        raise click.UsageError("--hide-thinking needs --think")
     if hide_thinking and not think:
         raise click.UsageError("--hide-thinking needs --think")
     params = _sampling_params("chat", greedy, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
@@ -875,35 +901,47 @@ def _chat_turn(session, message: str, interactive: bool, verbose: bool, show_thi
 
 
 # ------------------------------------------------------------------------------------------------- perplexity
+PERPLEXITY_DEFAULT_TOKENS = 16384
+
+
 @main.command()
-@click.argument("paths", nargs=-1, type=click.Path(path_type=Path), metavar="[MODEL] FILE")
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path), metavar="[MODEL] [FILE]")
 @click.option("--model", "-m", "model_opt", type=click.Path(path_type=Path), default=None,
               help="The model file (same as the MODEL argument).")
-@click.option("--max-tokens", type=click.IntRange(min=2), default=None,
-              help="Score only the first N tokens of the text.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--file", "-f", "file_opt", type=click.Path(path_type=Path), default=None,
+              help="The UTF-8 text file to score (same as the FILE argument).")
+@click.option("--max-tokens", "-n", type=click.IntRange(min=0), default=PERPLEXITY_DEFAULT_TOKENS,
+              show_default=True, help="Score only the first N tokens of the text (0: all of it).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @json_option
 @threads_option
 @friendly_errors
-def perplexity(paths, model_opt, max_tokens, quiet, as_json, threads):
+def perplexity(paths, model_opt, file_opt, max_tokens, quiet, as_json, threads):
     """Score a UTF-8 text file: tokens, mean negative log-likelihood, perplexity and bits per byte.
 
     The model reads the text from its initial state in sequence mode and predicts every token after the first.
-    Lower is better; bits per byte compares models with different tokenizers.
+    Lower is better; bits per byte compares models with different tokenizers. Long texts are cut at
+    --max-tokens (the output says so). The progress bar shows the perplexity so far; Ctrl-C stops and prints
+    the score of the tokens read until then (exit code 130).
 
     \b
     Examples:
-      rwkv-lite perplexity eagle-int8.safetensors book.txt
-      rwkv-lite perplexity eagle-int4.safetensors book.txt --max-tokens 4096 --json
+      rwkv-lite perplexity -m eagle-int8.safetensors -f book.txt
+      rwkv-lite perplexity eagle-int8.safetensors book.txt --max-tokens 0     # the whole book
+      rwkv-lite perplexity eagle-int4.safetensors book.txt -n 4096 --json
       rwkv-lite perplexity held-out.txt                          # the built-in demo model
     """
-    from .evaluate import perplexity as run_perplexity
+    from .evaluate import perplexity_result, scoring_steps
+    paths = list(paths)
+    if file_opt is not None:
+        paths.append(file_opt)
     if len(paths) == 2 and model_opt is None:
         model, text_file = paths
     elif len(paths) == 1:
         model, text_file = None, paths[0]
     else:
-        raise click.UsageError("expected [MODEL] FILE: the model (optional) and the text file to score")
+        raise click.UsageError("expected [MODEL] FILE (or -m MODEL -f FILE): the model (optional) and the text "
+                               "file to score")
     path = _model_path(model, model_opt)
     text = _read_text_file(text_file)           # before loading the model: cheap checks first
     _set_threads(threads)
@@ -912,27 +950,53 @@ def perplexity(paths, model_opt, max_tokens, quiet, as_json, threads):
         raise RwkvLiteError(f"{path}: this model has no tokenizer, so it cannot score text")
     ids = llm.tokenizer.encode(text)
     del text
-    if max_tokens is not None:
+    text_tokens = len(ids)
+    if max_tokens and text_tokens > max_tokens:
         ids = ids[:max_tokens]
+        click.echo(f"scoring the first {max_tokens:,} of {text_tokens:,} tokens"
+                   + (" (the default limit)" if max_tokens == PERPLEXITY_DEFAULT_TOKENS else "")
+                   + "; --max-tokens 0 scores the whole text", err=True)
     if len(ids) < 2:
         raise RwkvLiteError(f"{text_file}: too short: perplexity needs at least 2 tokens of text")
-    n_bytes = len(llm.tokenizer.decode_bytes(ids[1:]))   # the bytes of the scored tokens (all but the first)
+    show_bar = not quiet and not as_json and sys.stderr.isatty()
+    if not show_bar and not as_json and not quiet:
+        click.echo(f"scoring {len(ids):,} tokens...", err=True)
     start = time.perf_counter()
-    show_bar = not quiet and sys.stderr.isatty()
-    with click.progressbar(length=len(ids), label="scoring", file=sys.stderr, hidden=not show_bar) as bar:
-        result = run_perplexity(llm, ids, n_bytes=n_bytes, progress=bar.update)
+    read = 0
+    total = 0.0
+    interrupted = False
+
+    def running(_):
+        return f"perplexity {math.exp(total / (read - 1)):.3f}" if read > 1 else ""
+    with click.progressbar(length=len(ids), label="scoring", file=sys.stderr, hidden=not show_bar,
+                           item_show_func=running) as bar:
+        try:
+            for n, total in scoring_steps(llm, ids):
+                read += n
+                bar.update(n, read)
+        except KeyboardInterrupt:
+            interrupted = True
     seconds = time.perf_counter() - start
+    if read < 2:
+        _fail("interrupted before any token was scored", 130)
+    n_bytes = len(llm.tokenizer.decode_bytes(ids[1:read]))   # the bytes of the scored tokens (all but the first)
+    result = perplexity_result(read, read - 1, total, n_bytes)
     doc = {"model": str(path), "file": str(text_file), **result.as_dict(), "bytes": n_bytes,
+           "text_tokens": text_tokens, "partial": interrupted,
            "seconds": seconds, "tokens_per_s": result.tokens / seconds if seconds > 0 else None}
     if as_json:
         _print_json(doc)
-        return
-    click.echo(f"tokens        {result.tokens:,} ({result.predicted:,} predicted, {n_bytes:,} bytes)")
-    click.echo(f"mean NLL      {result.nll:.4f} nats/token")
-    click.echo(f"perplexity    {result.perplexity:.3f}")
-    if result.bits_per_byte is not None:
-        click.echo(f"bits/byte     {result.bits_per_byte:.4f}")
-    click.echo(f"speed         {doc['tokens_per_s'] or 0:.1f} tokens/s ({seconds:.1f} s)")
+    else:
+        if interrupted:
+            click.echo(f"partial       interrupted after {read:,} of {len(ids):,} tokens: the score so far")
+        click.echo(f"tokens        {result.tokens:,} ({result.predicted:,} predicted, {n_bytes:,} bytes)")
+        click.echo(f"mean NLL      {result.nll:.4f} nats/token")
+        click.echo(f"perplexity    {result.perplexity:.3f}")
+        if result.bits_per_byte is not None:
+            click.echo(f"bits/byte     {result.bits_per_byte:.4f}")
+        click.echo(f"speed         {doc['tokens_per_s'] or 0:.1f} tokens/s ({seconds:.1f} s)")
+    if interrupted:
+        _fail("interrupted", 130)
 
 
 # ------------------------------------------------------------------------------------------------- bench
@@ -953,7 +1017,7 @@ class _LengthList(click.ParamType):
 
 @main.command()
 @model_argument
-@click.option("--tokens", "decode_tokens", type=click.IntRange(min=1), default=16, show_default=True,
+@click.option("--decode-tokens", "-n", "decode_tokens", type=click.IntRange(min=1), default=16, show_default=True,
               help="Decode steps timed (the median is reported).")
 @click.option("--prompt-lengths", type=_LengthList(), default="128,1024", show_default=True,
               help="Prompt lengths (tokens) whose sequence-mode speed is measured; empty to skip.")
@@ -961,18 +1025,19 @@ class _LengthList(click.ParamType):
               help="Skip the memory-bandwidth probe (which puts decode speed against its memory-bound floor).")
 @json_option
 @threads_option
+@old_spelling("--tokens", "decode_tokens", type=click.IntRange(min=1))
 @friendly_errors
 def bench(model, model_opt, decode_tokens, prompt_lengths, no_probe, as_json, threads):
     """Measure speed and memory: load time, prompt tokens/s, decode ms/token, peak RSS.
 
-    Decode time is the median over --tokens single-token steps after two warm-up steps. The bandwidth probe
+    Decode time is the median over --decode-tokens single-token steps after two warm-up steps. The bandwidth probe
     measures how fast this machine streams weights from RAM: the decode floor is bytes read per token / bandwidth.
 
     \b
     Examples:
       rwkv-lite bench eagle-int8.safetensors
-      rwkv-lite bench eagle-int4.safetensors --threads 4 --tokens 32 --json
-      rwkv-lite bench tiny.safetensors --tokens 4 --prompt-lengths 16 --no-probe
+      rwkv-lite bench eagle-int4.safetensors -t 4 -n 32 --json
+      rwkv-lite bench tiny.safetensors --decode-tokens 4 --prompt-lengths 16 --no-probe
     """
     from . import benchmark
     from .format import read_model_file
@@ -992,7 +1057,8 @@ def bench(model, model_opt, decode_tokens, prompt_lengths, no_probe, as_json, th
         ("threads", str(doc["threads"])),
         ("load", f"{doc['load_s'] * 1e3:.1f} ms (first logits after {doc['load_to_first_logits_s'] * 1e3:.1f} ms)"),
         ("decode", f"{doc['decode_ms_per_token']:.2f} ms/token (median of {doc['decode_tokens']}; "
-                   f"min {doc['decode_ms_min']:.2f}, max {doc['decode_ms_max']:.2f})"),
+                   f"min {doc['decode_ms_min']:.2f}, max {doc['decode_ms_max']:.2f}, "
+                   f"spread max/median {doc['decode_spread']:.2f})"),
     ]
     rows += [(f"prompt {n}", f"{speed:,.1f} tokens/s") for n, speed in doc["prompt_tokens_per_s"].items()]
     rows.append(("weights/token", f"{doc['bytes_read_per_token'] / 1e6:.1f} MB read per decode step"))

@@ -50,16 +50,30 @@ def perplexity(model, ids, *, n_bytes: int | None = None, chunk: int = EVAL_CHUN
     if ids.size < 2:
         raise ValueError("perplexity needs a text of at least 2 tokens")
     total = 0.0
-    for start, logits in all_logits(model, ids, chunk, progress):
+    for done, total in scoring_steps(model, ids, chunk):
+        if progress:
+            progress(done)
+    return perplexity_result(ids.size, ids.size - 1, total, n_bytes)
+
+
+def scoring_steps(model, ids, chunk: int = EVAL_CHUNK) -> Iterator[tuple[int, float]]:
+    """After each chunk: (tokens read in that chunk, total NLL in nats of the tokens predicted so far).
+
+    Tokens read so far = the running sum of the first values; predicted = read - 1 (the first has no context).
+    For callers that show a running score or keep a partial one when interrupted."""
+    ids = np.asarray(ids, dtype=np.int64)
+    total = 0.0
+    for start, logits in all_logits(model, ids, chunk):
         targets = ids[start + 1:start + 1 + len(logits)]
         lp = log_softmax(logits[:len(targets)])
         total -= float(lp[np.arange(len(targets)), targets].sum())
-    predicted = ids.size - 1
-    nll = total / predicted
-    bpb = None
-    if n_bytes:
-        bpb = total / math.log(2) / n_bytes
-    return Perplexity(int(ids.size), predicted, nll, math.exp(nll), bpb)
+        yield len(logits), total
+
+
+def perplexity_result(tokens: int, predicted: int, total_nll: float, n_bytes: int | None) -> Perplexity:
+    nll = total_nll / predicted
+    bpb = total_nll / math.log(2) / n_bytes if n_bytes else None
+    return Perplexity(int(tokens), int(predicted), nll, math.exp(nll), bpb)
 
 
 @dataclass

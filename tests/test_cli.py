@@ -183,7 +183,7 @@ def test_model_without_tokenizer_takes_and_prints_ids(tiny, monkeypatch):
         model.tokenizer = None
         return model
     monkeypatch.setattr(cli, "_load_model", load_without_tokenizer)
-    assert_one_line_error(run("generate", tiny, "-p", "The "), 1, "no tokenizer", "--tokens")
+    assert_one_line_error(run("generate", tiny, "-p", "The "), 1, "no tokenizer", "--prompt-ids")
     result = run("generate", tiny, "--tokens", "84,104,101,32", "-n", "5", "--greedy")
     assert result.exit_code == 0
     ids = [int(t) for t in result.stdout.split()]
@@ -380,7 +380,7 @@ def test_perplexity_human_output_limit_and_arguments(tiny, english_text, monkeyp
     result = run("perplexity", tiny, english_text, "--max-tokens", "300")
     assert result.exit_code == 0
     assert re.search(r"tokens\s+300 ", result.stdout) and "perplexity" in result.stdout
-    assert run("perplexity", "--model", tiny, english_text, "--max-tokens", "50", "-q").exit_code == 0
+    assert run("perplexity", "--model", tiny, english_text, "--max-tokens", "50", "--quiet").exit_code == 0
     assert run("perplexity").exit_code == 2
     assert run("perplexity", tiny, english_text, english_text).exit_code == 2
 

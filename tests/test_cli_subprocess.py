@@ -112,4 +112,4 @@ def test_closed_pipe_ends_quietly(tiny):
     proc.stdout.close()
     _, stderr = proc.communicate(timeout=60)
     assert b"Traceback" not in stderr and b"Exception ignored" not in stderr, stderr
-    assert proc.returncode == 1
+    assert proc.returncode == 0
