@@ -575,3 +575,20 @@ def test_state_tuning_file_as_safetensors_and_int4_deep_embed(tmp_path):
     assert np.corrcoef(x.ravel(), y.ravel())[0, 1] > 0.95
     fp32.close()
     int4.close()
+
+
+@pytest.mark.parametrize("quant", ["fp32", "int8"])
+def test_deep_embed_decode_step_never_calls_blas(quant, tmp_path):
+    """DeepEmbed's per-token products stay in the decode path's own kernels (see test_decode_no_blas.py)."""
+    from test_decode_no_blas import _trap
+    spec = rm.SPECS_BY_NAME["v7_a"]
+    model = convert(cw.save_pth(add_deep_embed(rm.make_state_dict(spec), spec), tmp_path / "de.pth"),
+                    tmp_path / "de.safetensors", quant=quant)
+    _, state = model.forward([1, 2, 3])
+    plain, _ = model.forward([4], state.copy())
+    for L in model.weights.layers:
+        _trap(L)
+    _trap(model.weights)
+    trapped, _ = model.forward([4], state.copy())
+    np.testing.assert_array_equal(trapped, plain)
+    model.close()

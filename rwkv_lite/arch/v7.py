@@ -280,8 +280,13 @@ def deep_embed_scale(L: Layer, b, tokens):
     matrix and b the un-shifted LN2 output (the reference's channel mix with RWKV_DE_VERSION=1)."""
     T, D = b.shape[0], L.s1.shape[1]
     table = L.s_emb.rows(np.asarray(tokens, dtype=np.int64)).reshape(T, D, D)
-    ss = np.einsum("ti,tij->tj", b @ L.s1, table)
-    return ss @ L.s2 + L.s0
+    (h,) = lora_down((b,), (L.s1,))
+    if T == 1:                                   # decode: the small products in Numba's pool too, never BLAS
+        (ss,) = lora_up((h,), (np.ascontiguousarray(table[0]),))
+    else:
+        ss = np.einsum("ti,tij->tj", h, table)
+    (scale,) = lora_up((ss,), (L.s2,))
+    return scale + L.s0
 
 
 def forward(W: Weights, tokens: np.ndarray, state: dict, all_logits: bool, check=None) -> np.ndarray:
