@@ -13,6 +13,7 @@ import contextlib
 import hmac
 import json
 import math
+import threading
 import time
 import uuid
 
@@ -553,13 +554,22 @@ def prometheus_text(engine: Engine, cache: PrefixCache | None) -> str:
 
 def serve(model, *, host: str, port: int, model_name: str, log_level: str = "info", shutdown_timeout: float = 30,
           ready=None, **options) -> None:
-    """Run the server until SIGINT/SIGTERM (uvicorn handles both: stop accepting, let open streams finish for up
-    to `shutdown_timeout` seconds, then cancel the rest)."""
+    """Run the server until SIGINT/SIGTERM. Then: no new connections; running requests may finish for up to
+    `shutdown_timeout` seconds; the rest are cancelled (a stream gets an error event and [DONE], and ends as a
+    well-formed response); the process exits."""
     import uvicorn
     server = Server(model, model_name=model_name, **options)
+
+    class GracefulServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if not self.should_exit:                 # first signal: drain the engine in the background
+                threading.Thread(target=server.engine.shutdown, args=(shutdown_timeout,), daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    # uvicorn's own deadline comes after ours, so it never has to cut a stream off mid-body
     config = uvicorn.Config(server.app, host=host, port=port, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=shutdown_timeout, access_log=log_level == "debug")
-    uv = uvicorn.Server(config)
+                            timeout_graceful_shutdown=shutdown_timeout + 10, access_log=log_level == "debug")
+    uv = GracefulServer(config)
     if ready is not None:
         ready(server)
     uv.run()
