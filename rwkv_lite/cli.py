@@ -722,12 +722,6 @@ def chat(model, model_opt, temperature, top_p, top_k, min_p, presence_penalty, f
     RWKV-7 G1 models can think before answering: with --think each reply starts with "<think", the model writes
     its reasoning up to "</think>" and then the answer (--hide-thinking prints only the answer).
 
-    RWKV-7 G1 models can think before answering: with --think each reply starts with "<think", the model writes
-    its reasoning up to "</think>" and then the answer (--hide-thinking prints only the answer).
-
-    RWKV-7 G1 models can think before answering: with --think each reply starts with "<think", the model writes
-    its reasoning up to "</think>" and then the answer (--hide-thinking prints only the answer).
-
     \b
     Commands (type them as a message):
       /reset        forget the conversation
@@ -747,10 +741,6 @@ def chat(model, model_opt, temperature, top_p, top_k, min_p, presence_penalty, f
     from .generate import DEFAULT_PREAMBLE, ChatSession
     if preamble is not None and no_preamble:
         raise click.UsageError("--preamble and --no-preamble cannot be used together")
-    if hide_thinking and not think:
-        raise click.UsageError("--hide-thinking needs --think")
-    if hide_thinking and not think:
-        raise click.UsageError("--hide-thinking needs --think")
     if hide_thinking and not think:
         raise click.UsageError("--hide-thinking needs --think")
     params = _sampling_params("chat", greedy, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
