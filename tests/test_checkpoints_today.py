@@ -592,3 +592,16 @@ def test_deep_embed_decode_step_never_calls_blas(quant, tmp_path):
     trapped, _ = model.forward([4], state.copy())
     np.testing.assert_array_equal(trapped, plain)
     model.close()
+
+
+def test_add_on_files_given_as_models_are_explained(tmp_path):
+    """A state file or an adapter passed to convert as the model gets one line saying what it is."""
+    spec = rm.SPECS_BY_NAME["v7_a"]
+    sd = rm.make_state_dict(spec)
+    state = cw.save_pth(random_time_state(spec, 1), tmp_path / "state.pth")
+    adapter = cw.save_pth({k: v for k, v in make_adapter(sd, spec, 4, 2).items() if "lora" in k},
+                          tmp_path / "adapter.pth")
+    with pytest.raises(FormatError, match="state-tuned initial state, not a model.*convert-state"):
+        rwkv_lite.convert(state, tmp_path / "x.safetensors", quant="fp32")
+    with pytest.raises(FormatError, match="LoRA adapter, not a model.*--lora"):
+        rwkv_lite.convert(adapter, tmp_path / "x.safetensors", quant="fp32")

@@ -108,7 +108,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "fp16",
             arch = module_for(version)
             cfg = arch.infer_config(refs, version, ckpt.kind)
         except FormatError as e:
-            raise FormatError(f"{src}: {e}") from None
+            raise FormatError(f"{src}: {_not_a_model_hint(refs) or e}") from None
         except (KeyError, IndexError, ValueError) as e:
             raise FormatError(f"{src}: cannot infer the model configuration ({e.__class__.__name__}: {e})") from None
         _check_against_config_json(src, cfg, ckpt.config)
@@ -233,6 +233,17 @@ def _check_calibration(calib, planned) -> None:
             arr = calib.arrays.get(key)
             if arr is not None and arr.shape[1] != widths[name]:
                 raise FormatError(f"{calib.path}: {key} has {arr.shape[1]} columns, the matrix has {widths[name]}")
+
+
+def _not_a_model_hint(refs: dict) -> str | None:
+    """What a checkpoint without a model's tensors is instead, when it is one of the add-on files people mix up."""
+    names = list(refs)
+    if names and all(n.startswith("blocks.") and n.endswith(".att.time_state") for n in names):
+        return ("a state-tuned initial state, not a model: use it with --state on generate/chat, or convert it "
+                "with rwkv-lite convert-state")
+    if any(n.endswith(".lora_A") or n.endswith(".lora_B") for n in names) and "emb.weight" not in refs:
+        return "a LoRA adapter, not a model: convert the base model with --lora and this file"
+    return None
 
 
 class _ReadTracker(dict):
