@@ -1,0 +1,127 @@
+"""Batched decode throughput: aggregate tokens/s of B sequences advanced together (Model.forward_batch) over
+single-stream decode (Model.forward one token at a time), measured in one run, interleaved.
+
+    python bench/bench_batch.py MODEL [MODEL ...] [--batches 4 8 16] [--rounds 5] [--steps 4] [--profile]
+
+Each round times, for every model: `--steps` single-stream tokens, then `--steps` batched steps for every B; the
+rounds interleave so that load from other processes hits all variants alike. Prints the median per variant, the
+spread (min-max over rounds), the ratio aggregate/single from the medians, and the load average. `--profile`
+also splits one batched step's time into matrix products (kernels/batched.py) and everything else.
+For AVX2 code generation run it with NUMBA_CPU_NAME=haswell OPENBLAS_CORETYPE=Haswell (and a separate
+NUMBA_CACHE_DIR, so the AVX-512 cache is not reused).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from collections import defaultdict
+
+import numpy as np
+
+import rwkv_lite
+from rwkv_lite.arch import v4, v5, v6, v7
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def single_token_seconds(model, state, token, steps):
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        _, state = model.forward([token], state)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)), state
+
+
+def batch_step_seconds(model, states, tokens, steps):
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        model.forward_batch(tokens, states)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def profile_step(model, B, token):
+    """(matrix-product seconds, total seconds) of one batched step of B rows."""
+    spent = [0.0]
+    modules = (v4, v5, v6, v7)
+    originals = {m: m.linear_rows for m in modules}
+
+    def timed(matrix, X):
+        t = time.perf_counter()
+        y = originals[v5](matrix, X)
+        spent[0] += time.perf_counter() - t
+        return y
+    states = [model.new_state() for _ in range(B)]
+    model.forward_batch([token] * B, states)
+    try:
+        for m in modules:
+            m.linear_rows = timed
+        t = time.perf_counter()
+        model.forward_batch([token] * B, states)
+        total = time.perf_counter() - t
+    finally:
+        for m, f in originals.items():
+            m.linear_rows = f
+    return spent[0], total
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--batches", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=4, help="timed calls per variant per round (median)")
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} logical cores; NUMBA_CPU_NAME={os.environ.get('NUMBA_CPU_NAME', '')}")
+    models = [(path, rwkv_lite.load(path)) for path in args.models]
+    token = 123
+    results = defaultdict(list)          # (path, B) -> per-round seconds per step (B = 0: single stream)
+    states = {}
+    for path, model in models:           # warm-up: compile, page in the weights
+        _, s = model.forward([token])
+        single_token_seconds(model, s, token, 2)
+        for B in args.batches:
+            states[path, B] = [s.copy() for _ in range(B)]
+            batch_step_seconds(model, states[path, B], [token] * B, 1)
+        states[path, 0] = s
+    load_before = os.getloadavg()
+    for _ in range(args.rounds):
+        for path, model in models:
+            sec, states[path, 0] = single_token_seconds(model, states[path, 0], token, args.steps)
+            results[path, 0].append(sec)
+            for B in args.batches:
+                results[path, B].append(batch_step_seconds(model, states[path, B], [token] * B, args.steps))
+    load_after = os.getloadavg()
+    print(f"load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f}")
+    for path, model in models:
+        single = np.median(results[path, 0])
+        spread = f"{1e3 * min(results[path, 0]):.0f}-{1e3 * max(results[path, 0]):.0f}"
+        print(f"\n{path}: single stream {1e3 * single:.1f} ms/token ({spread}), {1 / single:.2f} tokens/s")
+        print("  B   ms/step (min-max)        aggregate tokens/s   ratio vs single")
+        for B in args.batches:
+            step = np.median(results[path, B])
+            spread = f"{1e3 * min(results[path, B]):.0f}-{1e3 * max(results[path, B]):.0f}"
+            print(f"  {B:<3} {1e3 * step:8.1f} ({spread:>13})   {B / step:12.2f}        {B / step * single:6.2f}x")
+        if args.profile:
+            for B in args.batches:
+                products, total = profile_step(model, B, token)
+                print(f"  profile B={B}: matrix products {1e3 * products:.0f} ms of {1e3 * total:.0f} ms "
+                      f"({100 * products / total:.0f}%)")
+
+
+if __name__ == "__main__":
+    main()
