@@ -71,7 +71,10 @@ def merge_adapter(refs: dict, adapter, alpha: float | None) -> dict:
         if int(np.prod(ref.shape)) != int(np.prod(base.shape)):
             raise FormatError(f"{where}: adapter tensor {name!r} has shape {list(ref.shape)}, the model's has "
                               f"{list(base.shape)}")
-        out[name] = TensorRef(name, base.shape, ref.dtype, _reshaped_rows(ref, base.shape))
+        if tuple(ref.shape) == tuple(base.shape):
+            out[name] = ref                                # streamed like any tensor (a trained emb.weight, ...)
+        else:                                              # a vector stored as (C,) vs (1, 1, C)
+            out[name] = TensorRef(name, base.shape, ref.dtype, _reshaped_rows(ref, base.shape))
     for stem, (a_ref, b_ref) in pairs.items():
         target = stem + ".weight"
         base = refs.get(target)
