@@ -446,6 +446,7 @@ def test_lora_merge_equals_converting_merged_weights(tmp_path):
     spec = rm.SPECS_BY_NAME["v7_a"]
     sd = rm.make_state_dict(spec)
     adapter = make_adapter(sd, spec, 4, 5)
+    adapter["blocks.0.att.x_r"] = (sd["blocks.0.att.x_r"] * 0.9).reshape(-1)     # (C,) for the base's (1, 1, C)
     ours = convert(cw.save_pth(sd, tmp_path / "b.pth"), tmp_path / "a.safetensors",
                    lora=cw.save_pth(adapter, tmp_path / "ad.pth"), lora_alpha=8)
     theirs = convert(cw.save_pth(merged_in_float64(sd, adapter, 8), tmp_path / "m.pth"), tmp_path / "b.safetensors")
