@@ -402,12 +402,12 @@ def main():
               help="Tokenizer to embed: World vocab .txt or tokenizer.json (default: found beside SRC).")
 @click.option("--calibration", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="A file from `rwkv-lite calibrate`: quantize the int4 matrices with GPTQ (better quality).")
-@click.option("--lora", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="A LoRA adapter (.pth of *.lora_A/*.lora_B, as RWKV-PEFT and RWKV-LM-LoRA write) to merge into "
-                   "the weights before quantization.")
+@click.option("--lora", type=click.Path(path_type=Path), default=None,
+              help="A LoRA adapter to merge into the weights before quantization: a .pth of *.lora_A/*.lora_B "
+                   "(RWKV-PEFT, RWKV-LM-LoRA) or a Hugging Face PEFT folder.")
 @click.option("--lora-alpha", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="The lora_alpha the adapter was trained with (not stored in adapter files): merged as "
-                   "W + alpha/r * B A.")
+              help="The lora_alpha the adapter was trained with (RWKV-PEFT files do not store it; HF PEFT "
+                   "folders do): merged as W + alpha/r * B A.")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors

@@ -608,3 +608,51 @@ def test_add_on_files_given_as_models_are_explained(tmp_path):
         rwkv_lite.convert(state, tmp_path / "x.safetensors", quant="fp32")
     with pytest.raises(FormatError, match="LoRA adapter, not a model.*--lora"):
         rwkv_lite.convert(adapter, tmp_path / "x.safetensors", quant="fp32")
+
+
+def write_peft_folder(adapter: dict, folder: Path, to_module, r: int, alpha: float, rslora=False) -> Path:
+    """A Hugging Face PEFT LoRA folder holding `adapter` (BlinkDL names) under the port's module names."""
+    folder.mkdir()
+    tensors = {}
+    for name, a in adapter.items():
+        if name.endswith(".lora_A") or name.endswith(".lora_B"):
+            module = to_module(name[: -len(".lora_A")] + ".weight")[: -len(".weight")]
+            tensors[f"base_model.model.{module}.{name[-6:]}.weight"] = a
+    cw.save_safetensors(tensors, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": rslora, "lora_dropout": 0.0,
+        "bias": "none", "target_modules": ["key", "value"], "task_type": "CAUSAL_LM"}))
+    return folder
+
+
+def fla_module_name(blink: str) -> str:
+    return next(k for k in to_fla({blink: np.zeros((2, 2), np.float32)}))
+
+
+@pytest.mark.parametrize("layout,rslora", [("fla", False), ("hf-v6", True)])
+def test_hf_peft_adapter_equals_rwkv_peft_adapter(layout, rslora, tmp_path):
+    """An HF PEFT folder on an HF port merges exactly like the same LoRA in RWKV-PEFT form on the BlinkDL file
+    (whose merge is checked against the reference above); alpha and rslora come from adapter_config.json."""
+    spec = rm.SPECS_BY_NAME["v7_a" if layout == "fla" else "v6_a"]
+    sd = rm.make_state_dict(spec)
+    r, alpha = 4, 16.0
+    adapter = {k: v for k, v in make_adapter(sd, spec, r, 8).items() if "lora" in k}
+    if layout == "fla":
+        base_hf = write_fla_dir(sd, spec, tmp_path / "fla")
+        peft = write_peft_folder(adapter, tmp_path / "peft", fla_module_name, r, alpha)
+    else:
+        base_hf = cw.save_hf_dir(sd, {"model_type": "rwkv6", "hidden_size": spec.n_embd}, tmp_path / "hf",
+                                 fmt="safetensors")
+        peft = write_peft_folder(adapter, tmp_path / "peft", cw.blinkdl_to_hf_name, r, alpha, rslora)
+    blink_alpha = alpha * (np.sqrt(r) if rslora else 1.0)          # the same scale in alpha / r form
+    ours = convert(base_hf, tmp_path / "a.safetensors", lora=peft)
+    theirs = convert(cw.save_pth(sd, tmp_path / "b.pth"), tmp_path / "b.safetensors",
+                     lora=cw.save_pth(adapter, tmp_path / "ad.pth"), lora_alpha=blink_alpha)
+    for name in ours.file.arrays:
+        if name != "tokenizer.data":
+            np.testing.assert_allclose(ours.file.arrays[name], theirs.file.arrays[name], rtol=1e-6, atol=1e-7,
+                                       err_msg=name)
+    with pytest.raises(FormatError, match="lora_alpha=16"):
+        rwkv_lite.convert(base_hf, tmp_path / "c.safetensors", quant="fp32", lora=peft, lora_alpha=8)
+    ours.close()
+    theirs.close()

@@ -8,8 +8,14 @@ Supported: the adapter files RWKV's own trainers write, RWKV-PEFT (`--peft lora`
 plus, optionally, full tensors trained alongside (e.g. `blocks.N.att.ln_x.weight`, `time_*`, `emb.weight`),
 which replace the base tensor of the same name, as those trainers' merge scripts do. alpha is not stored in these
 files (it is a training flag: RWKV-PEFT's `--lora_config`'s lora_alpha, RWKV-LM-LoRA's `--lora_alpha`), so it
-must be given. Not supported, and refused naming the tensor: PiSSA (`init_lora_A/B`, which needs its init file),
-DiSHA/Bone and other RWKV-PEFT methods, and Hugging Face PEFT adapter folders.
+must be given.
+
+Also supported: Hugging Face PEFT LoRA folders (`adapter_config.json` + `adapter_model.safetensors` or `.bin`) made
+on the Hugging Face ports (transformers' RWKV-4/5/6 names, fla's RWKV-7 names): `base_model.model.<module>.lora_A
+.weight` / `lora_B.weight`, mapped to BlinkDL names like the checkpoints themselves; alpha and r come from the
+config (alpha / sqrt(r) with use_rslora). LoRA on fla's own low-rank `*_lora.lora.N` layers, DoRA and LoRA biases
+are refused. Not supported, and refused naming the tensor: PiSSA (`init_lora_A/B`, which needs its init file),
+DiSHA/Bone and other RWKV-PEFT methods.
 
 The merge is streamed: each block of base rows is read, B's matching rows times A (r x in, read once) are added in
 float32, and the block goes on to quantization; the base checkpoint is never held whole. Every adapter tensor
@@ -27,14 +33,85 @@ from ..errors import FormatError
 from .readers.base import TensorRef
 
 
-def open_adapter(path: str | os.PathLike):
-    """The adapter file as a Checkpoint (torch-free readers; nothing but tensors is unpickled)."""
+class Adapter:
+    """An open adapter: tensors under BlinkDL names (`X.lora_A`, `X.lora_B`, full tensors), and the scale the
+    file records (HF PEFT: alpha, rslora), if any. Close it (or use `with`) when done."""
+
+    def __init__(self, path: Path, tensors: dict, close, alpha: float | None = None, rslora: bool = False):
+        self.path, self.tensors, self._close = path, tensors, close
+        self.alpha, self.rslora = alpha, rslora
+
+    def close(self) -> None:
+        self._close()
+
+    def __enter__(self) -> "Adapter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_adapter(path: str | os.PathLike) -> Adapter:
+    """The adapter file (or HF PEFT folder), read with the torch-free readers: nothing but tensors is unpickled."""
     from .readers import open_weights_file
     path = Path(path)
     if path.is_dir():
-        raise FormatError(f"{path}: a folder; give the adapter file (.pth or .safetensors; Hugging Face PEFT "
-                          f"adapter folders are not supported)")
-    return open_weights_file(path)
+        return _open_peft_folder(path)
+    ckpt = open_weights_file(path)
+    return Adapter(path, dict(ckpt.tensors), ckpt.close)
+
+
+_PEFT_PREFIX = "base_model.model."
+
+
+def _open_peft_folder(folder: Path) -> Adapter:
+    from .names import fla_to_blinkdl, hf_to_blinkdl, is_fla_naming
+    from .readers import open_weights_file
+    from .readers.base import read_json_file
+    config_path = folder / "adapter_config.json"
+    weights = [folder / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (folder / n).is_file()]
+    if not config_path.is_file() or not weights:
+        raise FormatError(f"{folder}: a folder, but not a Hugging Face PEFT adapter (adapter_config.json and "
+                          f"adapter_model.safetensors); give the adapter file")
+    config = read_json_file(config_path, "adapter_config.json")
+    if not isinstance(config, dict) or str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise FormatError(f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA")
+    if config.get("use_dora"):
+        raise FormatError(f"{config_path}: DoRA adapters are not supported")
+    alpha, r = config.get("lora_alpha"), config.get("r")
+    if not isinstance(alpha, (int, float)) or not isinstance(r, int) or r <= 0:
+        raise FormatError(f"{config_path}: lora_alpha / r missing or not numbers")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise FormatError(f"{config_path}: per-module rank_pattern / alpha_pattern are not supported")
+    ckpt = open_weights_file(weights[0])
+    try:
+        fla = is_fla_naming([n[len(_PEFT_PREFIX):] for n in ckpt.tensors if n.startswith(_PEFT_PREFIX)])
+        tensors = {}
+        for name, ref in ckpt.tensors.items():
+            if not name.startswith(_PEFT_PREFIX):
+                raise FormatError(f"{weights[0]}: adapter tensor {name!r} is not under {_PEFT_PREFIX!r}")
+            module = name[len(_PEFT_PREFIX):]
+            suffix = ""
+            for part in (".lora_A.weight", ".lora_B.weight"):
+                if module.endswith(part):
+                    module, suffix = module[: -len(part)] + ".weight", part[: -len(".weight")]
+            if fla:
+                mapped = fla_to_blinkdl(module)
+                if mapped is None or mapped[1]:
+                    raise FormatError(f"{weights[0]}: adapter tensor {name!r} targets {module}, which this "
+                                      f"converter cannot merge into (not a plain weight of the RWKV-7 fla layout)")
+                blink = mapped[0]
+            else:
+                blink = hf_to_blinkdl(module)
+            if suffix:
+                blink = blink[: -len(".weight")] + suffix
+            if blink in tensors:
+                raise FormatError(f"{weights[0]}: two adapter tensors map to {blink!r}")
+            tensors[blink] = ref
+    except BaseException:
+        ckpt.close()
+        raise
+    return Adapter(weights[0], tensors, ckpt.close, alpha=float(alpha), rslora=bool(config.get("use_rslora")))
 
 
 def merge_adapter(refs: dict, adapter, alpha: float | None) -> dict:
@@ -57,6 +134,10 @@ def merge_adapter(refs: dict, adapter, alpha: float | None) -> dict:
                               f"tensor; this kind of adapter (PiSSA, DiSHA/Bone, ...) is not supported")
         else:
             replacements[name] = ref
+    if adapter.alpha is not None:
+        if alpha is not None and float(alpha) != adapter.alpha:
+            raise FormatError(f"{where}: the adapter's config says lora_alpha={adapter.alpha:g}, not {alpha:g}")
+        alpha = adapter.alpha
     if pairs and alpha is None:
         raise FormatError(f"{where}: the LoRA scale is not stored in adapter files: give --lora-alpha (the "
                           f"lora_alpha the adapter was trained with)")
@@ -91,8 +172,8 @@ def merge_adapter(refs: dict, adapter, alpha: float | None) -> dict:
             raise FormatError(f"{where}: LoRA pair {stem}.lora_A {list(a_ref.shape)} / lora_B "
                               f"{list(b_ref.shape)} does not fit {target} {list(base.shape)} (expected "
                               f"[r, {n_in}] / [{n_out}, r])")
-        out[target] = TensorRef(target, base.shape, base.dtype,
-                                _merged_rows(base, a_ref, b_ref, np.float32(float(alpha) / r)))
+        scale = float(alpha) / (np.sqrt(r) if adapter.rslora else r)
+        out[target] = TensorRef(target, base.shape, base.dtype, _merged_rows(base, a_ref, b_ref, np.float32(scale)))
     return out
 
 
