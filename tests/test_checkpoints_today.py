@@ -364,17 +364,17 @@ def test_convert_state_command_and_refusals(tmp_path):
     b = rwkv_lite.State.load(state_pth, model)
     for k in a.arrays:
         np.testing.assert_array_equal(a.arrays[k], b.arrays[k])
-    runs = [cli("generate", model_path, "--tokens", "1 2 3", "-n", "5", "--temperature", "0", "--state", s)
+    runs = [cli("generate", model_path, "--prompt-ids", "1 2 3", "-n", "5", "--temperature", "0", "--state", s)
             for s in (out, state_pth)]
     assert all(r.returncode == 0 for r in runs), runs[0].stderr + runs[1].stderr
     assert runs[0].stdout == runs[1].stdout
-    plain = cli("generate", model_path, "--tokens", "1 2 3", "-n", "5", "--temperature", "0")
+    plain = cli("generate", model_path, "--prompt-ids", "1 2 3", "-n", "5", "--temperature", "0")
     assert plain.returncode == 0 and plain.stdout != runs[0].stdout
 
     other = rm.SPECS_BY_NAME["v7_b"]                        # another shape: 2 heads of 64, 3 layers
     bad = cw.save_pth(random_time_state(other, 4), tmp_path / "other.pth")
     for args in (("convert-state", bad, tmp_path / "x.state", "-m", model_path),
-                 ("generate", model_path, "--tokens", "1", "-n", "1", "--state", bad),
+                 ("generate", model_path, "--prompt-ids", "1", "-n", "1", "--state", bad),
                  ("convert-state", tmp_path / "m.pth", tmp_path / "y.state", "-m", model_path)):
         proc = cli(*args)
         errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
