@@ -656,3 +656,15 @@ def test_hf_peft_adapter_equals_rwkv_peft_adapter(layout, rslora, tmp_path):
         rwkv_lite.convert(base_hf, tmp_path / "c.safetensors", quant="fp32", lora=peft, lora_alpha=8)
     ours.close()
     theirs.close()
+
+
+def test_other_model_families_in_hf_folders_are_refused(tmp_path):
+    """A transformer's HF folder (model.layers.N.self_attn.*) is not mistaken for RWKV-7's fla layout."""
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    cw.save_safetensors({"model.embed_tokens.weight": np.zeros((8, 4), np.float32),
+                         "model.layers.0.self_attn.q_proj.weight": np.zeros((4, 4), np.float32)},
+                        folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(FormatError, match="not an RWKV-7 checkpoint"):
+        rwkv_lite.convert(folder, tmp_path / "x.safetensors", quant="fp32")

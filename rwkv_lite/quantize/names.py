@@ -140,6 +140,9 @@ def _derived_ref(ref, name: str, shape: tuple, produce):
 def _fla_refs(tensors: dict, where) -> dict:
     """BlinkDL name -> TensorRef for an fla RWKV-7 checkpoint (orientations and stacked mixes undone)."""
     prefix = f"{where}: " if where is not None else ""
+    if not any(name.endswith(".attn.r_k") for name in tensors):
+        raise FormatError(f"{prefix}tensors named model.layers.N.* but no attn.r_k: not an RWKV-7 checkpoint "
+                          f"(e.g. {next(iter(tensors))!r})")
     out: dict = {}
     source_of: dict[str, str] = {}
 
