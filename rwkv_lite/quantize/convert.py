@@ -348,7 +348,7 @@ def _choose_tokenizer(src: Path, vocab, found_beside, vocab_size: int):
     if found_beside is not None:
         return _checked_tokenizer(found_beside, vocab_size), Path(found_beside).name
     if vocab_size == 256:
-        return ByteTokenizer(), "bytes"
+        return ByteTokenizer(), None             # (the kind, "bytes", says it all)
     builtin = builtin_tokenizer_for(vocab_size)
     if builtin is None:
         return None, None           # the file runs on token ids; `rwkv-lite convert` says so in one line
