@@ -16,7 +16,7 @@ import numpy as np
 
 from . import arch as arch_registry
 from .errors import FormatError, NumericalError, ResourceError
-from .format import ModelFile, read_model_file, verify_checksums
+from .format import TOKENIZER_ARRAY, ModelFile, read_model_file, verify_checksums
 from .state import State
 
 CHUNK_TOKENS = 512      # sequence mode runs the prompt in chunks of this many tokens (bounds activation memory)
@@ -295,6 +295,15 @@ def memory_bytes() -> tuple[int, int]:
         return 0, 0
 
 
+def _weights_read_per_token(model_file: ModelFile) -> int:
+    """The bytes of the file a token reads: all of it but the row-gathered tables (the embedding, DeepEmbed's
+    s_emb: one row per token, paged in on use) and the tokenizer. What must fit in RAM to run at speed."""
+    gathered = [name for name, info in model_file.tensors.items() if info.get("role") == "embedding"]
+    skipped = sum(a.nbytes for key, a in model_file.arrays.items()
+                  if key == TOKENIZER_ARRAY or any(key == g or key.startswith(g + ".") for g in gathered))
+    return sum(a.nbytes for a in model_file.arrays.values()) - skipped
+
+
 def check_fits_memory(path: Path, file_bytes: int) -> None:
     """Refuse a model whose weights cannot stay in RAM: every token reads all of them, so a model larger than the
     machine's memory would re-read the disk for every token (minutes per token) or be killed."""
@@ -311,11 +320,14 @@ def check_fits_memory(path: Path, file_bytes: int) -> None:
 def load(path: str | os.PathLike, verify: bool = False) -> Model:
     """Map a model file and return a Model. `verify=True` also checks every array's checksum (reads the file).
 
-    Refuses (ResourceError) a model larger than the machine's memory, before mapping it."""
+    Refuses (ResourceError) a model whose per-token weights (_weights_read_per_token) exceed the machine's memory."""
     path = Path(path)
-    if path.is_file():
-        check_fits_memory(path, path.stat().st_size)
     model_file = read_model_file(path)
+    try:
+        check_fits_memory(path, _weights_read_per_token(model_file))
+    except BaseException:
+        model_file.close()
+        raise
     if verify:
         bad = verify_checksums(model_file)
         if bad:

@@ -668,3 +668,23 @@ def test_other_model_families_in_hf_folders_are_refused(tmp_path):
     (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(FormatError, match="not an RWKV-7 checkpoint"):
         rwkv_lite.convert(folder, tmp_path / "x.safetensors", quant="fp32")
+
+
+def test_memory_check_counts_only_weights_read_per_token(tmp_path, monkeypatch):
+    """The embedding and DeepEmbed tables are read one row per token (paged in on use): a machine whose memory
+    holds the rest runs the model; one that does not hold the rest is refused."""
+    import rwkv_lite.model as model_module
+    from rwkv_lite.errors import ResourceError
+    spec = rm.SPECS_BY_NAME["v7_a"]
+    dst = tmp_path / "de.safetensors"
+    convert(cw.save_pth(add_deep_embed(rm.make_state_dict(spec), spec), tmp_path / "de.pth"), dst).close()
+    f = model_module.read_model_file(dst)
+    per_token = model_module._weights_read_per_token(f)
+    tables = sum(a.nbytes for k, a in f.arrays.items() if "s_emb" in k or k.startswith("emb."))
+    f.close()
+    assert tables > dst.stat().st_size / 2 and per_token < dst.stat().st_size - tables + 1
+    monkeypatch.setattr(model_module, "memory_bytes", lambda: (per_token + 4096, per_token + 4096))
+    rwkv_lite.load(dst).close()
+    monkeypatch.setattr(model_module, "memory_bytes", lambda: (per_token - 4096, per_token - 4096))
+    with pytest.raises(ResourceError):
+        rwkv_lite.load(dst)
