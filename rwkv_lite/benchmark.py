@@ -114,6 +114,7 @@ def run(path, *, threads: int | None = None, decode_tokens: int = 16, prompt_len
         "decode_ms_per_token": decode_ms,
         "decode_ms_min": 1e3 * min(times),
         "decode_ms_max": 1e3 * max(times),
+        "decode_spread": max(times) / statistics.median(times),   # 1.0 = every token equally fast
         "decode_tokens": decode_tokens,
         "prompt_tokens_per_s": prompt,
         "bytes_read_per_token": per_token,
