@@ -1167,10 +1167,13 @@ def verify(model, model_opt, as_json):
 @click.option("--model-name", default=None, help="The model id clients use (default: the file name's stem).")
 @click.option("--shutdown-timeout", type=click.FloatRange(0), default=30, show_default=True,
               help="On SIGTERM/Ctrl-C, seconds open streams may take to finish before they are cancelled.")
+@click.option("--state", "state_in", type=click.Path(path_type=Path), default=None,
+              help="Start every request from this state (a state-tuned .pth, or a saved state) instead of the "
+                   "model's initial one.")
 @threads_option
 @friendly_errors
 def serve(model, model_opt, host, port, max_batch, max_queue, api_key, cache_mb, max_prompt_tokens,
-          max_tokens_limit, prefill_chunk, model_name, shutdown_timeout, threads):
+          max_tokens_limit, prefill_chunk, model_name, shutdown_timeout, state_in, threads):
     """An OpenAI-compatible HTTP server (needs the 'server' extra); see docs/server.md.
 
     \b
@@ -1186,6 +1189,8 @@ def serve(model, model_opt, host, port, max_batch, max_queue, api_key, cache_mb,
     _set_threads(threads)
     path = _model_path(model, model_opt)
     loaded = _load_model(path)
+    if state_in is not None:
+        loaded.initial_state = _load_state_for(loaded, state_in)
     name = model_name or path.name.split(".")[0]
 
     def ready(srv):

@@ -92,6 +92,7 @@ class Model:
         self.weights = self.arch.Weights(store, self.config)
         self._store = store
         self._tokenizer = None
+        self._initial_state = None
         self._state_shapes = {name: a.shape for name, a in self.new_state().arrays.items()}
 
     @property
@@ -108,7 +109,24 @@ class Model:
 
     # -- state ---------------------------------------------------------------------------------------------------
     def new_state(self) -> State:
+        """The state every sequence starts from (forward(tokens, None), the serving engine): initial_state if
+        one is set, else the file's (zeros, or a state-tuned time_state converted into the model)."""
+        if self._initial_state is not None:
+            return self._initial_state.copy()
         return State(self.config, self.arch.init_state(self.config, self._store))
+
+    @property
+    def initial_state(self) -> State | None:
+        """A State set as this model's starting point (e.g. a state-tuned file: State.load(path, model)), or None."""
+        return self._initial_state
+
+    @initial_state.setter
+    def initial_state(self, state: State | None) -> None:
+        if state is not None:
+            state.check_compatible(self.config)
+            state.check_shapes(self._state_shapes)
+            state = state.copy()
+        self._initial_state = state
 
     # -- forward -------------------------------------------------------------------------------------------------
     def forward(self, tokens, state: State | None = None, all_logits: bool = False):

@@ -688,3 +688,37 @@ def test_memory_check_counts_only_weights_read_per_token(tmp_path, monkeypatch):
     monkeypatch.setattr(model_module, "memory_bytes", lambda: (per_token - 4096, per_token - 4096))
     with pytest.raises(ResourceError):
         rwkv_lite.load(dst)
+
+
+def test_initial_state_is_what_every_sequence_starts_from(tmp_path):
+    """Model.initial_state (serve --state): forward from None and the batched engine start from the tuned state."""
+    from rwkv_lite.engine import generate_batch
+    from rwkv_lite.sampling import SamplingParams
+    spec = rm.SPECS_BY_NAME["v7_a"]
+    model = convert(cw.save_pth(rm.make_state_dict(spec), tmp_path / "m.pth"), tmp_path / "m.safetensors")
+    tuned = rwkv_lite.State.load(cw.save_pth(random_time_state(spec, 6), tmp_path / "s.pth"), model)
+    tokens = [5, 6, 7]
+    want, _ = model.forward(tokens, tuned)
+    plain, _ = model.forward(tokens, None)
+    model.initial_state = tuned
+    got, _ = model.forward(tokens, None)
+    np.testing.assert_array_equal(got, want)
+    assert np.abs(got - plain).max() > 0.01
+    greedy = SamplingParams.greedy()
+    batch = generate_batch(model, [tokens, [9, 9]], max_tokens=6, params=greedy, max_batch=2)
+    solo, state = [], tuned
+    logits, state = model.forward(tokens, tuned)
+    for _ in range(6):
+        tok = int(np.argmax(logits))
+        solo.append(tok)
+        logits, state = model.forward([tok], state)
+    assert list(batch[0].tokens) == solo
+    model.initial_state = None
+    again, _ = model.forward(tokens, None)
+    np.testing.assert_array_equal(again, plain)
+    other = rm.SPECS_BY_NAME["v7_b"]
+    with pytest.raises(FormatError):
+        model.initial_state = rwkv_lite.State(
+            {"arch": "rwkv7", "n_layer": other.n_layer, "n_embd": other.n_embd},
+            {"att_x": np.zeros((other.n_layer, other.n_embd), np.float32)})
+    model.close()
