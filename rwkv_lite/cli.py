@@ -1094,7 +1094,8 @@ def info(model, model_opt, tensors, as_json):
     click.echo(f"file          {doc['path']} ({doc['file_bytes'] / 1e6:.1f} MB, format v{doc['format_version']})")
     click.echo(f"architecture  {doc['architecture']}: {cfg['n_layer']} layers x {cfg['n_embd']}, "
                f"vocab {cfg['vocab_size']}" + (f", {cfg['n_head']} heads of {cfg['head_size']}"
-                                               if cfg.get('n_head') else "") + f", ffn {cfg.get('ffn_size')}")
+                                               if cfg.get('n_head') else "") + f", ffn {cfg.get('ffn_size')}"
+               + (f", DeepEmbed {cfg['d_de']}x{cfg['d_de']}" if cfg.get("d_de") else ""))
     click.echo(f"parameters    {doc['parameters']:,}")
     click.echo("storage       " + ", ".join(f"{k}: {v:,}" for k, v in sorted(doc["parameters_by_scheme"].items())))
     click.echo(f"bits/weight   {doc['bits_per_weight']:.3f} overall, {doc['matrix_bits_per_weight']:.3f} "
