@@ -13,6 +13,9 @@ Python then imports ``rwkv_lite`` as an empty namespace package. So before any k
 
 If that folder cannot be created or written, rwkv-lite's kernels run uncached (compiled again by every process)
 and one notice says so on stderr; they never fall back to the package folder.
+
+Numba has one cache folder per process (NUMBA_CACHE_DIR, which configure() sets when the user has not), so other
+Numba-using code in a process that imports rwkv_lite caches there too, rather than beside its own sources.
 """
 from __future__ import annotations
 

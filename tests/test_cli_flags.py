@@ -128,3 +128,32 @@ def test_perplexity_ctrl_c_prints_the_partial_score(tiny):
     tokens = int(re.search(r"tokens\s+([\d,]+)", out)[1].replace(",", ""))
     ppl = float(re.search(r"perplexity\s+([\d.]+)", out)[1])
     assert 512 <= tokens < 4_404_412 and 1.0 < ppl < 30, out
+
+
+@pytest.mark.skipif(os.name != "posix", reason="needs a pseudo-terminal")
+def test_perplexity_progress_bar_shows_the_running_perplexity(tiny):
+    """On a terminal the bar carries the perplexity so far; its last value is the final score."""
+    import pty
+    text = shared_file("text", "english-gpl3-8k.txt")
+    pid, fd = pty.fork()
+    if pid == 0:                                           # the child: the CLI with a terminal as stdout/stderr
+        os.environ.update({"PYTHONPATH": str(REPO), "NUMBA_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
+        os.execv(sys.executable, [sys.executable, "-m", "rwkv_lite.cli", "perplexity", str(tiny), "-f", str(text),
+                                  "-n", "3000"])
+    out = b""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:                                    # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    shown = out.decode("utf-8", errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, shown
+    running = re.findall(r"scoring .*?perplexity (\d+\.\d{3})", shown)
+    assert len(running) >= 2, shown                        # updated as chunks complete
+    final = re.search(r"\nperplexity\s+(\d+\.\d{3})", shown.replace("\r", ""))[1]
+    assert running[-1] == final
