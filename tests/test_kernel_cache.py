@@ -3,6 +3,7 @@ kernels run uncached with one notice; a compile is announced on stderr, a cached
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,21 +46,47 @@ def test_first_run_announces_compile_into_the_user_cache_and_second_run_is_silen
     assert second.stdout == first.stdout and len(first.stdout) > 0
 
 
+def _make_read_only(root: Path) -> None:
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+
+
+def _make_writable(root: Path) -> None:
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 @pytest.mark.slow
-def test_unwritable_home_runs_uncached_with_one_notice(tmp_path):
-    """A service account: HOME cannot be created (it lies under a regular file, which defeats even root), the
-    package folder must not be used instead."""
-    blocker = tmp_path / "not-a-folder"
-    blocker.write_text("")
-    before = _numba_files_in_package()
-    proc = _generate({"HOME": str(blocker / "home")}, tmp_path)
+def test_read_only_install_and_home_run_uncached_with_one_notice(tmp_path):
+    """A service account: the installed package and HOME are read-only. The package is a read-only copy run from
+    its own folder; HOME is a read-only folder, or, when running as root (which ignores mode bits), a path under
+    a regular file, which cannot be created even by root. Nothing may be written into the package."""
+    site = tmp_path / "site"
+    shutil.copytree(PACKAGE, site / "rwkv_lite", ignore=shutil.ignore_patterns("__pycache__"))
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        blocker = tmp_path / "not-a-folder"
+        blocker.write_text("")
+        home = blocker / "home"
+    else:
+        home = tmp_path / "home"
+        home.mkdir()
+        home.chmod(0o555)
+    _make_read_only(site)
+    try:
+        proc = _generate({"HOME": str(home), "PYTHONPATH": str(site), "PYTHONDONTWRITEBYTECODE": "1"}, tmp_path)
+        written = sorted(str(p) for p in site.rglob("*") if p.suffix in (".nbi", ".nbc") or p.name == "__pycache__")
+    finally:
+        _make_writable(site)
+        if home.parent == tmp_path:
+            home.chmod(0o755)
     stderr = proc.stderr.decode()
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr
     notices = [line for line in stderr.splitlines() if "kernel cache" in line]
-    assert len(notices) == 1 and str(blocker / "home") in notices[0], stderr
+    assert len(notices) == 1 and str(home) in notices[0], stderr
+    assert "compiling kernels (not cached" in stderr
     assert len(proc.stdout.decode().strip()) > 0
-    assert _numba_files_in_package() == before, "Numba wrote cache files into the package folder"
+    assert written == [], written
 
 
 def test_cache_folder_preference(monkeypatch, tmp_path):
