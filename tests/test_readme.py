@@ -78,6 +78,8 @@ def test_readme_two_commands_in_order_in_one_fresh_venv(tmp_path):
     assert len(one.stdout.split()) >= 3 and "demo" in one.stderr, (one.stdout, one.stderr)
     assert where_is_rwkv_lite().startswith(str(site_packages)), "not the installed copy"
     assert not list((site_packages / "rwkv_lite").rglob("*.nb[ic]")), "Numba cached into site-packages"
+    for shipped in ("rwkv_vocab_v20230424.txt", "20B_tokenizer.json", "demo-kjv-int8.safetensors"):
+        assert (site_packages / "rwkv_lite" / "data" / shipped).is_file(), f"{shipped} not installed"
     assert list((tmp_path / "cache" / "rwkv-lite").rglob("*.nbi")), "no kernel cache in the user cache folder"
 
     install = bash(second.split(" && ")[0])
