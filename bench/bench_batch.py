@@ -1,7 +1,7 @@
 """Batched decode throughput: aggregate tokens/s of B sequences advanced together (Model.forward_batch) over
 single-stream decode (Model.forward one token at a time), measured in one run, interleaved.
 
-    python bench/bench_batch.py MODEL [MODEL ...] [--batches 4 8 16] [--rounds 5] [--steps 4] [--profile]
+    python bench/bench_batch.py MODEL [MODEL ...] [--batches 4 8 16] [--rounds 5] [--steps 4] [--profile] [--kernel]
 
 Each round times, for every model: `--steps` single-stream tokens, then `--steps` batched steps for every B; the
 rounds interleave so that load from other processes hits all variants alike. Prints the median per variant, the
@@ -78,14 +78,46 @@ def profile_step(model, B, token):
     return spent[0], total
 
 
+def kernel_cap(batches, rounds):
+    """Per-row cost of kernels/batched.py products on 2048 x 2048 matrices: if a row costs nearly as much at
+    B = 16 (weights in cache) as at B = 1 (weights from memory), the kernel is bound by instructions, not bytes."""
+    from rwkv_lite.kernels.batched import matmul_rows
+    from rwkv_lite.kernels.linear import make_matrix
+    from rwkv_lite.quantize.schemes import get_scheme
+    rng = np.random.default_rng(0)
+    print("\nkernel: 2048 x 2048 products, 48 distinct matrices (weights from memory each call)")
+    print("  scheme   B    us per call (median)   us per row   weights/s per row (G)")
+    for name in ("int8", "int4"):
+        scheme = get_scheme(name, group=32)
+        w = rng.standard_normal((2048, 2048), dtype=np.float32) / 45
+        parts = scheme.quantize(w)
+        mats = [make_matrix(name, scheme.params, {k: v.copy() for k, v in parts.items()}, (2048, 2048))
+                for _ in range(48)]
+        for B in [1] + list(batches):
+            X = rng.standard_normal((B, 2048), dtype=np.float32)
+            matmul_rows(mats[0], X)
+            times = []
+            for _ in range(rounds):
+                t = time.perf_counter()
+                for m in mats:
+                    matmul_rows(m, X)
+                times.append((time.perf_counter() - t) / len(mats))
+            per_call = float(np.median(times))
+            print(f"  {name:<8} {B:<4} {1e6 * per_call:12.0f}          {1e6 * per_call / B:10.0f}"
+                  f"   {2048 * 2048 / (per_call / B) / 1e9:10.2f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("models", nargs="+")
+    ap.add_argument("models", nargs="*")
+    ap.add_argument("--kernel", action="store_true", help="also time the products alone (kernel_cap)")
     ap.add_argument("--batches", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=4, help="timed calls per variant per round (median)")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
+    if args.kernel:
+        kernel_cap(args.batches, args.rounds)
     print(f"CPU: {cpu_name()}, {os.cpu_count()} logical cores; NUMBA_CPU_NAME={os.environ.get('NUMBA_CPU_NAME', '')}")
     models = [(path, rwkv_lite.load(path)) for path in args.models]
     token = 123
