@@ -1186,7 +1186,8 @@ def serve(model, model_opt, host, port, max_batch, max_queue, api_key, cache_mb,
     try:
         from . import server as server_module
     except ImportError as e:
-        _fail(f"rwkv-lite serve needs the server extra ({e.name} is missing): pip install 'rwkv-lite[server]'")
+        missing = (e.name or "a dependency").split(".")[0]
+        _fail(f"rwkv-lite serve needs the server extra ({missing} is missing): pip install 'rwkv-lite[server]'")
     _set_threads(threads)
     path = _model_path(model, model_opt)
     loaded = _load_model(path)
