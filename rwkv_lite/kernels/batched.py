@@ -14,6 +14,8 @@ computed by the same per-row dot products (the LLVM intrinsics of kernels/qmatmu
 
 Rows are split over Numba's threads in blocks of qmatmul.ROW_BLOCK; inside a block each weight row meets every
 activation row before the next weight row is read.
+The kernels release the GIL (nogil): in the server the engine thread spends most of a step in them, and the
+HTTP event loop must keep streaming meanwhile.
 """
 from __future__ import annotations
 
@@ -69,7 +71,7 @@ def _padded(X, cols):
 # ----------------------------------------------------------------------------------------------------------------
 # float rows (fp16, int8 with one scale per row): the GEMV's row dot, once per activation row
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, nogil=True)
 def _f16_rows(w, X, Y, r0, r1):
     nblk = w.shape[1] // DOT_BLOCK
     for r in range(r0, r1):
@@ -81,7 +83,7 @@ def _f16_rows(w, X, Y, r0, r1):
             Y[b, r] = acc
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _gemm_f16(w, X):
     R = w.shape[0]
     Y = np.empty((X.shape[0], R), np.float32)
@@ -90,14 +92,14 @@ def _gemm_f16(w, X):
     return Y
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _gemm_f16_serial(w, X):
     Y = np.empty((X.shape[0], w.shape[0]), np.float32)
     _f16_rows(w, X, Y, 0, w.shape[0])
     return Y
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, nogil=True)
 def _i8_rows(q, scale, X, Y, r0, r1):
     nblk = q.shape[1] // DOT_BLOCK
     for r in range(r0, r1):
@@ -109,7 +111,7 @@ def _i8_rows(q, scale, X, Y, r0, r1):
             Y[b, r] = acc * scale[r]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _gemm_i8(q, scale, X):
     R = q.shape[0]
     Y = np.empty((X.shape[0], R), np.float32)
@@ -118,7 +120,7 @@ def _gemm_i8(q, scale, X):
     return Y
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _gemm_i8_serial(q, scale, X):
     Y = np.empty((X.shape[0], q.shape[0]), np.float32)
     _i8_rows(q, scale, X, Y, 0, q.shape[0])
@@ -128,7 +130,7 @@ def _gemm_i8_serial(q, scale, X):
 # ----------------------------------------------------------------------------------------------------------------
 # group-scaled int8 and int4: integer dot products on the 15-bit activations of every row
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, nogil=True)
 def _i8g_rows(q, scale, group, X16, STEP, Y, r0, r1):
     B = X16.shape[0]
     for r in range(r0, r1):
@@ -141,7 +143,7 @@ def _i8g_rows(q, scale, group, X16, STEP, Y, r0, r1):
                 Y[b, r] = _dot_i8g_g128(q, r, scale, STEP[b], X16[b])
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _gemm_i8g(q, scale, X, src, group):
     R = q.shape[0]
     X16, STEP, _ = _stack_activations(X, src, group)
@@ -157,7 +159,7 @@ def _gemm_i8g(q, scale, X, src, group):
     return Y
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _gemm_i8g_serial(q, scale, X, src, group):
     X16, STEP, _ = _stack_activations(X, src, group)
     Y = np.empty((X.shape[0], q.shape[0]), np.float32)
@@ -165,7 +167,7 @@ def _gemm_i8g_serial(q, scale, X, src, group):
     return Y
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, nogil=True)
 def _i4_rows(packed, groups, group, X16, STEP, XSUM, Y, r0, r1):
     B = X16.shape[0]
     ngroups = groups.shape[1]
@@ -188,7 +190,7 @@ def _i4_rows(packed, groups, group, X16, STEP, XSUM, Y, r0, r1):
                 Y[b, r] = _dot_i4_g128(packed, r, d, STEP[b], X16[b]) + zero_term
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _gemm_i4(packed, groups, X, src, group):
     R = packed.shape[0]
     X16, STEP, XSUM = _stack_activations(X, src, group)
@@ -204,7 +206,7 @@ def _gemm_i4(packed, groups, X, src, group):
     return Y
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _gemm_i4_serial(packed, groups, X, src, group):
     X16, STEP, XSUM = _stack_activations(X, src, group)
     Y = np.empty((X.shape[0], packed.shape[0]), np.float32)
