@@ -42,8 +42,8 @@ def bytes_read_per_token(model) -> int:
 
 
 def _probe(queue, threads, megabytes):
-    from .kernels.threads import set_threads
-    set_threads(threads)
+    from .kernels.threads import set_blas_threads, set_threads
+    set_blas_threads(set_threads(threads))         # numpy's sgemv on as many threads as the kernels use
     n = int(np.sqrt(megabytes * (1 << 20) / 4 / 8))
     mats = [np.random.default_rng(i).standard_normal((n, n), dtype=np.float32) for i in range(8)]
     x = np.ones(n, np.float32)

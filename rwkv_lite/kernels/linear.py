@@ -5,7 +5,9 @@ the kernel for its storage scheme (layouts: ``rwkv_lite.quantize.schemes`` and `
 
   x float32 (C,)   -> (R,)    decode: a Numba GEMV that dequantises in registers (never BLAS)
   X float32 (T, C) -> (T, R)  sequence: rows are dequantised a tile at a time into a reused float32 buffer and
-                              multiplied by BLAS (numpy matmul), so prompts run at GEMM speed
+                              multiplied by BLAS (numpy matmul), so prompts run at GEMM speed; the tiles are
+                              shared out to worker threads, each dequantising and multiplying its own (BLAS
+                              itself single-threaded: see kernels/threads.py)
   rows(ids)        -> (len(ids), C) float32: dequantised rows (embedding lookup)
 
 Shapes follow PyTorch's Linear: W is (out=R, in=C).
@@ -18,6 +20,7 @@ import numpy as np
 
 from ..errors import FormatError
 from . import qmatmul
+from .threads import parallel_map, tile_workers
 
 # Sequence-mode tile: about TILE_FLOATS dequantised weights (8 MB) per BLAS call. Fewer, larger calls spend less
 # time handing work to BLAS's threads (14336 x 4096 int8, T = 128, 2 cores: 128-row tiles 107 ms, 512-row
@@ -30,6 +33,14 @@ TILE_FLOATS = 1 << 21
 PARALLEL_MIN_WEIGHTS = 1 << 18
 
 _scratch = threading.local()
+
+
+def _tiles(R: int, C: int, workers: int) -> list[tuple[int, int]]:
+    """Row ranges of about TILE_FLOATS weights (multiples of 16 rows), at least two per worker when R allows."""
+    rows = max(16, min(R, TILE_FLOATS // C // 16 * 16))
+    if workers > 1:
+        rows = max(16, min(rows, -(-R // (2 * workers)) // 16 * 16 or 16))
+    return [(r0, min(R, r0 + rows)) for r0 in range(0, R, rows)]
 
 
 def _tile_buffer(rows: int, cols: int) -> np.ndarray:
@@ -86,14 +97,20 @@ class Matrix:
         T, C = X.shape
         R = self.shape[0]
         Y = np.empty((T, R), np.float32)
-        rows = max(16, min(R, TILE_FLOATS // C // 16 * 16))
-        tile = _tile_buffer(rows, C)
-        for r0 in range(0, R, rows):
-            r1 = min(R, r0 + rows)
-            w = tile[: r1 - r0]
-            self._dequantize(np.arange(r0, r1, dtype=np.int64), w)
+        tiles = _tiles(R, C, tile_workers())
+
+        def run(tile):
+            r0, r1 = tile
+            w = self._tile(r0, r1)
             np.matmul(X, w.T, out=Y[:, r0:r1])
+        parallel_map(run, tiles)
         return Y
+
+    def _tile(self, r0: int, r1: int) -> np.ndarray:
+        """Rows r0..r1 of W as float32 (dequantised into this thread's reused buffer)."""
+        w = _tile_buffer(r1 - r0, self.shape[1])
+        self._dequantize(np.arange(r0, r1, dtype=np.int64), w)
+        return w
 
     def _gemv(self, x):            # pragma: no cover - abstract
         raise NotImplementedError
@@ -116,8 +133,8 @@ class Fp32Matrix(Matrix):
         # a Numba kernel, not BLAS: decode keeps one owner of the cores (kernels/threads.py)
         return (qmatmul.gemv_f32 if self.parallel else qmatmul.gemv_f32_serial)(self.w, x)
 
-    def _gemm(self, X):
-        return X @ self.w.T
+    def _tile(self, r0, r1):
+        return self.w[r0:r1]
 
     def _dequantize(self, ids, out):
         np.take(self.w, ids, axis=0, out=out)

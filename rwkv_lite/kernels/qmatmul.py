@@ -774,12 +774,12 @@ def gemv_i4_many(packeds, groupss, X, src, group, rows):
 # ----------------------------------------------------------------------------------------------------------------
 # Row dequantisation (sequence-mode tiles, embedding lookups, tests): out[i] = W[ids[i]] as float32
 #
-# Serial on purpose: in sequence mode each tile goes straight to a multi-threaded BLAS GEMM, and alternating a
-# Numba parallel region with OpenBLAS's thread pool made both pools spin against each other (measured: 870 ms
-# instead of 85 ms for a 14336 x 4096 int8 matrix times 128 tokens, 2 cores). One thread dequantises, BLAS uses
-# all of them.
+# Serial on purpose: alternating a Numba parallel region with OpenBLAS's thread pool made both pools spin against
+# each other (measured: 870 ms instead of 85 ms for a 14336 x 4096 int8 matrix times 128 tokens, 2 cores). They
+# release the GIL (nogil), so linear.Matrix._gemm runs one tile per worker thread: each worker dequantises its
+# tile and multiplies it with a single-threaded BLAS call, and every core does both.
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def dequantize_rows_f16(w, ids, out):
     for i in range(ids.shape[0]):
         r = ids[i]
@@ -787,7 +787,7 @@ def dequantize_rows_f16(w, ids, out):
             out[i, c] = f16_to_f32(w[r, c])
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def dequantize_rows_i8(q, scale, ids, out):
     for i in range(ids.shape[0]):
         r = ids[i]
@@ -806,7 +806,7 @@ def _dequantize_row_i8g(q, scale, group, r, out, i):
             orow[c0 + c] = np.float32(qrow[c0 + c]) * d
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def dequantize_rows_i8g(q, scale, group, ids, out):
     """Group-scaled int8 (fp16 scale bits per group); out may be narrower than q (padding dropped)."""
     C = out.shape[1]
@@ -885,7 +885,7 @@ _dequant_i4_g64 = _make_int4_row_dequant(64)
 _dequant_i4_g128 = _make_int4_row_dequant(128)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def dequantize_rows_i4(packed, groups, group, ids, out):
     """out float32 (len(ids), C), C <= Cp: W[r, c] = d * (q - z/8); the padding columns are dropped."""
     C = out.shape[1]

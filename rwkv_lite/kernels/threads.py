@@ -1,8 +1,7 @@
-"""The one place that sets how many threads the kernels use: Numba's pool and the BLAS behind numpy, together.
+"""The one place that sets how many threads the kernels use: Numba's pool, the tile workers, and BLAS (one).
 
-Decode alternates Numba kernels (quantized GEMV, WKV) with numpy/BLAS calls (fp32 GEMV, sequence-mode GEMM). If
-each pool used every core on top of the other, the cores would be oversubscribed and both would stall, so both get
-the same count.
+Numba's pool (quantized GEMVs, WKV) and OpenBLAS's pool (numpy matmul) are two pools: if both used every core at
+the same time, the cores would be oversubscribed and both would stall.
 
 Both pools also *spin* for a while after each parallel call before they sleep (libgomp, Numba's default threading
 layer here; OpenBLAS's server threads). Alternating the two pools call after call therefore lets each one's
@@ -12,6 +11,13 @@ GEMM 107 ms. Hence: decode GEMVs are Numba kernels only (no BLAS in the token lo
 is serial (kernels/qmatmul.py), and code that alternates BLAS with Numba-parallel kernels should expect this cost.
 OMP_WAIT_POLICY=PASSIVE removes the spinning but costs ~70 us of wake-up per parallel call (decode: 257 GEMVs per
 Eagle-7B token), so it is not set here.
+
+So BLAS runs single-threaded, always (set here on the first use of the tile workers, and by set_threads): decode
+never calls it (tests/test_decode_no_blas.py), and sequence mode shares the tiles of each weight matrix out to
+`tile_workers()` Python threads (``parallel_map``), each dequantising its tile (a nogil Numba kernel) and
+multiplying it with its own single-threaded BLAS call. Every core then does both halves of the work, where a
+serial dequantisation in front of a multi-threaded GEMM left all but one core idle for the first half (measured
+on a 16-core host: prompt 2.3x faster at 8 threads than at 1 with the serial dequantisation).
 
 * Numba: ``numba.set_num_threads(n)``; n is capped at the pool size Numba started with (``NUMBA_NUM_THREADS``,
   default: all cores), which cannot grow after import.
@@ -24,6 +30,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 
@@ -54,9 +62,12 @@ def _loaded_openblas_paths() -> list[str]:
     return sorted(paths)
 
 
-def _set_blas_threads(n: int) -> bool:
+_blas_setters = None
+
+
+def _find_blas_setters() -> list:
     import numpy  # noqa: F401  (make sure numpy's BLAS is loaded before looking for it)
-    done = False
+    found = []
     for path in _loaded_openblas_paths():
         try:
             lib = ctypes.CDLL(path)
@@ -66,14 +77,58 @@ def _set_blas_threads(n: int) -> bool:
             fn = getattr(lib, name, None)
             if fn is not None:
                 fn.argtypes, fn.restype = [ctypes.c_int], None
-                fn(int(n))
-                done = True
+                found.append(fn)
                 break
-    return done
+    return found
+
+
+def set_blas_threads(n: int) -> bool:
+    """Threads of the OpenBLAS behind numpy (False where it cannot be set from here)."""
+    global _blas_setters
+    if _blas_setters is None:
+        _blas_setters = _find_blas_setters()
+    for fn in _blas_setters:
+        fn(int(n))
+    return bool(_blas_setters)
+
+
+_set_blas_threads = set_blas_threads       # the earlier private name
+
+
+_pool = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def tile_workers() -> int:
+    """How many worker threads sequence-mode matrix products use (the kernels' thread count)."""
+    return numba.get_num_threads()
+
+
+def parallel_map(fn, items) -> None:
+    """fn(item) for every item, on tile_workers() threads (in the caller alone when that is 1 or there is one
+    item). fn must release the GIL for its heavy parts (nogil Numba kernels, numpy BLAS calls)."""
+    global _pool, _pool_size
+    workers = min(tile_workers(), len(items))
+    if workers <= 1:
+        for item in items:
+            fn(item)
+        return
+    with _pool_lock:
+        if _pool is None or _pool_size != tile_workers():
+            set_blas_threads(1)                    # one BLAS thread per worker, never a second pool
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool_size = tile_workers()
+            _pool = ThreadPoolExecutor(_pool_size, thread_name_prefix="rwkv-lite-tile")
+        pool = _pool
+    for future in [pool.submit(fn, item) for item in items]:
+        future.result()
 
 
 def set_threads(n: int | None = None) -> int:
-    """Use `n` threads (None: every available core, capped by NUMBA_NUM_THREADS) for Numba and BLAS alike.
+    """Use `n` threads (None: every available core, capped by NUMBA_NUM_THREADS) for Numba's pool and the
+    sequence-mode tile workers; BLAS gets one thread per caller.
 
     Returns the count in effect."""
     cap = numba.config.NUMBA_NUM_THREADS
@@ -84,10 +139,10 @@ def set_threads(n: int | None = None) -> int:
         raise ValueError(f"thread count must be at least 1, got {n}")
     n = min(n, cap)
     numba.set_num_threads(n)
-    _set_blas_threads(n)
+    set_blas_threads(1)                            # sequence mode parallelises over tiles instead (see above)
     return n
 
 
 def get_threads() -> int:
-    """Numba's current thread count (BLAS follows it when set through set_threads)."""
+    """Numba's current thread count (also the number of sequence-mode tile workers)."""
     return numba.get_num_threads()
