@@ -168,7 +168,7 @@ class Server:
         try:
             self._authorize(request)
             doc = await self._json_body(request)
-            prompts = self._prompts(doc.get("prompt"))
+            prompts = await asyncio.to_thread(self._prompts, doc.get("prompt"))      # tokenizing is work
             if doc.get("echo"):
                 raise ApiError(400, "'echo' is not supported by this server", param="echo")
             if doc.get("best_of") not in (None, 1):
@@ -184,7 +184,7 @@ class Server:
         try:
             self._authorize(request)
             doc = await self._json_body(request)
-            ids, points = self._chat_prompt(doc.get("messages"))
+            ids, points = await asyncio.to_thread(self._chat_prompt, doc.get("messages"))
             top = _optional_int(doc, "top_logprobs", 0, MAX_TOP_LOGPROBS)
             want = doc.get("logprobs")
             if want is not None and not isinstance(want, bool):
