@@ -17,6 +17,14 @@ def linear_rows(matrix, X):
     return matmul_rows(matrix, X)
 
 
+def per_row(fn, states) -> list[np.ndarray]:
+    """Run `fn(b, state_b)` for every sequence, each returning a sequence of (1, ...) arrays (a single-token
+    computation), and stack them: the i-th result of every row as one (B, ...) array. For the small per-token
+    pieces of RWKV-6/7 (token shift, LoRAs) that must stay exactly the single-token computation."""
+    rows = [fn(b, s) for b, s in enumerate(states)]
+    return [np.concatenate([r[i] for r in rows]) for i in range(len(rows[0]))]
+
+
 def previous_rows(states, key: str, l: int) -> np.ndarray:
     """(B, C): each sequence's last row of state array `key` at layer l (its token-shift input)."""
     return np.stack([s[key][l] for s in states])

@@ -209,35 +209,44 @@ def forward(W: Weights, tokens: np.ndarray, state: dict, all_logits: bool, check
 
 # ---------------------------------------------------------------------------------------------------------------
 # Batched decode: B independent sequences, one token each (arch/batch.py)
+#
+# The big matrices are one batched product each; the token shift and the small LoRAs run row by row through the
+# very calls of the single-token path (no BLAS in a decode step, rows equal to each sequence's own decode).
 
-from .batch import linear_rows, previous_rows, store_rows  # noqa: E402
+from .batch import linear_rows, per_row, store_rows  # noqa: E402
+
+
+def _token_shift_row(L: Layer, a, previous):
+    """The five data-dependent token-shift mixes of one row (1, C), as time_mix computes them."""
+    (z,) = lora_down((pointwise.shift_mixes(a, previous, L.maa_x_stack)[0],), (L.maa_w1,))
+    D = L.maa_w1.shape[1] // 5
+    z = np.tanh(z)
+    extra = np.stack(lora_up([z[:, f * D:(f + 1) * D] for f in range(5)], L.maa_up))
+    return pointwise.rwkv6_mixes(a, previous, L.maa_stack, extra)
 
 
 def time_mix_batch(L: Layer, a, states, l, cfg):
     """time_mix for B sequences at one token each: row b of `a` belongs to states[b]."""
-    B = a.shape[0]
-    d = previous_rows(states, "att_x", l) - a
-    z = np.tanh((a + d * L.maa_x) @ L.maa_w1).reshape(B, 5, -1)
-    extra = np.matmul(z.transpose(1, 0, 2), L.maa_w2)                 # (5, B, C)
-    xw, xk, xv, xr, xg = (a + d * (L.maa[f] + extra[f]) for f in range(5))
-    r, k, v = linear_rows(L.W_r, xr), linear_rows(L.W_k, xk), linear_rows(L.W_v, xv)
-    g = silu(linear_rows(L.W_g, xg))
-    w = np.exp(-np.exp(L.time_decay + np.tanh(xw @ L.decay_w1) @ L.decay_w2))
+    xw, xk, xv, xr, xg = per_row(lambda b, s: _token_shift_row(L, a[b:b + 1], s["att_x"][l]), states)
+    r, k, v, g = (linear_rows(W, x) for W, x in ((L.W_r, xr), (L.W_k, xk), (L.W_v, xv), (L.W_g, xg)))
+    g = silu(g)
+    (u,) = per_row(lambda b, s: lora_up((np.tanh(lora_down((xw[b:b + 1],), (L.decay_w1,))[0]),),
+                                        (L.decay_w2,)), states)
+    w = pointwise.rwkv6_decay(L.time_decay, u)
     o = np.empty_like(r)
     for b, s in enumerate(states):
-        wkv6(r[b:b + 1], k[b:b + 1], v[b:b + 1], w[b:b + 1], L.bonus, s["wkv"][l], o[b:b + 1])
+        one = slice(b, b + 1)
+        wkv6(r[one], k[one], v[one], w[one], L.bonus, s["wkv"][l], o[one])
     y = group_norm(o, cfg["n_head"], L.ln_x_w, L.ln_x_b, cfg["ln_x_eps"]) * g
     store_rows(states, "att_x", l, a)
     return linear_rows(L.W_o, y)
 
 
 def channel_mix_batch(L: Layer, b, states, l):
-    d = previous_rows(states, "ffn_x", l) - b
-    xk = b + d * L.ffn_maa_k
-    xr = b + d * L.ffn_maa_r
-    hidden = np.square(np.maximum(linear_rows(L.F_k, xk), 0))
+    xk, xr = per_row(lambda i, s: pointwise.shift_mixes(b[i:i + 1], s["ffn_x"][l], L.ffn_mixes), states)
+    k, r = linear_rows(L.F_k, xk), linear_rows(L.F_r, xr)
     store_rows(states, "ffn_x", l, b)
-    return sigmoid(linear_rows(L.F_r, xr)) * linear_rows(L.F_v, hidden)
+    return sigmoid(r) * linear_rows(L.F_v, relu_square(k))
 
 
 def forward_batch(W: Weights, tokens: np.ndarray, states: list) -> np.ndarray:

@@ -307,43 +307,50 @@ def forward(W: Weights, tokens: np.ndarray, state: dict, all_logits: bool, check
 
 # ---------------------------------------------------------------------------------------------------------------
 # Batched decode: B independent sequences, one token each (arch/batch.py)
+#
+# The big matrices are one batched product each; the token shift and the small LoRAs run row by row through the
+# very calls of the single-token path (no BLAS in a decode step, rows equal to each sequence's own decode); the
+# row-wise kernels around the WKV step take all B rows at once.
 
-from .batch import linear_rows, previous_rows, store_rows  # noqa: E402
+from .batch import linear_rows, per_row, store_rows  # noqa: E402
 
 
 def time_mix_batch(L: Layer, a, states, l, cfg, v_first):
     """time_mix for B sequences at one token each: row b of `a` belongs to states[b]."""
-    B, C = a.shape
     H = cfg["n_head"]
-    d = previous_rows(states, "att_x", l) - a
-    xr, xw, xk, xv, xa, xg = (a + d * mu for mu in (L.x_r, L.x_w, L.x_k, L.x_v, L.x_a, L.x_g))
+    xr, xw, xk, xv, xa, xg = per_row(lambda b, s: pointwise.shift_mixes(a[b:b + 1], s["att_x"][l], L.mixes),
+                                     states)
     r, k, v = linear_rows(L.W_r, xr), linear_rows(L.W_k, xk), linear_rows(L.W_v, xv)
-    w = np.exp(DECAY_SCALE * sigmoid(L.w0 + np.tanh(xw @ L.w1) @ L.w2))
-    alpha = sigmoid(L.a0 + (xa @ L.a1) @ L.a2)
-    gate = sigmoid(xg @ L.g1) @ L.g2
-    kappa = per_head_normalise(k * L.k_k, H)
-    k = k * (1 + (alpha - 1) * L.k_a)
     if L.has_value_residual:
-        v = v + (v_first - v) * sigmoid(L.v0 + (xv @ L.v1) @ L.v2)
+        u_w, u_a, u_v, gate = per_row(lambda b, s: _loras_row(L, (xw, xa, xv, xg), b), states)
+        v0 = L.v0
     else:
-        v_first = v
+        u_w, u_a, gate = per_row(lambda b, s: _loras_row(L, (xw, xa, xg), b), states)
+        u_v, v0, v_first = v, L.a0, v                      # layer 0's value is the value residual of later ones
+    w, k, v, neg_kappa, kappa_alpha = pointwise.rwkv7_wkv_inputs(
+        k, v, v_first, u_w, u_a, u_v, L.w0, L.a0, v0, L.k_k, L.k_a, H, L.has_value_residual, DECAY_SCALE,
+        NORM_FLOOR)
     o = np.empty_like(r)
-    neg_kappa, kappa_alpha = -kappa, kappa * alpha
     for b, s in enumerate(states):
         one = slice(b, b + 1)
         wkv7(r[one], w[one], k[one], v[one], neg_kappa[one], kappa_alpha[one], s["wkv"][l], o[one])
-    y = group_norm(o, H, L.ln_x_w, L.ln_x_b, cfg["ln_x_eps"])
-    bonus = np.sum((r * k * L.r_k).reshape(B, H, -1), axis=-1, keepdims=True) * v.reshape(B, H, -1)
-    y = y + bonus.reshape(B, C)
+    y = pointwise.rwkv7_output(o, r, k, v, L.r_k, gate, L.ln_x_w, L.ln_x_b, H, float(cfg["ln_x_eps"]))
     store_rows(states, "att_x", l, a)
-    return linear_rows(L.W_o, y * gate), v_first
+    return linear_rows(L.W_o, y), v_first
+
+
+def _loras_row(L: Layer, xs, b):
+    """Row b's LoRA outputs (decay, learning rate, [value residual,] gate), as time_mix computes them."""
+    hs = lora_down(tuple(x[b:b + 1] for x in xs), L.lora_down)
+    return lora_up((np.tanh(hs[0]),) + tuple(hs[1:-1]) + (sigmoid(hs[-1]),), L.lora_up)
 
 
 def channel_mix_batch(L: Layer, b, states, l, tokens=None):
-    xk = b + (previous_rows(states, "ffn_x", l) - b) * L.ffn_x_k
-    hidden = np.square(np.maximum(linear_rows(L.F_k, xk), 0))
-    if L.s_emb is not None:
-        hidden = hidden * deep_embed_scale(L, b, tokens)
+    (xk,) = per_row(lambda i, s: pointwise.shift_mixes(b[i:i + 1], s["ffn_x"][l], L.ffn_mixes), states)
+    hidden = relu_square(linear_rows(L.F_k, xk))
+    if L.s_emb is not None:                      # DeepEmbed: row i scaled by its own token's table
+        (scale,) = per_row(lambda i, s: (deep_embed_scale(L, b[i:i + 1], tokens[i:i + 1]),), states)
+        hidden = hidden * scale
     store_rows(states, "ffn_x", l, b)
     return linear_rows(L.F_v, hidden)
 

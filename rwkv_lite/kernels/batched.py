@@ -10,7 +10,8 @@ computed by the same per-row dot products (the LLVM intrinsics of kernels/qmatmu
       by row, exactly as the GEMV rounds its one vector; the int4 zero-point term is the same sum written once
       per row for all B vectors (float reassociation only);
   int8 (one scale per row) and fp16: the same float32 row dot as the GEMV;
-  fp32: BLAS sgemm (the single-token path is BLAS sgemv): float32 reassociation only.
+  fp32: the same float32 row dot as the GEMV (Numba, not BLAS: a decode step keeps one owner of the cores,
+      kernels/threads.py).
 
 Rows are split over Numba's threads in blocks of qmatmul.ROW_BLOCK; inside a block each weight row meets every
 activation row before the next weight row is read.
@@ -25,7 +26,7 @@ from numba import njit, prange
 from . import qmatmul
 from .linear import (PARALLEL_MIN_WEIGHTS, Fp16Matrix, Fp32Matrix, Int4Matrix, Int8GroupMatrix, Int8Matrix,
                      Matrix)
-from .qmatmul import (DOT_BLOCK, FASTMATH, ROW_BLOCK, _dot_f16_row, _dot_i4_g32, _dot_i4_g64, _dot_i4_g128,
+from .qmatmul import (DOT_BLOCK, FASTMATH, ROW_BLOCK, _dot_f16_row, _dot_f32_row, _dot_i4_g32, _dot_i4_g64, _dot_i4_g128,
                       _dot_i8_row, _dot_i8g_g32, _dot_i8g_g64, _dot_i8g_g128, _stack_activations, f16_to_f32)
 
 # Products with fewer multiply-adds than this (weights x rows) run in the calling thread (see linear.py).
@@ -44,7 +45,7 @@ def matmul_rows(matrix: Matrix, X: np.ndarray) -> np.ndarray:
     parallel = R > 1 and R * C * B >= PARALLEL_MIN_WORK
     kind = type(matrix)
     if kind is Fp32Matrix:
-        return X @ matrix.w.T
+        return (_gemm_f32 if parallel else _gemm_f32_serial)(matrix.w, X)
     if kind is Fp16Matrix:
         return (_gemm_f16 if parallel else _gemm_f16_serial)(matrix.bits, X)
     if kind is Int8Matrix:
@@ -69,7 +70,35 @@ def _padded(X, cols):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# float rows (fp16, int8 with one scale per row): the GEMV's row dot, once per activation row
+# float rows (fp32, fp16, int8 with one scale per row): the GEMV's row dot, once per activation row
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True)
+def _f32_rows(w, X, Y, r0, r1):
+    nblk = w.shape[1] // DOT_BLOCK
+    for r in range(r0, r1):
+        for b in range(X.shape[0]):
+            x = X[b]
+            acc = _dot_f32_row(w, r, x, nblk)
+            for c in range(nblk * DOT_BLOCK, w.shape[1]):
+                acc += w[r, c] * x[c]
+            Y[b, r] = acc
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def _gemm_f32(w, X):
+    R = w.shape[0]
+    Y = np.empty((X.shape[0], R), np.float32)
+    for k in prange((R + ROW_BLOCK - 1) // ROW_BLOCK):
+        _f32_rows(w, X, Y, k * ROW_BLOCK, min(R, (k + 1) * ROW_BLOCK))
+    return Y
+
+
+@njit(cache=True, nogil=True)
+def _gemm_f32_serial(w, X):
+    Y = np.empty((X.shape[0], w.shape[0]), np.float32)
+    _f32_rows(w, X, Y, 0, w.shape[0])
+    return Y
+
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True)
 def _f16_rows(w, X, Y, r0, r1):
