@@ -471,8 +471,8 @@ def generate_batch(model, prompts: Sequence[str | Sequence[int]], *, max_tokens:
     `params` is one SamplingParams for all prompts or one per prompt (give each its own seed for reproducible
     sampling: a prompt's result does not depend on the others). Each result equals what
     `rwkv_lite.generate.generate(model, prompt, ...)` gives for that prompt alone (prompts are read in the same
-    chunks; batched decode rows equal single-sequence decode up to float reassociation, exactly for quantized
-    v4/v5 files). `progress(done, total)` is called as prompts finish."""
+    chunks; batched decode rows equal single-sequence decode, kernels/batched.py: exactly, except int4's
+    zero-point sum, which may be reassociated). `progress(done, total)` is called as prompts finish."""
     from .model import CHUNK_TOKENS
     prompts = list(prompts)
     if isinstance(params, SamplingParams) or params is None:

@@ -166,8 +166,9 @@ class Model:
 
         Returns logits (B, vocab); each state is updated IN PLACE (unlike forward(), which copies), so a serving
         loop keeps one State per sequence. Every matrix product reads each weight once for all B rows, and row b
-        equals `forward([tokens[b]], states[b])` up to float reassociation (kernels/batched.py). A row whose
-        logits are not finite is returned as it is: the caller decides what to do with that one sequence."""
+        equals `forward([tokens[b]], states[b])` (exactly, but for int4's reassociated zero-point sum; see
+        kernels/batched.py). A row whose logits are not finite is returned as it is: the caller decides what to
+        do with that one sequence."""
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if ids.size != len(states) or ids.size == 0:
             raise ValueError(f"forward_batch() needs one token per state, got {ids.size} tokens and "
