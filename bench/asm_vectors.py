@@ -1,0 +1,61 @@
+"""Which vector registers the compiled decode kernels use: counts of zmm (512-bit), ymm (256-bit) and xmm
+(128-bit) register operands in each kernel's assembly, for the CPU Numba compiles for.
+
+    python bench/asm_vectors.py                                   # this machine
+    NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=-avx512f python bench/asm_vectors.py   # AVX2 code generation
+
+Kernels loaded from a cache carry no assembly, so this compiles everything afresh in a temporary cache folder.
+An AVX2 build must show no zmm. NUMBA_CPU_NAME=haswell alone is not enough on an AVX-512 host: Numba then keeps
+the host's CPU features (AVX-512 included) and zmm code is still emitted; NUMBA_CPU_FEATURES must be set too.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+
+os.environ["RWKV_LITE_CACHE_DIR"] = tempfile.mkdtemp(prefix="rwkv-lite-asm-")   # before any kernel is loaded
+
+import numpy as np  # noqa: E402
+
+from rwkv_lite.kernels import linear, lowrank, qmatmul, wkv7  # noqa: E402
+from rwkv_lite.quantize.schemes import get_scheme  # noqa: E402
+
+
+def registers(dispatcher) -> dict:
+    text = "\n".join(dispatcher.inspect_asm().values())
+    return {kind: len(re.findall(rf"%{kind}\d+", text)) for kind in ("zmm", "ymm", "xmm")}
+
+
+def main():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((256, 512)).astype(np.float32)
+    x = rng.standard_normal(512).astype(np.float32)
+    for name in ("int8", "int4"):                   # compile the decode kernels for real arguments
+        scheme = get_scheme(name)
+        m = linear.make_matrix(name, scheme.params, scheme.quantize(w), shape=w.shape)
+        m.parallel = False
+        m(x)
+        m.parallel = True
+        linear.gemv_many([m, m], [x, x])
+    qmatmul.gemv_f32_serial(w, x)
+    lowrank._down_serial(x.reshape(1, -1), (w.T.copy(),), np.array([256]))
+    lowrank._up_serial(x[:256].copy(), np.array([0, 256]), (w,))
+    r = rng.standard_normal((1, 128)).astype(np.float32)
+    wkv7._wkv7_serial(r, r, r, r, r, r, np.zeros((2, 64, 64), np.float32), np.empty_like(r))
+    print(f"NUMBA_CPU_NAME={os.environ.get('NUMBA_CPU_NAME', '(host)')}")
+    print(f"{'kernel':<28} {'zmm':>6} {'ymm':>6} {'xmm':>6}")
+    for label, disp in [("gemv_i8g (int8 decode)", qmatmul.gemv_i8g_serial),
+                        ("gemv_i8g_many", qmatmul.gemv_i8g_many),
+                        ("gemv_i4 (int4 decode)", qmatmul.gemv_i4_serial),
+                        ("gemv_i4_many", qmatmul.gemv_i4_many),
+                        ("gemv_f32", qmatmul.gemv_f32_serial),
+                        ("lowrank down", lowrank._down_serial),
+                        ("lowrank up", lowrank._up_serial),
+                        ("wkv7", wkv7._wkv7_serial)]:
+        counts = registers(disp)
+        print(f"{label:<28} {counts['zmm']:6d} {counts['ymm']:6d} {counts['xmm']:6d}")
+
+
+if __name__ == "__main__":
+    main()
