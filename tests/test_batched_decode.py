@@ -148,3 +148,25 @@ def test_batched_step_never_calls_blas(name, quant, tmp_path):
         _trap(L)
     _trap(model.weights)
     np.testing.assert_array_equal(model.forward_batch([4, 5, 6], states), plain)
+
+
+@pytest.mark.parametrize("B", [1, 3, 17])
+@pytest.mark.parametrize("C", [64, 2048])
+def test_batched_lowrank_rows_equal_single_token_products(B, C):
+    """RWKV-6/7 LoRA factors for B rows in one launch (serial for the small shape, parallel for the large one)
+    give each row exactly kernels/lowrank.py's single-token result."""
+    from rwkv_lite.kernels.batched import lowrank_down_rows, lowrank_up_rows
+    from rwkv_lite.kernels.lowrank import down_many, up_many
+    rng = np.random.default_rng(C + B)
+    widths = (96, 32, 64, 256) if C > 64 else (8, 4)
+    As = [rng.standard_normal((C, d), dtype=np.float32) for d in widths]
+    Xs = [rng.standard_normal((B, C), dtype=np.float32) for _ in As]
+    H = lowrank_down_rows(Xs, As)
+    Bs = [rng.standard_normal((d, C), dtype=np.float32) for d in widths]
+    Y = lowrank_up_rows(H, Bs)
+    assert Y.shape == (len(widths), B, C)
+    for b in range(B):
+        want_h = down_many([x[b] for x in Xs], As)
+        for m in range(len(widths)):
+            np.testing.assert_array_equal(H[m][b], want_h[m])
+        np.testing.assert_array_equal(Y[:, b], up_many([h[b] for h in H], Bs))

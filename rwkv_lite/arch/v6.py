@@ -210,28 +210,27 @@ def forward(W: Weights, tokens: np.ndarray, state: dict, all_logits: bool, check
 # ---------------------------------------------------------------------------------------------------------------
 # Batched decode: B independent sequences, one token each (arch/batch.py)
 #
-# The big matrices are one batched product each; the token shift and the small LoRAs run row by row through the
-# very calls of the single-token path (no BLAS in a decode step, rows equal to each sequence's own decode).
+# The big matrices are one batched product each, the LoRAs one launch for all rows (kernels/batched.py); the
+# token shift runs row by row (its previous row is each sequence's own). No BLAS in a decode step; every row
+# equals its sequence's own single-token decode.
 
+from ..kernels.batched import lowrank_down_rows, lowrank_up_rows  # noqa: E402
 from .batch import linear_rows, per_row, store_rows  # noqa: E402
-
-
-def _token_shift_row(L: Layer, a, previous):
-    """The five data-dependent token-shift mixes of one row (1, C), as time_mix computes them."""
-    (z,) = lora_down((pointwise.shift_mixes(a, previous, L.maa_x_stack)[0],), (L.maa_w1,))
-    D = L.maa_w1.shape[1] // 5
-    z = np.tanh(z)
-    extra = np.stack(lora_up([z[:, f * D:(f + 1) * D] for f in range(5)], L.maa_up))
-    return pointwise.rwkv6_mixes(a, previous, L.maa_stack, extra)
 
 
 def time_mix_batch(L: Layer, a, states, l, cfg):
     """time_mix for B sequences at one token each: row b of `a` belongs to states[b]."""
-    xw, xk, xv, xr, xg = per_row(lambda b, s: _token_shift_row(L, a[b:b + 1], s["att_x"][l]), states)
+    (x,) = per_row(lambda b, s: pointwise.shift_mixes(a[b:b + 1], s["att_x"][l], L.maa_x_stack), states)
+    (z,) = lowrank_down_rows((x,), (L.maa_w1,))
+    D = L.maa_w1.shape[1] // 5
+    z = np.tanh(z)
+    extra = lowrank_up_rows([z[:, f * D:(f + 1) * D] for f in range(5)], L.maa_up)        # (5, B, C)
+    xw, xk, xv, xr, xg = per_row(lambda b, s: pointwise.rwkv6_mixes(a[b:b + 1], s["att_x"][l], L.maa_stack,
+                                                                    extra[:, b:b + 1]), states)
     r, k, v, g = (linear_rows(W, x) for W, x in ((L.W_r, xr), (L.W_k, xk), (L.W_v, xv), (L.W_g, xg)))
     g = silu(g)
-    (u,) = per_row(lambda b, s: lora_up((np.tanh(lora_down((xw[b:b + 1],), (L.decay_w1,))[0]),),
-                                        (L.decay_w2,)), states)
+    (h,) = lowrank_down_rows((xw,), (L.decay_w1,))
+    (u,) = lowrank_up_rows((np.tanh(h),), (L.decay_w2,))
     w = pointwise.rwkv6_decay(L.time_decay, u)
     o = np.empty_like(r)
     for b, s in enumerate(states):

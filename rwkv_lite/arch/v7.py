@@ -308,10 +308,11 @@ def forward(W: Weights, tokens: np.ndarray, state: dict, all_logits: bool, check
 # ---------------------------------------------------------------------------------------------------------------
 # Batched decode: B independent sequences, one token each (arch/batch.py)
 #
-# The big matrices are one batched product each; the token shift and the small LoRAs run row by row through the
-# very calls of the single-token path (no BLAS in a decode step, rows equal to each sequence's own decode); the
-# row-wise kernels around the WKV step take all B rows at once.
+# The big matrices are one batched product each, the LoRAs one launch for all rows (kernels/batched.py), the
+# row-wise kernels around the WKV step take all B rows at once; the token shift runs row by row (its previous row
+# is each sequence's own). No BLAS in a decode step; every row equals its sequence's own single-token decode.
 
+from ..kernels.batched import lowrank_down_rows, lowrank_up_rows  # noqa: E402
 from .batch import linear_rows, per_row, store_rows  # noqa: E402
 
 
@@ -322,10 +323,10 @@ def time_mix_batch(L: Layer, a, states, l, cfg, v_first):
                                      states)
     r, k, v = linear_rows(L.W_r, xr), linear_rows(L.W_k, xk), linear_rows(L.W_v, xv)
     if L.has_value_residual:
-        u_w, u_a, u_v, gate = per_row(lambda b, s: _loras_row(L, (xw, xa, xv, xg), b), states)
+        u_w, u_a, u_v, gate = _loras(L, (xw, xa, xv, xg))
         v0 = L.v0
     else:
-        u_w, u_a, gate = per_row(lambda b, s: _loras_row(L, (xw, xa, xg), b), states)
+        u_w, u_a, gate = _loras(L, (xw, xa, xg))
         u_v, v0, v_first = v, L.a0, v                      # layer 0's value is the value residual of later ones
     w, k, v, neg_kappa, kappa_alpha = pointwise.rwkv7_wkv_inputs(
         k, v, v_first, u_w, u_a, u_v, L.w0, L.a0, v0, L.k_k, L.k_a, H, L.has_value_residual, DECAY_SCALE,
@@ -339,10 +340,10 @@ def time_mix_batch(L: Layer, a, states, l, cfg, v_first):
     return linear_rows(L.W_o, y), v_first
 
 
-def _loras_row(L: Layer, xs, b):
-    """Row b's LoRA outputs (decay, learning rate, [value residual,] gate), as time_mix computes them."""
-    hs = lora_down(tuple(x[b:b + 1] for x in xs), L.lora_down)
-    return lora_up((np.tanh(hs[0]),) + tuple(hs[1:-1]) + (sigmoid(hs[-1]),), L.lora_up)
+def _loras(L: Layer, xs):
+    """The LoRA outputs (decay, learning rate, [value residual,] gate) of B rows, as time_mix computes them."""
+    hs = lowrank_down_rows(xs, L.lora_down)
+    return lowrank_up_rows((np.tanh(hs[0]),) + tuple(hs[1:-1]) + (sigmoid(hs[-1]),), L.lora_up)
 
 
 def channel_mix_batch(L: Layer, b, states, l, tokens=None):

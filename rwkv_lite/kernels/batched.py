@@ -23,9 +23,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from . import qmatmul
+from . import lowrank, qmatmul
 from .linear import (PARALLEL_MIN_WEIGHTS, Fp16Matrix, Fp32Matrix, Int4Matrix, Int8GroupMatrix, Int8Matrix,
                      Matrix)
+from .lowrank import UP_COLS, _down_layout, _down_part, _down_sum, _up_part
 from .qmatmul import (DOT_BLOCK, FASTMATH, ROW_BLOCK, _dot_f16_row, _dot_f32_row, _dot_i4_g32, _dot_i4_g64, _dot_i4_g128,
                       _dot_i8_row, _dot_i8g_g32, _dot_i8g_g64, _dot_i8g_g128, _stack_activations, f16_to_f32)
 
@@ -240,4 +241,94 @@ def _gemm_i4_serial(packed, groups, X, src, group):
     X16, STEP, XSUM = _stack_activations(X, src, group)
     Y = np.empty((X.shape[0], packed.shape[0]), np.float32)
     _i4_rows(packed, groups, group, X16, STEP, XSUM, Y, 0, packed.shape[0])
+    return Y
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RWKV-6/7 low-rank factors for B rows: kernels/lowrank.py's per-task partial products, for every row in one launch.
+# Each row's partial sums are the single-token ones, added in the same order, so row b equals down_many / up_many
+# of that row exactly.
+
+def lowrank_down_rows(Xs, As) -> list[np.ndarray]:
+    """[X @ A for X, A in zip(Xs, As)] for B rows: X (B, C_m), A float32 (C_m, D_m) -> list of (B, D_m)."""
+    As = lowrank._contiguous(As)
+    B = Xs[0].shape[0]
+    X = np.zeros((B, len(As), max(A.shape[0] for A in As)), np.float32)
+    for m, (x, A) in enumerate(zip(Xs, As)):
+        if x.shape != (B, A.shape[0]):
+            raise ValueError(f"low-rank factor {A.shape} cannot multiply rows of shape {x.shape}")
+        X[:, m, :A.shape[0]] = x
+    widths = np.array([A.shape[1] for A in As], np.int64)
+    parallel = B * sum(A.size for A in As) >= lowrank.PARALLEL_MIN_WEIGHTS
+    H = (_down_rows if parallel else _down_rows_serial)(X, As, widths)
+    return np.split(H, np.cumsum(widths)[:-1], axis=1)
+
+
+def lowrank_up_rows(Hs, Bs) -> np.ndarray:
+    """np.stack([H @ F for H, F in zip(Hs, Bs)]) for B rows: H (B, D_m), F float32 (D_m, C) -> (n, B, C)."""
+    Bs = lowrank._contiguous(Bs)
+    C = Bs[0].shape[1]
+    rows = Hs[0].shape[0]
+    for h, F in zip(Hs, Bs):
+        if F.shape[1] != C or h.shape != (rows, F.shape[0]):
+            raise ValueError(f"low-rank factor {F.shape} cannot multiply rows of shape {h.shape}")
+    offsets = np.zeros(len(Bs) + 1, np.int64)
+    offsets[1:] = np.cumsum([F.shape[0] for F in Bs])
+    H = np.ascontiguousarray(np.concatenate([np.asarray(h, np.float32) for h in Hs], axis=1))
+    parallel = rows * sum(F.size for F in Bs) >= lowrank.PARALLEL_MIN_WEIGHTS
+    Y = (_up_rows if parallel else _up_rows_serial)(H, offsets, Bs)
+    return Y.transpose(1, 0, 2)
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def _down_rows(X, As, widths):
+    table, offsets, scratch = _down_layout(As, widths)
+    B, tasks = X.shape[0], table.shape[0]
+    partial = np.empty((B, tasks, scratch.shape[1]), np.float32)
+    for i in prange(B * tasks):
+        b, t = i // tasks, i % tasks
+        m = table[t, 0]
+        _down_part(X[b, m], As[m], table[t, 1], table[t, 2], partial[b, t])
+    H = np.empty((B, offsets[-1]), np.float32)
+    for b in range(B):
+        H[b] = _down_sum(table, offsets, widths, partial[b])
+    return H
+
+
+@njit(cache=True, nogil=True)
+def _down_rows_serial(X, As, widths):
+    table, offsets, scratch = _down_layout(As, widths)
+    B, tasks = X.shape[0], table.shape[0]
+    partial = np.empty((B, tasks, scratch.shape[1]), np.float32)
+    for i in range(B * tasks):
+        b, t = i // tasks, i % tasks
+        m = table[t, 0]
+        _down_part(X[b, m], As[m], table[t, 1], table[t, 2], partial[b, t])
+    H = np.empty((B, offsets[-1]), np.float32)
+    for b in range(B):
+        H[b] = _down_sum(table, offsets, widths, partial[b])
+    return H
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def _up_rows(H, offsets, Bs):
+    n, C, rows = len(Bs), Bs[0].shape[1], H.shape[0]
+    per = (C + UP_COLS - 1) // UP_COLS
+    Y = np.empty((rows, n, C), np.float32)
+    for i in prange(rows * n * per):
+        b, j = i // (n * per), i % (n * per)
+        m, k = j // per, j % per
+        _up_part(H[b], offsets[m], Bs[m], k * UP_COLS, min(C, (k + 1) * UP_COLS), Y[b], m)
+    return Y
+
+
+@njit(cache=True, nogil=True)
+def _up_rows_serial(H, offsets, Bs):
+    n, C, rows = len(Bs), Bs[0].shape[1], H.shape[0]
+    per = (C + UP_COLS - 1) // UP_COLS
+    Y = np.empty((rows, n, C), np.float32)
+    for i in range(rows * n * per):
+        b, j = i // (n * per), i % (n * per)
+        m, k = j // per, j % per
+        _up_part(H[b], offsets[m], Bs[m], k * UP_COLS, min(C, (k + 1) * UP_COLS), Y[b], m)
     return Y
