@@ -179,7 +179,21 @@ def _load_model(path: Path):
         looks_like_text = " " in str(path) or not path.suffix
         raise FormatError(f"{path}: no such model file" + (" (to give a prompt, use -p TEXT)" if looks_like_text
                                                             else ""))
-    return rwkv_lite.load(path)
+    return rwkv_lite.load(path, progress=_disk_read_progress())
+
+
+def _disk_read_progress():
+    """A progress callback for a cold model file's read-ahead (called only once it has lasted 2 s)."""
+    started = []
+
+    def report(done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            click.echo(f"\rreading the model file from disk: {done / 1e9:.2f} / {total / 1e9:.2f} GB", err=True,
+                       nl=done >= total)
+        elif not started:
+            click.echo(f"reading the model file from disk ({total / 1e9:.2f} GB)...", err=True)
+        started.append(done)
+    return report
 
 
 def sampling_options(fn):

@@ -336,10 +336,13 @@ def check_fits_memory(path: Path, file_bytes: int) -> None:
                       f"({available / 2**30:.1f} GiB): expect it to run slowly", stacklevel=3)
 
 
-def load(path: str | os.PathLike, verify: bool = False) -> Model:
+def load(path: str | os.PathLike, verify: bool = False, progress=None) -> Model:
     """Map a model file and return a Model. `verify=True` also checks every array's checksum (reads the file).
 
-    Refuses (ResourceError) a model whose per-token weights (_weights_read_per_token) exceed the machine's memory."""
+    Refuses (ResourceError) a model whose per-token weights (_weights_read_per_token) exceed the machine's memory.
+    A file mostly not in the page cache is read ahead on a background thread (rwkv_lite/readahead.py; the model
+    is usable at once); `progress(done_bytes, total_bytes)` reports that read when it lasts over 2 s."""
+    from .readahead import start_if_uncached
     path = Path(path)
     model_file = read_model_file(path)
     try:
@@ -347,6 +350,8 @@ def load(path: str | os.PathLike, verify: bool = False) -> Model:
     except BaseException:
         model_file.close()
         raise
+    if not verify:                         # verify reads the whole file anyway
+        model_file.readahead = start_if_uncached(path, model_file._map, progress)
     if verify:
         bad = verify_checksums(model_file)
         if bad:
