@@ -7,8 +7,9 @@ Each round times, for every model: `--steps` single-stream tokens, then `--steps
 rounds interleave so that load from other processes hits all variants alike. Prints the median per variant, the
 spread (min-max over rounds), the ratio aggregate/single from the medians, and the load average. `--profile`
 also splits one batched step's time into matrix products (kernels/batched.py) and everything else.
-For AVX2 code generation run it with NUMBA_CPU_NAME=haswell OPENBLAS_CORETYPE=Haswell (and a separate
-NUMBA_CACHE_DIR, so the AVX-512 cache is not reused).
+For AVX2 code generation run it with NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=-avx512f OPENBLAS_CORETYPE=Haswell
+(NUMBA_CPU_NAME alone still emits AVX-512 code on an AVX-512 host: bench/asm_vectors.py) and a separate
+NUMBA_CACHE_DIR, so the AVX-512 cache is not reused.
 """
 from __future__ import annotations
 
