@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import FormatError
 from ..kernels import pointwise
 from ..kernels.linear import gemv_many
-from ..kernels.lowrank import down_many, up_many
+from ..kernels.lowrank import down_many, matmul_many, up_many
 
 LN_EPS = np.float32(1e-5)        # LayerNorm epsilon of every RWKV version (ln0, ln1, ln2, ln_out)
 
@@ -83,17 +83,18 @@ def linear_many(matrices, xs):
 
 def lora_down(xs, factors):
     """[x @ A for x, A in zip(xs, factors)]: x (T, C), A float32 (C, D) -> (T, D). One token: one Numba launch
-    for all of them (kernels/lowrank.py), never BLAS, so decode has one owner of the cores; sequences: BLAS."""
+    for all of them (kernels/lowrank.py), never BLAS, so decode has one owner of the cores; sequences: BLAS calls
+    shared out to the tile workers."""
     if all(x.shape[0] == 1 for x in xs):
         return [h[None, :] for h in down_many([x[0] for x in xs], factors)]
-    return [x @ A for x, A in zip(xs, factors)]
+    return matmul_many(xs, factors)
 
 
 def lora_up(hs, factors):
     """[h @ B for h, B in zip(hs, factors)]: h (T, D), B float32 (D, C) -> (T, C); as lora_down."""
     if all(h.shape[0] == 1 for h in hs):
         return [y[None, :] for y in up_many([h[0] for h in hs], factors)]
-    return [h @ B for h, B in zip(hs, factors)]
+    return matmul_many(hs, factors)
 
 
 @dataclass

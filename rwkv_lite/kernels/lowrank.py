@@ -166,3 +166,20 @@ def up_many(hs, Bs) -> np.ndarray:
     H = np.concatenate([np.asarray(h, np.float32) for h in hs]) if len(hs) > 1 else np.asarray(hs[0], np.float32)
     work = sum(B.size for B in Bs)
     return (_up_parallel if work >= PARALLEL_MIN_WEIGHTS else _up_serial)(H, offsets, Bs)
+
+
+def matmul_many(Xs, Ms) -> list[np.ndarray]:
+    """[X @ M for X, M in zip(Xs, Ms)] for sequences (X (T, K), M (K, N) float32), the row blocks of every product
+    shared out to the tile workers (kernels/threads.py: BLAS runs one thread per worker), so a prompt's LoRA
+    products use every core like its weight matrices do."""
+    from .threads import parallel_map, tile_workers
+    Ys = [np.empty((X.shape[0], M.shape[1]), np.float32) for X, M in zip(Xs, Ms)]
+    T = max(X.shape[0] for X in Xs)
+    rows = max(16, -(-T // tile_workers()))
+    tasks = [(m, t0, min(X.shape[0], t0 + rows)) for m, X in enumerate(Xs) for t0 in range(0, X.shape[0], rows)]
+
+    def run(task):
+        m, t0, t1 = task
+        np.matmul(Xs[m][t0:t1], Ms[m], out=Ys[m][t0:t1])
+    parallel_map(run, tasks)
+    return Ys
