@@ -116,6 +116,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=4, help="timed calls per variant per round (median)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                    help="before measuring, wait up to this long for the 1-minute load average to fall below 1")
     args = ap.parse_args()
     if args.kernel:
         kernel_cap(args.batches, args.rounds)
@@ -131,6 +133,9 @@ def main():
             states[path, B] = [s.copy() for _ in range(B)]
             batch_step_seconds(model, states[path, B], [token] * B, 1)
         states[path, 0] = s
+    deadline = time.monotonic() + args.wait_quiet
+    while os.getloadavg()[0] >= 1.0 and time.monotonic() < deadline:
+        time.sleep(5)
     load_before = os.getloadavg()
     for _ in range(args.rounds):
         for path, model in models:
