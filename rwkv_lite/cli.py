@@ -1207,7 +1207,7 @@ def serve(model, model_opt, host, port, max_batch, max_queue, api_key, cache_mb,
     loaded = _load_model(path)
     if state_in is not None:
         loaded.initial_state = _load_state_for(loaded, state_in)
-    name = model_name or path.name.split(".")[0]
+    name = model_name or path.stem                # "RWKV-x070-World-2.9B-v3.st" -> "RWKV-x070-World-2.9B-v3"
 
     def ready(srv):
         click.echo(f"serving {name} ({path.name}) on http://{host}:{port}/v1 (max batch {max_batch}"
