@@ -140,7 +140,8 @@ class Engine:
     """Continuous batching over one model (see the module docstring).
 
     max_batch      requests decoding (or reading their prompt) at once
-    max_queue      requests waiting for a slot; submit() raises QueueFullError beyond it (None: unbounded)
+    max_queue      requests waiting for a slot (0: none, only free slots are taken); submit() raises
+                   QueueFullError beyond it (None: unbounded)
     prefill_chunk  prompt tokens read per step for a new request
     cache          a PrefixCache (None: no prefix caching)
     """
@@ -203,7 +204,8 @@ class Engine:
         with self._lock:
             if not self._accepting:
                 raise QueueFullError("the engine is shutting down")
-            if self.max_queue is not None and len(self._waiting) >= self.max_queue:
+            free_slots = max(0, self.max_batch - len(self._active))       # admitted at the next step
+            if self.max_queue is not None and len(self._waiting) >= self.max_queue + free_slots:
                 self.metrics.rejected += 1
                 raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
             request = Request(next(self._ids), ids, int(max_tokens), params, stop, logprobs, on_step, cache_points,

@@ -195,3 +195,20 @@ def test_prefix_cache_is_bounded_and_least_recently_used(model):
     n, got, _ = cache.lookup([1, 2, 4])
     got.arrays["wkv"][:] = 7                                     # a hit is a copy: the cached state is intact
     assert not cache.lookup([1, 2, 4])[1].arrays["wkv"].any()
+
+
+def test_queue_of_zero_admits_only_into_free_slots(model):
+    engine = Engine(model, max_batch=2, max_queue=0)
+    a = engine.submit("And", max_tokens=50)
+    engine.submit("God", max_tokens=50)                  # two free slots: both accepted
+    with pytest.raises(QueueFullError):
+        engine.submit("said", max_tokens=1)
+    engine.step()
+    assert engine.running == 2
+    with pytest.raises(QueueFullError):
+        engine.submit("said", max_tokens=1)
+    a.cancel()
+    engine.step()
+    engine.submit("said", max_tokens=1)                  # a slot is free again
+    engine.shutdown()
+    assert not engine.has_work()
