@@ -32,6 +32,7 @@ import ctypes
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numba
 
@@ -93,6 +94,17 @@ def set_blas_threads(n: int) -> bool:
 
 
 _set_blas_threads = set_blas_threads       # the earlier private name
+
+
+@contextmanager
+def blas_threads(n: int | None = None):
+    """BLAS on `n` threads (None: the kernels' count) inside the block, one thread again after it: for a large
+    numpy product that runs alone (no Numba kernel or tile worker beside it), such as calibration's X^T X."""
+    set_blas_threads(n or numba.get_num_threads())
+    try:
+        yield
+    finally:
+        set_blas_threads(1)
 
 
 _pool = None

@@ -197,8 +197,10 @@ class _Recorder:
             else:
                 self.inputs[name] = [os.path.join(self.folder, f"{len(self.inputs)}.x"), C, np.float16]
         if name in self.sums:
+            from ..kernels.threads import blas_threads
             X64 = X.astype(np.float64)
-            self.sums[name] += X64.T @ X64
+            with blas_threads():                  # a large product on its own: every core (BLAS is kept to one)
+                self.sums[name] += X64.T @ X64
             return
         record = self.inputs[name]
         file, _, dtype = record
