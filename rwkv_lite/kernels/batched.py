@@ -21,12 +21,17 @@ HTTP event loop must keep streaming meanwhile.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from . import lowrank, qmatmul
 from .linear import (PARALLEL_MIN_WEIGHTS, Fp16Matrix, Fp32Matrix, Int4Matrix, Int8GroupMatrix, Int8Matrix,
                      Matrix)
 from .lowrank import UP_COLS, _down_layout, _down_part, _down_sum, _up_part
+from .qmatmul import (_F16, _F32, _I8, _I16, _I32, _I64, INT4_BLOCK, PREFETCH_BYTES, _fma, _is_c_array, _load_vec,
+                      _pair_madd, _prefetch_ptr, _row_pointer, _splat, _splat_const, _tree_sum, _vec)
 from .qmatmul import (DOT_BLOCK, FASTMATH, ROW_BLOCK, _dot_f16_row, _dot_f32_row, _dot_i4_g32, _dot_i4_g64, _dot_i4_g128,
                       _dot_i8_row, _dot_i8g_g32, _dot_i8g_g64, _dot_i8g_g128, _stack_activations, f16_to_f32)
 
@@ -158,13 +163,97 @@ def _gemm_i8_serial(q, scale, X):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Group-scaled int8, several activation rows per pass over a weight row: each 64-column block of weights is loaded,
+# widened and its group scales decoded once, then meets ROWS_PER_PASS activation rows, each with exactly the
+# operations of qmatmul's single-row dot (_make_int8_group_row_dot), so every result is bit-identical to it.
+
+ROWS_PER_PASS = 4
+
+
+def _make_int8_group_rows_dot(group, nrows):
+    """Intrinsic: Y[b0 + i, r] = the single-row group-int8 dot of weight row r with X16[b0 + i] (steps STEP[b0 + i])
+    for i < nrows."""
+    nb = INT4_BLOCK
+    lanes = 16 if group == 32 else 8
+
+    def typer(typingctx, q, r, d, step, x16, b0, y):
+        if not (_is_c_array(q, types.int8, 2) and _is_c_array(d, types.uint16, 2)
+                and _is_c_array(step, types.float32, 2) and _is_c_array(x16, types.int16, 2)
+                and _is_c_array(y, types.float32, 2) and isinstance(r, types.Integer)
+                and isinstance(b0, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            qty, rty, dty, sty, xty, bty, yty = sig.args
+            row = context.cast(builder, args[1], rty, types.intp)
+            first_row = context.cast(builder, args[5], bty, types.intp)
+            qrow, ncols = _row_pointer(context, builder, qty, args[0], row)
+            dptr, _ = _row_pointer(context, builder, dty, args[2], row)
+            batch = [builder.add(first_row, ir.Constant(_I64, i)) for i in range(nrows)]
+            srows = [_row_pointer(context, builder, sty, args[3], b)[0] for b in batch]
+            xrows = [_row_pointer(context, builder, xty, args[4], b)[0] for b in batch]
+            accs = [cgutils.alloca_once_value(builder, _splat_const(_F32, lanes, 0.0)) for _ in range(nrows)]
+
+            def scales_at(index, n):
+                bits = _load_vec(builder, dptr, index, _vec(_I16, n))
+                return builder.fpext(builder.bitcast(bits, _vec(_F16, n)), _vec(_F32, n))
+
+            def lanes_of(v, idx):
+                return builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, len(idx)), idx))
+
+            with cgutils.for_range(builder, builder.udiv(ncols, ir.Constant(_I64, nb))) as loop:
+                k = loop.index
+                c0 = builder.mul(k, ir.Constant(_I64, nb))
+                _prefetch_ptr(builder, builder.gep(qrow, [builder.add(c0, ir.Constant(_I64, PREFETCH_BYTES))]))
+                w16 = builder.sext(_load_vec(builder, qrow, c0, _vec(_I8, nb)), _vec(_I16, nb))
+                if group == 32:
+                    d_pair = scales_at(builder.mul(k, ir.Constant(_I64, 2)), 2)
+                else:
+                    g = k if group == 64 else builder.lshr(k, ir.Constant(_I64, 1))
+                    d_g = builder.extract_element(scales_at(g, 1), ir.Constant(_I32, 0))
+                for i in range(nrows):
+                    isum = _pair_madd(builder, w16, _load_vec(builder, xrows[i], c0, _vec(_I16, nb)))
+                    first = builder.add(lanes_of(isum, list(range(0, 8))), lanes_of(isum, list(range(8, 16))))
+                    second = builder.add(lanes_of(isum, list(range(16, 24))), lanes_of(isum, list(range(24, 32))))
+                    step_k = builder.load(builder.gep(srows[i], [k]))
+                    if group == 32:
+                        ints = builder.shuffle_vector(first, second, ir.Constant(_vec(_I32, 16), list(range(16))))
+                        pair = builder.fmul(d_pair, _splat(builder, step_k, 2))
+                        scales = lanes_of(pair, [0] * 8 + [1] * 8)
+                    else:
+                        ints = builder.add(first, second)
+                        scales = _splat(builder, builder.fmul(d_g, step_k), lanes)
+                    part = builder.sitofp(ints, _vec(_F32, lanes))
+                    builder.store(_fma(builder, part, scales, builder.load(accs[i])), accs[i])
+            for i in range(nrows):
+                yrow, _ = _row_pointer(context, builder, yty, args[6], batch[i])
+                builder.store(_tree_sum(builder, builder.load(accs[i])), builder.gep(yrow, [row]))
+            return context.get_dummy_value()
+        return types.void(q, r, d, step, x16, b0, y), codegen
+    return intrinsic(typer)
+
+
+_dot4_i8g_g32 = _make_int8_group_rows_dot(32, ROWS_PER_PASS)
+_dot4_i8g_g64 = _make_int8_group_rows_dot(64, ROWS_PER_PASS)
+_dot4_i8g_g128 = _make_int8_group_rows_dot(128, ROWS_PER_PASS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # group-scaled int8 and int4: integer dot products on the 15-bit activations of every row
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True)
 def _i8g_rows(q, scale, group, X16, STEP, Y, r0, r1):
     B = X16.shape[0]
+    full = B - B % ROWS_PER_PASS
     for r in range(r0, r1):
-        for b in range(B):
+        for b in range(0, full, ROWS_PER_PASS):        # activation rows in fours: one pass over the weight row
+            if group == 32:
+                _dot4_i8g_g32(q, r, scale, STEP, X16, b, Y)
+            elif group == 64:
+                _dot4_i8g_g64(q, r, scale, STEP, X16, b, Y)
+            else:
+                _dot4_i8g_g128(q, r, scale, STEP, X16, b, Y)
+        for b in range(full, B):
             if group == 32:
                 Y[b, r] = _dot_i8g_g32(q, r, scale, STEP[b], X16[b])
             elif group == 64:
