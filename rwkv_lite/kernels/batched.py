@@ -163,9 +163,9 @@ def _gemm_i8_serial(q, scale, X):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Group-scaled int8, several activation rows per pass over a weight row: each 64-column block of weights is loaded,
-# widened and its group scales decoded once, then meets ROWS_PER_PASS activation rows, each with exactly the
-# operations of qmatmul's single-row dot (_make_int8_group_row_dot), so every result is bit-identical to it.
+# Group-scaled int8 and int4, several activation rows per pass over a weight row: each 64-column block of weights
+# is loaded, widened (int4: unpacked) and its group scales gathered once, then meets ROWS_PER_PASS activation rows,
+# each with exactly the operations of qmatmul's single-row dot, so every result is bit-identical to it.
 
 ROWS_PER_PASS = 4
 
@@ -238,6 +238,67 @@ _dot4_i8g_g64 = _make_int8_group_rows_dot(64, ROWS_PER_PASS)
 _dot4_i8g_g128 = _make_int8_group_rows_dot(128, ROWS_PER_PASS)
 
 
+def _make_int4_rows_dot(group, nrows):
+    """Intrinsic: Y[b0 + i, r] = the single-row int4 dot (qmatmul._make_int4_row_dot, int16 activations, zero
+    points excluded) of weight row r, with the row's decoded group scales d, and X16[b0 + i] (steps
+    STEP[b0 + i]), for i < nrows: the block's nibbles are unpacked and its scales gathered once."""
+    half = INT4_BLOCK // 2
+    lanes = half // 2
+
+    def typer(typingctx, packed, r, d, step, x16, b0, y):
+        if not (_is_c_array(packed, types.uint8, 2) and isinstance(d, types.Array) and d.dtype == types.float32
+                and _is_c_array(step, types.float32, 2) and _is_c_array(x16, types.int16, 2)
+                and _is_c_array(y, types.float32, 2) and isinstance(r, types.Integer)
+                and isinstance(b0, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            pty, rty, dty, sty, xty, bty, yty = sig.args
+            row = context.cast(builder, args[1], rty, types.intp)
+            first_row = context.cast(builder, args[5], bty, types.intp)
+            prow, nbytes = _row_pointer(context, builder, pty, args[0], row)
+            dptr = context.make_array(dty)(context, builder, args[2]).data
+            batch = [builder.add(first_row, ir.Constant(_I64, i)) for i in range(nrows)]
+            srows = [_row_pointer(context, builder, sty, args[3], b)[0] for b in batch]
+            xrows = [_row_pointer(context, builder, xty, args[4], b)[0] for b in batch]
+            accs = [cgutils.alloca_once_value(builder, _splat_const(_F32, lanes, 0.0)) for _ in range(nrows)]
+            with cgutils.for_range(builder, builder.udiv(nbytes, ir.Constant(_I64, half))) as loop:
+                k = loop.index
+                c0 = builder.mul(k, ir.Constant(_I64, half))
+                _prefetch_ptr(builder, builder.gep(prow, [builder.add(c0, ir.Constant(_I64, PREFETCH_BYTES))]))
+                w16 = builder.zext(_load_vec(builder, prow, c0, _vec(_I8, half)), _vec(_I16, half))
+                low = builder.and_(w16, _splat_const(_I16, half, 15))
+                high = builder.lshr(w16, _splat_const(_I16, half, 4))
+                x0 = builder.mul(k, ir.Constant(_I64, INT4_BLOCK))
+                x1 = builder.add(x0, ir.Constant(_I64, half))
+                if group == 32:
+                    pair = _load_vec(builder, dptr, builder.mul(k, ir.Constant(_I64, 2)), _vec(_F32, 2))
+                    mask = ir.Constant(_vec(_I32, lanes), [0] * (lanes // 2) + [1] * (lanes // 2))
+                    scales = builder.shuffle_vector(pair, pair, mask)
+                else:
+                    g = k if group == 64 else builder.lshr(k, ir.Constant(_I64, 1))
+                    scales = _splat(builder, builder.load(builder.gep(dptr, [g])), lanes)
+                for i in range(nrows):
+                    isum = builder.add(
+                        _pair_madd(builder, low, _load_vec(builder, xrows[i], x0, _vec(_I16, half))),
+                        _pair_madd(builder, high, _load_vec(builder, xrows[i], x1, _vec(_I16, half))))
+                    part = builder.sitofp(isum, _vec(_F32, lanes))
+                    step_k = _splat(builder, builder.load(builder.gep(srows[i], [k])), lanes)
+                    part = builder.fmul(part, step_k)
+                    builder.store(_fma(builder, part, scales, builder.load(accs[i])), accs[i])
+            for i in range(nrows):
+                yrow, _ = _row_pointer(context, builder, yty, args[6], batch[i])
+                builder.store(_tree_sum(builder, builder.load(accs[i])), builder.gep(yrow, [row]))
+            return context.get_dummy_value()
+        return types.void(packed, r, d, step, x16, b0, y), codegen
+    return intrinsic(typer)
+
+
+_dot4_i4_g32 = _make_int4_rows_dot(32, ROWS_PER_PASS)
+_dot4_i4_g64 = _make_int4_rows_dot(64, ROWS_PER_PASS)
+_dot4_i4_g128 = _make_int4_rows_dot(128, ROWS_PER_PASS)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # group-scaled int8 and int4: integer dot products on the 15-bit activations of every row
 
@@ -297,11 +358,21 @@ def _i4_rows(packed, groups, group, X16, STEP, XSUM, Y, r0, r1):
             u = np.int32(groups[r, g])
             d[g] = qmatmul.int4_scale(groups[r, g])
             dz[g] = d[g] * np.float32(u >> 9) * np.float32(0.125)
+        full = B - B % ROWS_PER_PASS
+        for b in range(0, full, ROWS_PER_PASS):        # activation rows in fours: one pass over the weight row
+            if group == 32:
+                _dot4_i4_g32(packed, r, d, STEP, X16, b, Y)
+            elif group == 64:
+                _dot4_i4_g64(packed, r, d, STEP, X16, b, Y)
+            else:
+                _dot4_i4_g128(packed, r, d, STEP, X16, b, Y)
         for b in range(B):
             zero_term = np.float32(0.0)
             for g in range(ngroups):
                 zero_term -= dz[g] * XSUM[b, g]
-            if group == 32:
+            if b < full:
+                Y[b, r] = Y[b, r] + zero_term
+            elif group == 32:
                 Y[b, r] = _dot_i4_g32(packed, r, d, STEP[b], X16[b]) + zero_term
             elif group == 64:
                 Y[b, r] = _dot_i4_g64(packed, r, d, STEP[b], X16[b]) + zero_term
