@@ -241,7 +241,12 @@ class Engine:
                     self._lock.wait()
                 if self._stopping and not (self._waiting or self._active):
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:                    # noqa: BLE001 - the engine thread must outlive a bad step
+                for r in list(self._active):          # fail the running requests, keep serving the rest
+                    self._finish(r, "error", f"internal error: {type(e).__name__}: {e}")
+                self._active = []
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop accepting requests, let running ones finish for up to `timeout` seconds, cancel the rest (their

@@ -212,3 +212,26 @@ def test_queue_of_zero_admits_only_into_free_slots(model):
     engine.submit("said", max_tokens=1)                  # a slot is free again
     engine.shutdown()
     assert not engine.has_work()
+
+
+def test_engine_thread_survives_a_failing_step(model, monkeypatch):
+    """An unexpected error inside a step fails the requests it was running (finish_reason "error", message
+    given) and the engine thread keeps serving the next ones."""
+    engine = Engine(model, max_batch=2)
+    calls = {"n": 0}
+    real = engine._sample
+
+    def flaky(r):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+        return real(r)
+    monkeypatch.setattr(engine, "_sample", flaky)
+    engine.start()
+    try:
+        first = engine.submit("And", max_tokens=10, params=SamplingParams.greedy())
+        assert first.wait(60) and first.finish_reason == "error" and "boom" in first.error
+        second = engine.submit("God", max_tokens=3, params=SamplingParams.greedy())
+        assert second.wait(60) and second.finish_reason == "length"
+    finally:
+        engine.shutdown()
