@@ -29,7 +29,7 @@ from numba.extending import intrinsic
 from . import lowrank, qmatmul
 from .linear import (PARALLEL_MIN_WEIGHTS, Fp16Matrix, Fp32Matrix, Int4Matrix, Int8GroupMatrix, Int8Matrix,
                      Matrix)
-from .lowrank import UP_COLS, _down_layout, _down_part, _down_sum, _up_part
+from .lowrank import _down_layout, _down_part, _down_sum, _up_layout, _up_rows_part, _up_sum
 from .qmatmul import (_F16, _F32, _I8, _I16, _I32, _I64, INT4_BLOCK, PREFETCH_BYTES, _fma, _is_c_array, _load_vec,
                       _pair_madd, _prefetch_ptr, _row_pointer, _splat, _splat_const, _tree_sum, _vec)
 from .qmatmul import (DOT_BLOCK, FASTMATH, ROW_BLOCK, _dot_f16_row, _dot_f32_row, _dot_i4_g32, _dot_i4_g64, _dot_i4_g128,
@@ -472,23 +472,30 @@ def _down_rows_serial(X, As, widths):
 
 @njit(cache=True, parallel=True, nogil=True)
 def _up_rows(H, offsets, Bs):
-    n, C, rows = len(Bs), Bs[0].shape[1], H.shape[0]
-    per = (C + UP_COLS - 1) // UP_COLS
+    # the tasks and order of additions of kernels/lowrank.py's up product, per row (results bit-identical)
+    table, scratch = _up_layout(Bs)
+    n, C, rows, tasks = len(Bs), Bs[0].shape[1], H.shape[0], table.shape[0]
+    partial = np.empty((rows, tasks, C), np.float32)
+    for i in prange(rows * tasks):
+        b, t = i // tasks, i % tasks
+        m = table[t, 0]
+        _up_rows_part(H[b], offsets[m], Bs[m], table[t, 1], table[t, 2], partial[b, t])
     Y = np.empty((rows, n, C), np.float32)
-    for i in prange(rows * n * per):
-        b, j = i // (n * per), i % (n * per)
-        m, k = j // per, j % per
-        _up_part(H[b], offsets[m], Bs[m], k * UP_COLS, min(C, (k + 1) * UP_COLS), Y[b], m)
+    for b in range(rows):
+        Y[b] = _up_sum(table, partial[b], n)
     return Y
 
 
 @njit(cache=True, nogil=True)
 def _up_rows_serial(H, offsets, Bs):
-    n, C, rows = len(Bs), Bs[0].shape[1], H.shape[0]
-    per = (C + UP_COLS - 1) // UP_COLS
+    table, scratch = _up_layout(Bs)
+    n, C, rows, tasks = len(Bs), Bs[0].shape[1], H.shape[0], table.shape[0]
+    partial = np.empty((rows, tasks, C), np.float32)
+    for i in range(rows * tasks):
+        b, t = i // tasks, i % tasks
+        m = table[t, 0]
+        _up_rows_part(H[b], offsets[m], Bs[m], table[t, 1], table[t, 2], partial[b, t])
     Y = np.empty((rows, n, C), np.float32)
-    for i in range(rows * n * per):
-        b, j = i // (n * per), i % (n * per)
-        m, k = j // per, j % per
-        _up_part(H[b], offsets[m], Bs[m], k * UP_COLS, min(C, (k + 1) * UP_COLS), Y[b], m)
+    for b in range(rows):
+        Y[b] = _up_sum(table, partial[b], n)
     return Y
