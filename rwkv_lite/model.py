@@ -344,6 +344,12 @@ def load(path: str | os.PathLike, verify: bool = False, progress=None) -> Model:
     is usable at once); `progress(done_bytes, total_bytes)` reports that read when it lasts over 2 s."""
     from .readahead import start_if_uncached
     path = Path(path)
+    # A file larger than all of memory is refused from its size alone, before it is opened or mapped; the finer
+    # check below counts only what each token reads (a DeepEmbed file's per-token tables are mostly never read).
+    total, _ = memory_bytes()
+    size = path.stat().st_size if path.is_file() else 0
+    if total and size > total:
+        check_fits_memory(path, size)
     model_file = read_model_file(path)
     try:
         check_fits_memory(path, _weights_read_per_token(model_file))
