@@ -336,6 +336,16 @@ def check_fits_memory(path: Path, file_bytes: int) -> None:
                       f"({available / 2**30:.1f} GiB): expect it to run slowly", stacklevel=3)
 
 
+def _header_mentions(path: Path, needle: bytes) -> bool:
+    """Whether the file's safetensors JSON header contains `needle` (read without mapping; False if unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            return 0 < n <= 100 << 20 and needle in f.read(n)
+    except OSError:
+        return False
+
+
 def load(path: str | os.PathLike, verify: bool = False, progress=None) -> Model:
     """Map a model file and return a Model. `verify=True` also checks every array's checksum (reads the file).
 
@@ -348,7 +358,7 @@ def load(path: str | os.PathLike, verify: bool = False, progress=None) -> Model:
     # check below counts only what each token reads (a DeepEmbed file's per-token tables are mostly never read).
     total, _ = memory_bytes()
     size = path.stat().st_size if path.is_file() else 0
-    if total and size > total:
+    if total and size > total and not _header_mentions(path, b"s_emb"):
         check_fits_memory(path, size)
     model_file = read_model_file(path)
     try:
