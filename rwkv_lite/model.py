@@ -189,8 +189,22 @@ class Model:
         return verify_checksums(self.file, progress)
 
     def close(self) -> None:
+        """Unmap the file; the model cannot run afterwards (closing twice is harmless)."""
         self.weights = None
         self.file.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- text ----------------------------------------------------------------------------------------------------
+    def generate(self, prompt, **kwargs) -> str:
+        """The text generated after `prompt` (text or ids): rwkv_lite.generate.generate_text(self, prompt, ...),
+        same keyword arguments (max_tokens, params, stop, state). For streaming use rwkv_lite.stream_generate."""
+        from .generate import generate_text
+        return generate_text(self, prompt, **kwargs)
 
 
 def _check_finite(x: np.ndarray, layer: int) -> None:
