@@ -22,18 +22,14 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
+from .chat_format import CHAT_REPLY_END, CHAT_STOP, ChatFormatError, chat_prompt_ids
 from .engine import MAX_TOP_LOGPROBS, Engine, QueueFullError, Step
 from .errors import RwkvLiteError
-from .generate import normalize_message
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams
 
 MAX_BODY_BYTES = 8 << 20          # a request body larger than this is refused (413) before it is parsed
-CHAT_STOP = "\n\nUser:"           # a reply ends where the model starts the next user turn
-CHAT_REPLY_END = "\n\n"           # ... and the reply, as the next prompt repeats it, ends with the turn separator
 RETRY_AFTER_SECONDS = 1
-# OpenAI roles -> the RWKV World chat format's speaker names ("developer" is OpenAI's newer name for system)
-CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 # Request fields we know but do not implement: refused with 400 rather than silently ignored
 UNSUPPORTED = ("suffix", "logit_bias", "tools", "tool_choice", "functions", "function_call", "response_format",
                "audio", "modalities", "prediction")
@@ -221,30 +217,11 @@ class Server:
         return out
 
     def _chat_prompt(self, messages) -> tuple[list[int], list[int]]:
-        """World chat format: "System: ...\\n\\nUser: ...\\n\\nAssistant: ...\\n\\n...Assistant:". Each message is
-        encoded on its own, so a conversation's earlier turns are the same ids in every later request (which
-        the prefix cache relies on); returns the ids and the message boundaries (cache points)."""
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-        tok = self.model.tokenizer
-        ids, points = [], []
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict):
-                raise ApiError(400, f"messages[{i}] must be an object", param="messages")
-            role = message.get("role")
-            speaker = CHAT_ROLES.get(role)
-            if speaker is None:
-                raise ApiError(400, f"messages[{i}]: role {role!r} is not supported (system, developer, user, "
-                                    "assistant)", param="messages")
-            content = _message_text(message.get("content"), i)
-            text = normalize_message(content)
-            if speaker == "Assistant":          # as the model wrote it: "Assistant:" then " reply\n\n"
-                ids += tok.encode("Assistant:")
-                ids += tok.encode(f" {text}{CHAT_REPLY_END}")
-            else:
-                ids += tok.encode(f"{speaker}: {text}{CHAT_REPLY_END}")
-            points.append(len(ids))
-        ids += tok.encode("Assistant:")
+        """The World chat format prompt (rwkv_lite/chat_format.py) and the message boundaries (cache points)."""
+        try:
+            ids, points = chat_prompt_ids(self.model.tokenizer, messages)
+        except ChatFormatError as e:
+            raise ApiError(400, str(e), param="messages") from None
         self._check_length(ids)
         return ids, points
 
@@ -398,17 +375,6 @@ def _optional_int(doc: dict, name: str, low: int, high: int) -> int | None:
     if not _is_int(v) or not low <= v <= high:
         raise ApiError(400, f"'{name}' must be a whole number in [{low}, {high}], got {v!r}", param=name)
     return v
-
-
-def _message_text(content, i: int) -> str:
-    """A message's content: a string, or a list of {"type": "text", "text": ...} parts (joined)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts (images and audio are "
-                        "not supported)", param="messages")
 
 
 class _Reply:
