@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .progress import Progress
+
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -68,11 +70,17 @@ def memory_bandwidth(threads: int | None = None, megabytes: int = 512) -> float:
 
 
 def run(path, *, threads: int | None = None, decode_tokens: int = 16, prompt_lengths=(128, 1024),
-        probe: bool = True, progress=None) -> dict:
+        probe: bool = True, progress: Progress | None = None) -> dict:
+    """Measure one model file: load time, decode ms/token, prompt tokens/s, peak RSS, and (probe=True) the
+    machine's memory bandwidth. `progress(done, total, stage)` is called as each measured stage starts."""
     import rwkv_lite
     from .kernels.threads import set_threads
     n_threads = set_threads(threads)
-    say = progress or (lambda msg: None)
+    stages = ["decode"] + [f"prompt {n}" for n in prompt_lengths]
+
+    def say(stage: str) -> None:            # progress(stages done, stages, the stage starting now)
+        if progress is not None:
+            progress(stages.index(stage), len(stages), stage)
     path = Path(path)
     bandwidth = memory_bandwidth(threads) if probe else None
 

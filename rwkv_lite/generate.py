@@ -39,6 +39,25 @@ class GenerationError(RwkvLiteError, ValueError):
     """A generation or chat request that cannot be run (empty prompt, bad stop strings, nothing to save...)."""
 
 
+class IdsAsText:
+    """The text of a model that has no tokenizer: each generated id is written as its number and a space
+    ("12 345 6 "), so such a model still generates (from a prompt given as ids)."""
+
+    eot_id = None
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        raise GenerationError("this model has no tokenizer: give the prompt as token ids")
+
+    def decode_bytes(self, ids) -> bytes:
+        return "".join(f"{int(i)} " for i in ids).encode()
+
+    def decode(self, ids) -> str:
+        return self.decode_bytes(ids).decode()
+
+
 @dataclass
 class GenerationStats:
     """Counts and timings of one generation.
@@ -86,7 +105,9 @@ class Generation:
                  on_finish: Callable[["Generation"], None] | None = None):
         tokenizer = model.tokenizer
         if tokenizer is None:
-            raise GenerationError("this model has no tokenizer: it cannot generate text")
+            if isinstance(prompt, str):
+                raise GenerationError("this model has no tokenizer: give the prompt as token ids")
+            tokenizer = IdsAsText(model.config["vocab_size"])
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
             raise GenerationError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
         stop = (stop,) if isinstance(stop, str) else tuple(stop or ())

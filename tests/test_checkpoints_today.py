@@ -531,14 +531,14 @@ def test_chat_think_mode_turn_format():
 @pytest.mark.parametrize("hide", [False, True])
 def test_chat_cli_shows_or_hides_the_reasoning(hide, monkeypatch, capsys):
     from test_generate import GREEDY, ScriptedModel, TinyVocab, script_of
-    from rwkv_lite import cli
+    from rwkv_lite.cli import chat_loop, common
     from rwkv_lite.generate import ChatSession
     vocab = TinyVocab()
     script = script_of(vocab, ">", "\n", "h", "m", "<", "/", "t", "h", "i", "n", "k", ">", "\n", "O", "K", "\n\n")
     chat = ChatSession(ScriptedModel(vocab, script), params=GREEDY, preamble="", think=True)
     written = []
-    monkeypatch.setattr(cli, "_write", written.append)
-    cli._chat_turn(chat, "hi", interactive=False, verbose=False, show_thinking=not hide)
+    monkeypatch.setattr(common, "write", written.append)
+    chat_loop.chat_turn(chat, "hi", interactive=False, verbose=False, show_thinking=not hide)
     out = "".join(written)
     assert out == ("OK\n\n" if hide else "<think>\nhm</think>\nOK\n\n")
 

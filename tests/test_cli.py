@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from conftest import shared_file
 import rwkv_lite
 from rwkv_lite import cli
+from rwkv_lite.cli import chat_loop, common
 from rwkv_lite.generate import ChatSession
 from rwkv_lite.sampling import SamplingParams
 
@@ -135,8 +136,8 @@ def test_stop_string_is_not_printed_and_stops_generation(tiny):
 
 
 def test_stop_understands_backslash_escapes():
-    assert cli._unescape(r"\n\nUser:") == "\n\nUser:"
-    assert cli._unescape(r"a\tb\\n\q") == "a\tb\\n\\q"
+    assert common.unescape(r"\n\nUser:") == "\n\nUser:"
+    assert common.unescape(r"a\tb\\n\q") == "a\tb\\n\\q"
 
 
 def test_same_seed_same_text_different_seed_different_text(tiny):
@@ -176,13 +177,13 @@ def test_state_files_continue_a_prompt(tiny, tmp_path):
 
 
 def test_model_without_tokenizer_takes_and_prints_ids(tiny, monkeypatch):
-    real_load = cli._load_model
+    real_load = common.load_model
 
     def load_without_tokenizer(path):
         model = real_load(path)
         model.tokenizer = None
         return model
-    monkeypatch.setattr(cli, "_load_model", load_without_tokenizer)
+    monkeypatch.setattr(common, "load_model", load_without_tokenizer)
     assert_one_line_error(run("generate", tiny, "-p", "The "), 1, "no tokenizer", "--prompt-ids")
     result = run("generate", tiny, "--tokens", "84,104,101,32", "-n", "5", "--greedy")
     assert result.exit_code == 0
@@ -243,7 +244,7 @@ def test_non_utf8_prompt_file_and_stdin(tiny, tmp_path):
 
 
 def test_prompt_too_long_for_memory_is_refused(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "_available_memory", lambda: 64 * 1000)    # room for 1000 bytes of text
+    monkeypatch.setattr(common, "available_memory", lambda: 64 * 1000)    # room for 1000 bytes of text
     big = tmp_path / "big.txt"
     big.write_text("word " * 1000)
     assert_one_line_error(run("generate", tiny, "-f", big), 1, str(big), "too long")
@@ -329,9 +330,9 @@ class InterruptingModel:
 
 
 def test_chat_interactive_ctrl_c_stops_the_answer_not_the_chat(tiny, monkeypatch):
-    real_load = cli._load_model
-    monkeypatch.setattr(cli, "_load_model", lambda path: InterruptingModel(real_load(path), at=5))
-    monkeypatch.setattr(cli, "_stdin_is_interactive", lambda: True)
+    real_load = common.load_model
+    monkeypatch.setattr(common, "load_model", lambda path: InterruptingModel(real_load(path), at=5))
+    monkeypatch.setattr(common, "stdin_is_interactive", lambda: True)
     typed = iter(["Hello", KeyboardInterrupt, "Hi again", KeyboardInterrupt, KeyboardInterrupt, "never read"])
 
     def read_line(prompt):
@@ -340,7 +341,7 @@ def test_chat_interactive_ctrl_c_stops_the_answer_not_the_chat(tiny, monkeypatch
         if item is KeyboardInterrupt:
             raise KeyboardInterrupt
         return item
-    monkeypatch.setattr(cli, "_read_line", read_line)
+    monkeypatch.setattr(common, "read_line", read_line)
     result = run("chat", tiny, "--greedy", "-n", "12")
     assert result.exit_code == 0, result.stderr
     assert result.stdout.count("Assistant: ") == 2                  # both messages were answered
