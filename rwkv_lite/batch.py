@@ -104,8 +104,10 @@ def check_fields(doc, task: str) -> dict:
     known = GENERATE_FIELDS if task == "generate" else PERPLEXITY_FIELDS
     unknown = [k for k in doc if k not in known]
     if unknown:
-        raise LineError(f"unknown field {unknown[0]!r} for --task {task} (fields: {', '.join(known)}; put anything "
-                        "else under 'metadata', which is copied to the result)")
+        if task == "perplexity" and "text" not in doc:
+            raise LineError(f"no 'text' to score (--task perplexity reads 'text'; this line has {unknown[0]!r})")
+        listed = ", ".join(k for k in known if k != "metadata")
+        raise LineError(f"unknown field {unknown[0]!r} (known: {listed}; anything else goes under 'metadata')")
     fields = {k: v for k, v in doc.items() if k != "id" and v is not None}
     if task == "perplexity":
         text = fields.get("text")
@@ -256,24 +258,34 @@ class Failure:
 
 class LocalRunner:
     """Computes jobs in this process: generation with the continuous-batching engine (`max_batch` sequences
-    decoded together), perplexity one text at a time in sequence mode. The model is mapped on first use."""
+    decoded together), perplexity one text at a time in sequence mode.
 
-    def __init__(self, model, *, max_batch: int = 16, threads: int | None = None):
-        self._model = model if not isinstance(model, (str, os.PathLike)) else None
-        self._path = None if self._model is not None else Path(model)
+    `model`: a loaded Model, a model file's path, or a function returning a Model; a path or function is used
+    on first need (a job with nothing left to do never maps the model)."""
+
+    def __init__(self, model, *, max_batch: int = 16):
+        self._model = self._load = None
+        if isinstance(model, (str, os.PathLike)):
+            path = Path(model)
+
+            def load():
+                import rwkv_lite
+                return rwkv_lite.load(path)
+            self._load = load
+        elif callable(model) and not hasattr(model, "forward_batch"):
+            self._load = model
+        else:
+            self._model = model
+        if int(max_batch) < 1:
+            raise BatchError(f"max_batch must be >= 1, got {max_batch!r}")
         self.max_batch = int(max_batch)
-        self.threads = threads
 
     @property
     def model(self):
         if self._model is None:
-            import rwkv_lite
-            if self.threads is not None:
-                from .kernels.threads import set_threads
-                set_threads(self.threads)
-            self._model = rwkv_lite.load(self._path)
+            self._model = self._load()
             if self._model.tokenizer is None:
-                raise BatchError(f"{self._path}: the model has no tokenizer, so it cannot read text")
+                raise BatchError(f"{self._model.path}: the model has no tokenizer, so it cannot read text")
         return self._model
 
     def run(self, jobs: Sequence[Job], settings: JobSettings, emit: Callable[[list[dict]], None],
@@ -557,12 +569,13 @@ class JobSummary:
 
 def run_job(input_path, output_path, settings: JobSettings, runner, *, strict: bool = False,
             on_bad_line: Callable[[int, str], None] | None = None,
-            on_start: Callable[[JobSummary], None] | None = None,
-            progress: Callable[[JobSummary], None] | None = None) -> JobSummary:
+            on_start: Callable[[JobSummary], None] | None = None, progress=None) -> JobSummary:
     """Run (or resume) a batch job; see the module docstring. `runner` has run(jobs, settings, emit, fail), as
     LocalRunner. Bad lines go to on_bad_line(line, why) (strict: BatchError before anything is computed).
-    on_start(summary) is called once the input is read and the output opened; progress(summary) after each
-    group of results written. Ctrl-C stops the job with what is done kept (summary.interrupted)."""
+    on_start(summary) is called once the input is read and the output opened. `progress(done, total, info)`
+    (rwkv_lite.progress) counts this run's lines: `total` those left to do, `info` the tokens/s so far; it is
+    called after each group of results is written. Ctrl-C stops the job with what is done kept
+    (summary.interrupted)."""
     input_path, output_path = Path(input_path), Path(output_path)
     if input_path.resolve() == output_path.resolve() or \
             input_path.resolve() == output_path.with_name(output_path.name + PARTIAL_SUFFIX).resolve():
@@ -574,8 +587,12 @@ def run_job(input_path, output_path, settings: JobSettings, runner, *, strict: b
             on_bad_line(line, why)
     if scan.bad and strict:
         line, why = scan.bad[0]
-        raise BatchError(f"{input_path}:{line}: {why}" + (f" (and {len(scan.bad) - 1} more bad lines)"
-                                                          if len(scan.bad) > 1 else ""))
+        more = len(scan.bad) - 1
+        raise BatchError(f"{input_path}:{line}: {why}"
+                         + (f" (and {more} more bad line{'s' if more > 1 else ''})" if more else ""))
+    if scan.bad and not scan.jobs:
+        raise BatchError(f"{input_path}: no valid line (all {len(scan.bad)} were bad, e.g. line {scan.bad[0][0]}: "
+                         f"{scan.bad[0][1]})")
     out = ResultFile(output_path, settings.task)
     opened = out.open()
     summary.dropped_bytes = opened.dropped_bytes
@@ -591,6 +608,8 @@ def run_job(input_path, output_path, settings: JobSettings, runner, *, strict: b
         summary.complete = True
         return summary
     out.begin(opened)
+    if progress is not None:
+        progress(0, len(todo), None)
     start = time.perf_counter()
     buffer: list[dict] = []
     last_flush = [time.monotonic()]
@@ -603,7 +622,8 @@ def run_job(input_path, output_path, settings: JobSettings, runner, *, strict: b
         last_flush[0] = time.monotonic()
         summary.seconds = time.perf_counter() - start
         if progress is not None:
-            progress(summary)
+            rate = summary.tokens / summary.seconds if summary.seconds > 0 else 0.0
+            progress(summary.done_now, len(todo), f"{rate:.1f} tokens/s")
 
     def emit(records: list[dict]) -> None:
         buffer.extend(records)
