@@ -18,7 +18,7 @@ os.environ["RWKV_LITE_CACHE_DIR"] = tempfile.mkdtemp(prefix="rwkv-lite-asm-")   
 
 import numpy as np  # noqa: E402
 
-from rwkv_lite.kernels import linear, lowrank, qmatmul, wkv7  # noqa: E402
+from rwkv_lite.kernels import fp_kernels, int4_kernels, int8_kernels, linear, lowrank, wkv7  # noqa: E402
 from rwkv_lite.quantize.schemes import get_scheme  # noqa: E402
 
 
@@ -38,18 +38,18 @@ def main():
         m(x)
         m.parallel = True
         linear.gemv_many([m, m], [x, x])
-    qmatmul.gemv_f32_serial(w, x)
+    fp_kernels.gemv_f32_serial(w, x)
     lowrank._down_serial(x.reshape(1, -1), (w.T.copy(),), np.array([256]))
     lowrank._up_serial(x[:256].copy(), np.array([0, 256]), (w,))
     r = rng.standard_normal((1, 128)).astype(np.float32)
     wkv7._wkv7_serial(r, r, r, r, r, r, np.zeros((2, 64, 64), np.float32), np.empty_like(r))
     print(f"NUMBA_CPU_NAME={os.environ.get('NUMBA_CPU_NAME', '(host)')}")
     print(f"{'kernel':<28} {'zmm':>6} {'ymm':>6} {'xmm':>6}")
-    for label, disp in [("gemv_i8g (int8 decode)", qmatmul.gemv_i8g_serial),
-                        ("gemv_i8g_many", qmatmul.gemv_i8g_many),
-                        ("gemv_i4 (int4 decode)", qmatmul.gemv_i4_serial),
-                        ("gemv_i4_many", qmatmul.gemv_i4_many),
-                        ("gemv_f32", qmatmul.gemv_f32_serial),
+    for label, disp in [("gemv_i8g (int8 decode)", int8_kernels.gemv_i8g_serial),
+                        ("gemv_i8g_many", int8_kernels.gemv_i8g_many),
+                        ("gemv_i4 (int4 decode)", int4_kernels.gemv_i4_serial),
+                        ("gemv_i4_many", int4_kernels.gemv_i4_many),
+                        ("gemv_f32", fp_kernels.gemv_f32_serial),
                         ("lowrank down", lowrank._down_serial),
                         ("lowrank up", lowrank._up_serial),
                         ("wkv7", wkv7._wkv7_serial)]:

@@ -31,7 +31,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rwkv_lite.kernels import qmatmul  # noqa: E402
+from rwkv_lite.kernels import fp_kernels  # noqa: E402
 from rwkv_lite.kernels.linear import make_matrix  # noqa: E402
 from rwkv_lite.kernels.threads import set_threads  # noqa: E402
 from rwkv_lite.quantize.schemes import get_scheme  # noqa: E402
@@ -40,13 +40,13 @@ EAGLE_WEIGHTS = 32 * (5 * 4096 * 4096 + 4096 * 4096 + 2 * 4096 * 14336) + 65536 
 
 
 class NumbaFp32:
-    """fp32 weights through qmatmul.gemv_f32 (scheme name 'fp32-numba'), to compare with numpy's BLAS sgemv."""
+    """fp32 weights through fp_kernels.gemv_f32 (scheme name 'fp32-numba'), to compare with numpy's BLAS sgemv."""
 
     def __init__(self, w):
         self.w, self.nbytes = w, w.nbytes
 
     def __call__(self, x):
-        return qmatmul.gemv_f32(self.w, x) if x.ndim == 1 else x @ self.w.T
+        return fp_kernels.gemv_f32(self.w, x) if x.ndim == 1 else x @ self.w.T
 
 
 def make(spec: str, R: int, C: int, group: int, rng):

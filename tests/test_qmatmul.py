@@ -1,11 +1,12 @@
-"""Matrix kernels (rwkv_lite/kernels/{qmatmul,linear,threads}.py) against NumPy dequantise-then-matmul references."""
+"""Matrix kernels (rwkv_lite/kernels/: simd.py, the per-scheme *_kernels.py, linear.py, threads.py) against NumPy
+dequantise-then-matmul references."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from rwkv_lite.errors import FormatError
-from rwkv_lite.kernels import linear, qmatmul
+from rwkv_lite.kernels import int4_kernels, simd, linear
 from rwkv_lite.kernels.linear import make_matrix
 from rwkv_lite.kernels.threads import get_threads, set_threads
 from rwkv_lite.quantize.schemes import get_scheme
@@ -40,7 +41,7 @@ def fp32_bound(w, x):
 
 def gemv_bound(m, w, x):
     """Error bound of the decode kernel: float32 rounding, plus for int4 the rounding of x to 15 bits per
-    64-column block (|dx| <= step / 2 = max|x in block| / 65534, see qmatmul.quantize_activations)."""
+    64-column block (|dx| <= step / 2 = max|x in block| / 65534, see simd.quantize_activations)."""
     bound = fp32_bound(w, x)
     if hasattr(m, "block_source"):                  # int4 and group-scaled int8 use int16 activations
         src = m.block_source
@@ -175,8 +176,8 @@ def test_make_matrix_checks_its_parts():
 
 
 def test_block_source_is_a_permutation_pairing_low_and_high_nibbles():
-    for group in qmatmul.INT4_GROUPS:
-        src = qmatmul.block_source(group, 256)
+    for group in simd.INT4_GROUPS:
+        src = int4_kernels.block_source(group, 256)
         assert sorted(src) == list(range(256))
         # byte i of a group holds columns i and i + group/2: the two halves of every block are group/2 apart
         assert (src.reshape(-1, 2, 32)[:, 1] - src.reshape(-1, 2, 32)[:, 0] == group // 2).all()

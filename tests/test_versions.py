@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -150,7 +151,7 @@ def test_rwkv_cpp_v5_layout_equals_pth_with_rwkv_cpp_eps(name, tmp_path):
     from_cpp = convert(cw.save_rwkv_cpp(to_rwkv_cpp(sd, spec), tmp_path / "m.bin"), tmp_path / "a.safetensors")
     from_pth = convert(cw.save_pth(sd, tmp_path / "m.pth"), tmp_path / "b.safetensors")
     assert from_cpp.config["version"] == spec.version and from_cpp.config["ln_x_eps"] == 1e-5
-    from_pth.weights.cfg = dict(from_pth.config, ln_x_eps=1e-5)
+    from_pth.weights.cfg = dataclasses.replace(from_pth.weights.cfg, ln_x_eps=1e-5)   # the typed config
     tokens = _tokens(name)
     got, _ = from_cpp.forward(tokens, all_logits=True)
     want, _ = from_pth.forward(tokens, all_logits=True)
@@ -292,7 +293,7 @@ def test_reference_fixtures_cover_every_version():
     assert versions == {"4", "5.0", "5.1", "5.2", "6", "7"}
 
 
-# Decode GEMVs round each 64-column block of the activations to 15 bits (kernels/qmatmul.py: quantize_activations)
+# Decode GEMVs round each 64-column block of the activations to 15 bits (kernels/simd.py: quantize_activations)
 # while sequence mode multiplies dequantised float32 weights, so quantized files differ between the two modes by
 # that rounding, amplified by the random weights: measured max diff / max|logits| over 40 tokens 3.7e-5 (v4 int8)
 # to 1.4e-4 (v6 int4), 6.5e-4 for v7 int4; a wrong kernel, layout or state hand-over differs by O(1).

@@ -5,15 +5,15 @@ Decode of one sequence is bound by reading the weights; B sequences advanced tog
 little more memory traffic than a step of one.
 
 Row b of a result equals the single-token GEMV of that row (``Matrix.__call__`` on a (C,) vector) because it is
-computed by the same per-row dot products (the LLVM intrinsics of kernels/qmatmul.py) on the same inputs:
-  int8 (group-scaled) and int4: X rounded to 15 bits per 64-column block by qmatmul.quantize_activations, row
+computed by the same per-row dot products (the LLVM intrinsics of kernels/*_kernels.py) on the same inputs:
+  int8 (group-scaled) and int4: X rounded to 15 bits per 64-column block by simd.quantize_activations, row
       by row, exactly as the GEMV rounds its one vector; the int4 zero-point term is the same sum written once
       per row for all B vectors (float reassociation only);
   int8 (one scale per row) and fp16: the same float32 row dot as the GEMV;
   fp32: the same float32 row dot as the GEMV (Numba, not BLAS: a decode step keeps one owner of the cores,
       kernels/threads.py).
 
-Rows are split over Numba's threads in blocks of qmatmul.ROW_BLOCK; inside a block each weight row meets every
+Rows are split over Numba's threads in blocks of simd.ROW_BLOCK; inside a block each weight row meets every
 activation row before the next weight row is read.
 The kernels release the GIL (nogil): in the server the engine thread spends most of a step in them, and the
 HTTP event loop must keep streaming meanwhile.
@@ -26,14 +26,16 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import lowrank, qmatmul
+from . import lowrank
+from .fp_kernels import dot_f16_row, dot_f32_row
+from .int4_kernels import dot_i4_g32, dot_i4_g64, dot_i4_g128, int4_scale
+from .int8_kernels import dot_i8_row, dot_i8g_g32, dot_i8g_g64, dot_i8g_g128
 from .linear import (PARALLEL_MIN_WEIGHTS, Fp16Matrix, Fp32Matrix, Int4Matrix, Int8GroupMatrix, Int8Matrix,
                      Matrix)
 from .lowrank import _down_layout, _down_part, _down_sum, _up_layout, _up_rows_part, _up_sum
-from .qmatmul import (_F16, _F32, _I8, _I16, _I32, _I64, INT4_BLOCK, PREFETCH_BYTES, _fma, _is_c_array, _load_vec,
-                      _pair_madd, _prefetch_ptr, _row_pointer, _splat, _splat_const, _tree_sum, _vec)
-from .qmatmul import (DOT_BLOCK, FASTMATH, ROW_BLOCK, _dot_f16_row, _dot_f32_row, _dot_i4_g32, _dot_i4_g64, _dot_i4_g128,
-                      _dot_i8_row, _dot_i8g_g32, _dot_i8g_g64, _dot_i8g_g128, _stack_activations, f16_to_f32)
+from .simd import (DOT_BLOCK, F16, F32, FASTMATH, I8, I16, I32, I64, INT4_BLOCK, PREFETCH_BYTES, ROW_BLOCK, f16_to_f32,
+                   fma, is_c_array, load_vec, pair_madd, prefetch_ptr, row_pointer, splat, splat_const,
+                   stack_activations, tree_sum, vec)
 
 # Products with fewer multiply-adds than this (weights x rows) run in the calling thread (see linear.py).
 PARALLEL_MIN_WORK = PARALLEL_MIN_WEIGHTS
@@ -84,7 +86,7 @@ def _f32_rows(w, X, Y, r0, r1):
     for r in range(r0, r1):
         for b in range(X.shape[0]):
             x = X[b]
-            acc = _dot_f32_row(w, r, x, nblk)
+            acc = dot_f32_row(w, r, x, nblk)
             for c in range(nblk * DOT_BLOCK, w.shape[1]):
                 acc += w[r, c] * x[c]
             Y[b, r] = acc
@@ -112,7 +114,7 @@ def _f16_rows(w, X, Y, r0, r1):
     for r in range(r0, r1):
         for b in range(X.shape[0]):
             x = X[b]
-            acc = _dot_f16_row(w, r, x, nblk)
+            acc = dot_f16_row(w, r, x, nblk)
             for c in range(nblk * DOT_BLOCK, w.shape[1]):
                 acc += f16_to_f32(w[r, c]) * x[c]
             Y[b, r] = acc
@@ -140,7 +142,7 @@ def _i8_rows(q, scale, X, Y, r0, r1):
     for r in range(r0, r1):
         for b in range(X.shape[0]):
             x = X[b]
-            acc = _dot_i8_row(q, r, x, nblk)
+            acc = dot_i8_row(q, r, x, nblk)
             for c in range(nblk * DOT_BLOCK, q.shape[1]):
                 acc += np.float32(q[r, c]) * x[c]
             Y[b, r] = acc * scale[r]
@@ -165,7 +167,7 @@ def _gemm_i8_serial(q, scale, X):
 # ----------------------------------------------------------------------------------------------------------------
 # Group-scaled int8 and int4, several activation rows per pass over a weight row: each 64-column block of weights
 # is loaded, widened (int4: unpacked) and its group scales gathered once, then meets ROWS_PER_PASS activation rows,
-# each with exactly the operations of qmatmul's single-row dot, so every result is bit-identical to it.
+# each with exactly the operations of the single-row dot, so every result is bit-identical to it.
 
 ROWS_PER_PASS = 4
 
@@ -177,9 +179,9 @@ def _make_int8_group_rows_dot(group, nrows):
     lanes = 16 if group == 32 else 8
 
     def typer(typingctx, q, r, d, step, x16, b0, y):
-        if not (_is_c_array(q, types.int8, 2) and _is_c_array(d, types.uint16, 2)
-                and _is_c_array(step, types.float32, 2) and _is_c_array(x16, types.int16, 2)
-                and _is_c_array(y, types.float32, 2) and isinstance(r, types.Integer)
+        if not (is_c_array(q, types.int8, 2) and is_c_array(d, types.uint16, 2)
+                and is_c_array(step, types.float32, 2) and is_c_array(x16, types.int16, 2)
+                and is_c_array(y, types.float32, 2) and isinstance(r, types.Integer)
                 and isinstance(b0, types.Integer)):
             return None
 
@@ -187,47 +189,47 @@ def _make_int8_group_rows_dot(group, nrows):
             qty, rty, dty, sty, xty, bty, yty = sig.args
             row = context.cast(builder, args[1], rty, types.intp)
             first_row = context.cast(builder, args[5], bty, types.intp)
-            qrow, ncols = _row_pointer(context, builder, qty, args[0], row)
-            dptr, _ = _row_pointer(context, builder, dty, args[2], row)
-            batch = [builder.add(first_row, ir.Constant(_I64, i)) for i in range(nrows)]
-            srows = [_row_pointer(context, builder, sty, args[3], b)[0] for b in batch]
-            xrows = [_row_pointer(context, builder, xty, args[4], b)[0] for b in batch]
-            accs = [cgutils.alloca_once_value(builder, _splat_const(_F32, lanes, 0.0)) for _ in range(nrows)]
+            qrow, ncols = row_pointer(context, builder, qty, args[0], row)
+            dptr, _ = row_pointer(context, builder, dty, args[2], row)
+            batch = [builder.add(first_row, ir.Constant(I64, i)) for i in range(nrows)]
+            srows = [row_pointer(context, builder, sty, args[3], b)[0] for b in batch]
+            xrows = [row_pointer(context, builder, xty, args[4], b)[0] for b in batch]
+            accs = [cgutils.alloca_once_value(builder, splat_const(F32, lanes, 0.0)) for _ in range(nrows)]
 
             def scales_at(index, n):
-                bits = _load_vec(builder, dptr, index, _vec(_I16, n))
-                return builder.fpext(builder.bitcast(bits, _vec(_F16, n)), _vec(_F32, n))
+                bits = load_vec(builder, dptr, index, vec(I16, n))
+                return builder.fpext(builder.bitcast(bits, vec(F16, n)), vec(F32, n))
 
             def lanes_of(v, idx):
-                return builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, len(idx)), idx))
+                return builder.shuffle_vector(v, v, ir.Constant(vec(I32, len(idx)), idx))
 
-            with cgutils.for_range(builder, builder.udiv(ncols, ir.Constant(_I64, nb))) as loop:
+            with cgutils.for_range(builder, builder.udiv(ncols, ir.Constant(I64, nb))) as loop:
                 k = loop.index
-                c0 = builder.mul(k, ir.Constant(_I64, nb))
-                _prefetch_ptr(builder, builder.gep(qrow, [builder.add(c0, ir.Constant(_I64, PREFETCH_BYTES))]))
-                w16 = builder.sext(_load_vec(builder, qrow, c0, _vec(_I8, nb)), _vec(_I16, nb))
+                c0 = builder.mul(k, ir.Constant(I64, nb))
+                prefetch_ptr(builder, builder.gep(qrow, [builder.add(c0, ir.Constant(I64, PREFETCH_BYTES))]))
+                w16 = builder.sext(load_vec(builder, qrow, c0, vec(I8, nb)), vec(I16, nb))
                 if group == 32:
-                    d_pair = scales_at(builder.mul(k, ir.Constant(_I64, 2)), 2)
+                    d_pair = scales_at(builder.mul(k, ir.Constant(I64, 2)), 2)
                 else:
-                    g = k if group == 64 else builder.lshr(k, ir.Constant(_I64, 1))
-                    d_g = builder.extract_element(scales_at(g, 1), ir.Constant(_I32, 0))
+                    g = k if group == 64 else builder.lshr(k, ir.Constant(I64, 1))
+                    d_g = builder.extract_element(scales_at(g, 1), ir.Constant(I32, 0))
                 for i in range(nrows):
-                    isum = _pair_madd(builder, w16, _load_vec(builder, xrows[i], c0, _vec(_I16, nb)))
+                    isum = pair_madd(builder, w16, load_vec(builder, xrows[i], c0, vec(I16, nb)))
                     first = builder.add(lanes_of(isum, list(range(0, 8))), lanes_of(isum, list(range(8, 16))))
                     second = builder.add(lanes_of(isum, list(range(16, 24))), lanes_of(isum, list(range(24, 32))))
                     step_k = builder.load(builder.gep(srows[i], [k]))
                     if group == 32:
-                        ints = builder.shuffle_vector(first, second, ir.Constant(_vec(_I32, 16), list(range(16))))
-                        pair = builder.fmul(d_pair, _splat(builder, step_k, 2))
+                        ints = builder.shuffle_vector(first, second, ir.Constant(vec(I32, 16), list(range(16))))
+                        pair = builder.fmul(d_pair, splat(builder, step_k, 2))
                         scales = lanes_of(pair, [0] * 8 + [1] * 8)
                     else:
                         ints = builder.add(first, second)
-                        scales = _splat(builder, builder.fmul(d_g, step_k), lanes)
-                    part = builder.sitofp(ints, _vec(_F32, lanes))
-                    builder.store(_fma(builder, part, scales, builder.load(accs[i])), accs[i])
+                        scales = splat(builder, builder.fmul(d_g, step_k), lanes)
+                    part = builder.sitofp(ints, vec(F32, lanes))
+                    builder.store(fma(builder, part, scales, builder.load(accs[i])), accs[i])
             for i in range(nrows):
-                yrow, _ = _row_pointer(context, builder, yty, args[6], batch[i])
-                builder.store(_tree_sum(builder, builder.load(accs[i])), builder.gep(yrow, [row]))
+                yrow, _ = row_pointer(context, builder, yty, args[6], batch[i])
+                builder.store(tree_sum(builder, builder.load(accs[i])), builder.gep(yrow, [row]))
             return context.get_dummy_value()
         return types.void(q, r, d, step, x16, b0, y), codegen
     return intrinsic(typer)
@@ -239,16 +241,16 @@ _dot4_i8g_g128 = _make_int8_group_rows_dot(128, ROWS_PER_PASS)
 
 
 def _make_int4_rows_dot(group, nrows):
-    """Intrinsic: Y[b0 + i, r] = the single-row int4 dot (qmatmul._make_int4_row_dot, int16 activations, zero
+    """Intrinsic: Y[b0 + i, r] = the single-row int4 dot (int4_kernels._make_int4_row_dot, int16 activations, zero
     points excluded) of weight row r, with the row's decoded group scales d, and X16[b0 + i] (steps
     STEP[b0 + i]), for i < nrows: the block's nibbles are unpacked and its scales gathered once."""
     half = INT4_BLOCK // 2
     lanes = half // 2
 
     def typer(typingctx, packed, r, d, step, x16, b0, y):
-        if not (_is_c_array(packed, types.uint8, 2) and isinstance(d, types.Array) and d.dtype == types.float32
-                and _is_c_array(step, types.float32, 2) and _is_c_array(x16, types.int16, 2)
-                and _is_c_array(y, types.float32, 2) and isinstance(r, types.Integer)
+        if not (is_c_array(packed, types.uint8, 2) and isinstance(d, types.Array) and d.dtype == types.float32
+                and is_c_array(step, types.float32, 2) and is_c_array(x16, types.int16, 2)
+                and is_c_array(y, types.float32, 2) and isinstance(r, types.Integer)
                 and isinstance(b0, types.Integer)):
             return None
 
@@ -256,39 +258,39 @@ def _make_int4_rows_dot(group, nrows):
             pty, rty, dty, sty, xty, bty, yty = sig.args
             row = context.cast(builder, args[1], rty, types.intp)
             first_row = context.cast(builder, args[5], bty, types.intp)
-            prow, nbytes = _row_pointer(context, builder, pty, args[0], row)
+            prow, nbytes = row_pointer(context, builder, pty, args[0], row)
             dptr = context.make_array(dty)(context, builder, args[2]).data
-            batch = [builder.add(first_row, ir.Constant(_I64, i)) for i in range(nrows)]
-            srows = [_row_pointer(context, builder, sty, args[3], b)[0] for b in batch]
-            xrows = [_row_pointer(context, builder, xty, args[4], b)[0] for b in batch]
-            accs = [cgutils.alloca_once_value(builder, _splat_const(_F32, lanes, 0.0)) for _ in range(nrows)]
-            with cgutils.for_range(builder, builder.udiv(nbytes, ir.Constant(_I64, half))) as loop:
+            batch = [builder.add(first_row, ir.Constant(I64, i)) for i in range(nrows)]
+            srows = [row_pointer(context, builder, sty, args[3], b)[0] for b in batch]
+            xrows = [row_pointer(context, builder, xty, args[4], b)[0] for b in batch]
+            accs = [cgutils.alloca_once_value(builder, splat_const(F32, lanes, 0.0)) for _ in range(nrows)]
+            with cgutils.for_range(builder, builder.udiv(nbytes, ir.Constant(I64, half))) as loop:
                 k = loop.index
-                c0 = builder.mul(k, ir.Constant(_I64, half))
-                _prefetch_ptr(builder, builder.gep(prow, [builder.add(c0, ir.Constant(_I64, PREFETCH_BYTES))]))
-                w16 = builder.zext(_load_vec(builder, prow, c0, _vec(_I8, half)), _vec(_I16, half))
-                low = builder.and_(w16, _splat_const(_I16, half, 15))
-                high = builder.lshr(w16, _splat_const(_I16, half, 4))
-                x0 = builder.mul(k, ir.Constant(_I64, INT4_BLOCK))
-                x1 = builder.add(x0, ir.Constant(_I64, half))
+                c0 = builder.mul(k, ir.Constant(I64, half))
+                prefetch_ptr(builder, builder.gep(prow, [builder.add(c0, ir.Constant(I64, PREFETCH_BYTES))]))
+                w16 = builder.zext(load_vec(builder, prow, c0, vec(I8, half)), vec(I16, half))
+                low = builder.and_(w16, splat_const(I16, half, 15))
+                high = builder.lshr(w16, splat_const(I16, half, 4))
+                x0 = builder.mul(k, ir.Constant(I64, INT4_BLOCK))
+                x1 = builder.add(x0, ir.Constant(I64, half))
                 if group == 32:
-                    pair = _load_vec(builder, dptr, builder.mul(k, ir.Constant(_I64, 2)), _vec(_F32, 2))
-                    mask = ir.Constant(_vec(_I32, lanes), [0] * (lanes // 2) + [1] * (lanes // 2))
+                    pair = load_vec(builder, dptr, builder.mul(k, ir.Constant(I64, 2)), vec(F32, 2))
+                    mask = ir.Constant(vec(I32, lanes), [0] * (lanes // 2) + [1] * (lanes // 2))
                     scales = builder.shuffle_vector(pair, pair, mask)
                 else:
-                    g = k if group == 64 else builder.lshr(k, ir.Constant(_I64, 1))
-                    scales = _splat(builder, builder.load(builder.gep(dptr, [g])), lanes)
+                    g = k if group == 64 else builder.lshr(k, ir.Constant(I64, 1))
+                    scales = splat(builder, builder.load(builder.gep(dptr, [g])), lanes)
                 for i in range(nrows):
                     isum = builder.add(
-                        _pair_madd(builder, low, _load_vec(builder, xrows[i], x0, _vec(_I16, half))),
-                        _pair_madd(builder, high, _load_vec(builder, xrows[i], x1, _vec(_I16, half))))
-                    part = builder.sitofp(isum, _vec(_F32, lanes))
-                    step_k = _splat(builder, builder.load(builder.gep(srows[i], [k])), lanes)
+                        pair_madd(builder, low, load_vec(builder, xrows[i], x0, vec(I16, half))),
+                        pair_madd(builder, high, load_vec(builder, xrows[i], x1, vec(I16, half))))
+                    part = builder.sitofp(isum, vec(F32, lanes))
+                    step_k = splat(builder, builder.load(builder.gep(srows[i], [k])), lanes)
                     part = builder.fmul(part, step_k)
-                    builder.store(_fma(builder, part, scales, builder.load(accs[i])), accs[i])
+                    builder.store(fma(builder, part, scales, builder.load(accs[i])), accs[i])
             for i in range(nrows):
-                yrow, _ = _row_pointer(context, builder, yty, args[6], batch[i])
-                builder.store(_tree_sum(builder, builder.load(accs[i])), builder.gep(yrow, [row]))
+                yrow, _ = row_pointer(context, builder, yty, args[6], batch[i])
+                builder.store(tree_sum(builder, builder.load(accs[i])), builder.gep(yrow, [row]))
             return context.get_dummy_value()
         return types.void(packed, r, d, step, x16, b0, y), codegen
     return intrinsic(typer)
@@ -316,21 +318,21 @@ def _i8g_rows(q, scale, group, X16, STEP, Y, r0, r1):
                 _dot4_i8g_g128(q, r, scale, STEP, X16, b, Y)
         for b in range(full, B):
             if group == 32:
-                Y[b, r] = _dot_i8g_g32(q, r, scale, STEP[b], X16[b])
+                Y[b, r] = dot_i8g_g32(q, r, scale, STEP[b], X16[b])
             elif group == 64:
-                Y[b, r] = _dot_i8g_g64(q, r, scale, STEP[b], X16[b])
+                Y[b, r] = dot_i8g_g64(q, r, scale, STEP[b], X16[b])
             else:
-                Y[b, r] = _dot_i8g_g128(q, r, scale, STEP[b], X16[b])
+                Y[b, r] = dot_i8g_g128(q, r, scale, STEP[b], X16[b])
 
 
 @njit(cache=True, parallel=True, nogil=True)
 def _gemm_i8g(q, scale, X, src, group):
     R = q.shape[0]
-    X16, STEP, _ = _stack_activations(X, src, group)
+    X16, STEP, _ = stack_activations(X, src, group)
     Y = np.empty((X.shape[0], R), np.float32)
     for k in prange((R + ROW_BLOCK - 1) // ROW_BLOCK):
         r0, r1 = k * ROW_BLOCK, min(R, (k + 1) * ROW_BLOCK)
-        if group == 32:                    # literal group sizes: one specialisation each (see qmatmul.gemv_i4)
+        if group == 32:                    # literal group sizes: one specialisation each (see int4_kernels.gemv_i4)
             _i8g_rows(q, scale, 32, X16, STEP, Y, r0, r1)
         elif group == 64:
             _i8g_rows(q, scale, 64, X16, STEP, Y, r0, r1)
@@ -341,7 +343,7 @@ def _gemm_i8g(q, scale, X, src, group):
 
 @njit(cache=True, nogil=True)
 def _gemm_i8g_serial(q, scale, X, src, group):
-    X16, STEP, _ = _stack_activations(X, src, group)
+    X16, STEP, _ = stack_activations(X, src, group)
     Y = np.empty((X.shape[0], q.shape[0]), np.float32)
     _i8g_rows(q, scale, group, X16, STEP, Y, 0, q.shape[0])
     return Y
@@ -356,7 +358,7 @@ def _i4_rows(packed, groups, group, X16, STEP, XSUM, Y, r0, r1):
     for r in range(r0, r1):
         for g in range(ngroups):
             u = np.int32(groups[r, g])
-            d[g] = qmatmul.int4_scale(groups[r, g])
+            d[g] = int4_scale(groups[r, g])
             dz[g] = d[g] * np.float32(u >> 9) * np.float32(0.125)
         full = B - B % ROWS_PER_PASS
         for b in range(0, full, ROWS_PER_PASS):        # activation rows in fours: one pass over the weight row
@@ -373,17 +375,17 @@ def _i4_rows(packed, groups, group, X16, STEP, XSUM, Y, r0, r1):
             if b < full:
                 Y[b, r] = Y[b, r] + zero_term
             elif group == 32:
-                Y[b, r] = _dot_i4_g32(packed, r, d, STEP[b], X16[b]) + zero_term
+                Y[b, r] = dot_i4_g32(packed, r, d, STEP[b], X16[b]) + zero_term
             elif group == 64:
-                Y[b, r] = _dot_i4_g64(packed, r, d, STEP[b], X16[b]) + zero_term
+                Y[b, r] = dot_i4_g64(packed, r, d, STEP[b], X16[b]) + zero_term
             else:
-                Y[b, r] = _dot_i4_g128(packed, r, d, STEP[b], X16[b]) + zero_term
+                Y[b, r] = dot_i4_g128(packed, r, d, STEP[b], X16[b]) + zero_term
 
 
 @njit(cache=True, parallel=True, nogil=True)
 def _gemm_i4(packed, groups, X, src, group):
     R = packed.shape[0]
-    X16, STEP, XSUM = _stack_activations(X, src, group)
+    X16, STEP, XSUM = stack_activations(X, src, group)
     Y = np.empty((X.shape[0], R), np.float32)
     for k in prange((R + ROW_BLOCK - 1) // ROW_BLOCK):
         r0, r1 = k * ROW_BLOCK, min(R, (k + 1) * ROW_BLOCK)
@@ -398,7 +400,7 @@ def _gemm_i4(packed, groups, X, src, group):
 
 @njit(cache=True, nogil=True)
 def _gemm_i4_serial(packed, groups, X, src, group):
-    X16, STEP, XSUM = _stack_activations(X, src, group)
+    X16, STEP, XSUM = stack_activations(X, src, group)
     Y = np.empty((X.shape[0], packed.shape[0]), np.float32)
     _i4_rows(packed, groups, group, X16, STEP, XSUM, Y, 0, packed.shape[0])
     return Y

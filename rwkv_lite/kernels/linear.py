@@ -1,7 +1,8 @@
 """Weight matrices ready to compute with: y = W x for one token, Y = X W^T for a sequence, and row lookups.
 
 A ``Matrix`` wraps the stored arrays of one 2-D weight (views of the mapped model file; never copied) and picks
-the kernel for its storage scheme (layouts: ``rwkv_lite.quantize.schemes`` and ``kernels/qmatmul.py``):
+the kernel for its storage scheme (layouts: ``rwkv_lite.quantize.schemes``; kernels: kernels/simd.py and
+the per-scheme kernel modules beside it):
 
   x float32 (C,)   -> (R,)    decode: a Numba GEMV that dequantises in registers (never BLAS)
   X float32 (T, C) -> (T, R)  sequence: rows are dequantised a tile at a time into a reused float32 buffer and
@@ -19,7 +20,7 @@ import threading
 import numpy as np
 
 from ..errors import FormatError
-from . import qmatmul
+from . import fp_kernels, int4_kernels, int8_kernels, simd
 from .threads import parallel_map, tile_workers
 
 # Sequence-mode tile: about TILE_FLOATS dequantised weights (8 MB) per BLAS call. Fewer, larger calls spend less
@@ -69,9 +70,9 @@ class Matrix:
         if x.shape[-1] != C or x.ndim not in (1, 2):
             raise ValueError(f"{self.scheme} matrix {self.shape} cannot multiply an input of shape {x.shape}")
         if x.ndim == 1:
-            return self._gemv(qmatmul.aligned(x))
+            return self._gemv(simd.aligned(x))
         if x.shape[0] == 1:
-            return self._gemv(qmatmul.aligned(x[0]))[None, :]
+            return self._gemv(simd.aligned(x[0]))[None, :]
         return self._gemm(x)
 
     def rows(self, ids) -> np.ndarray:
@@ -131,7 +132,7 @@ class Fp32Matrix(Matrix):
 
     def _gemv(self, x):
         # a Numba kernel, not BLAS: decode keeps one owner of the cores (kernels/threads.py)
-        return (qmatmul.gemv_f32 if self.parallel else qmatmul.gemv_f32_serial)(self.w, x)
+        return (fp_kernels.gemv_f32 if self.parallel else fp_kernels.gemv_f32_serial)(self.w, x)
 
     def _tile(self, r0, r1):
         return self.w[r0:r1]
@@ -151,10 +152,10 @@ class Fp16Matrix(Matrix):
         self.bits = w.view(np.uint16)          # Numba has no float16 type; the kernels convert the bits
 
     def _gemv(self, x):
-        return (qmatmul.gemv_f16 if self.parallel else qmatmul.gemv_f16_serial)(self.bits, x)
+        return (fp_kernels.gemv_f16 if self.parallel else fp_kernels.gemv_f16_serial)(self.bits, x)
 
     def _dequantize(self, ids, out):
-        qmatmul.dequantize_rows_f16(self.bits, ids, out)
+        fp_kernels.dequantize_rows_f16(self.bits, ids, out)
 
     def _arrays(self):
         return (self.bits,)
@@ -168,10 +169,10 @@ class Int8Matrix(Matrix):
         self.q, self.scale = q, scale
 
     def _gemv(self, x):
-        return (qmatmul.gemv_i8 if self.parallel else qmatmul.gemv_i8_serial)(self.q, self.scale, x)
+        return (int8_kernels.gemv_i8 if self.parallel else int8_kernels.gemv_i8_serial)(self.q, self.scale, x)
 
     def _dequantize(self, ids, out):
-        qmatmul.dequantize_rows_i8(self.q, self.scale, ids, out)
+        int8_kernels.dequantize_rows_i8(self.q, self.scale, ids, out)
 
     def _arrays(self):
         return (self.q, self.scale)
@@ -185,18 +186,18 @@ class Int8GroupMatrix(Matrix):
         super().__init__(shape, params)
         self.q, self.scale, self.group = q, scale, int(group)
         self.padded_cols = q.shape[1]
-        self.block_source = np.arange(self.padded_cols, dtype=np.int64)   # natural order (see qmatmul)
+        self.block_source = np.arange(self.padded_cols, dtype=np.int64)   # natural order (no block permutation)
 
     def _gemv(self, x):
         if self.padded_cols != x.shape[0]:
-            xp = qmatmul.aligned(np.zeros(self.padded_cols, np.float32))
+            xp = simd.aligned(np.zeros(self.padded_cols, np.float32))
             xp[: x.shape[0]] = x
             x = xp
-        kernel = qmatmul.gemv_i8g if self.parallel else qmatmul.gemv_i8g_serial
+        kernel = int8_kernels.gemv_i8g if self.parallel else int8_kernels.gemv_i8g_serial
         return kernel(self.q, self.scale, x, self.block_source, self.group)
 
     def _dequantize(self, ids, out):
-        qmatmul.dequantize_rows_i8g(self.q, self.scale, self.group, ids, out)
+        int8_kernels.dequantize_rows_i8g(self.q, self.scale, self.group, ids, out)
 
     def _arrays(self):
         return (self.q, self.scale)
@@ -209,26 +210,27 @@ class Int4Matrix(Matrix):
         super().__init__(shape, params)
         self.packed, self.groups, self.group = packed, groups, int(group)
         self.padded_cols = packed.shape[1] * 2
-        self.block_source = qmatmul.block_source(self.group, self.padded_cols)
+        self.block_source = int4_kernels.block_source(self.group, self.padded_cols)
 
     def _padded(self, x):
         if self.padded_cols == x.shape[0]:
             return x
-        xp = qmatmul.aligned(np.zeros(self.padded_cols, np.float32))   # the kernel reads x up to the padded width
+        xp = simd.aligned(np.zeros(self.padded_cols, np.float32))   # the kernel reads x up to the padded width
         xp[: x.shape[0]] = x
         return xp
 
     def _gemv(self, x):
-        kernel = qmatmul.gemv_i4 if self.parallel else qmatmul.gemv_i4_serial
+        kernel = int4_kernels.gemv_i4 if self.parallel else int4_kernels.gemv_i4_serial
         return kernel(self.packed, self.groups, self._padded(x), self.block_source, self.group)
 
     def gemv_exact(self, x):
-        """W x with x kept in float32 (the default kernel rounds x to 15 bits per block; see qmatmul)."""
+        """W x with x kept in float32 (the default kernel rounds x to 15 bits per block:
+        simd.quantize_activations)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        return qmatmul.gemv_i4_exact(self.packed, self.groups, self._padded(x), self.block_source, self.group)
+        return int4_kernels.gemv_i4_exact(self.packed, self.groups, self._padded(x), self.block_source, self.group)
 
     def _dequantize(self, ids, out):
-        qmatmul.dequantize_rows_i4(self.packed, self.groups, self.group, ids, out)
+        int4_kernels.dequantize_rows_i4(self.packed, self.groups, self.group, ids, out)
 
     def _arrays(self):
         return (self.packed, self.groups)
@@ -238,7 +240,8 @@ def gemv_many(matrices, xs) -> list[np.ndarray]:
     """[W x for W, x in zip(matrices, xs)] for one token (each x float32 (C,)).
 
     Matrices of one quantized scheme, group and width (a layer's r/k/v/g projections) share one parallel launch
-    (qmatmul.gemv_*_many); anything else runs one GEMV each. The results are identical either way."""
+    (int8_kernels.gemv_i8g_many, int4_kernels.gemv_i4_many); anything else runs one GEMV each. The results are
+    identical either way."""
     first = matrices[0]
     kind = type(first)
     if (len(matrices) < 2 or kind not in (Int8GroupMatrix, Int4Matrix)
@@ -253,10 +256,10 @@ def gemv_many(matrices, xs) -> list[np.ndarray]:
         X[i, :C] = x
     rows = np.array([m.shape[0] for m in matrices], np.int64)
     if kind is Int8GroupMatrix:
-        y = qmatmul.gemv_i8g_many(tuple(m.q for m in matrices), tuple(m.scale for m in matrices), X,
+        y = int8_kernels.gemv_i8g_many(tuple(m.q for m in matrices), tuple(m.scale for m in matrices), X,
                                   first.block_source, first.group, rows)
     else:
-        y = qmatmul.gemv_i4_many(tuple(m.packed for m in matrices), tuple(m.groups for m in matrices), X,
+        y = int4_kernels.gemv_i4_many(tuple(m.packed for m in matrices), tuple(m.groups for m in matrices), X,
                                  first.block_source, first.group, rows)
     return np.split(y, np.cumsum(rows)[:-1])
 
@@ -293,28 +296,28 @@ def make_matrix(scheme_name: str, params: dict, parts: dict, shape: tuple[int, i
         m = Int8Matrix(q, scale, params)
     elif scheme_name == "int8":
         group = int(params.get("group", 32))
-        if group not in qmatmul.INT4_GROUPS:
-            raise FormatError(f"int8 matrix: group size {group} is not one of 0, {qmatmul.INT4_GROUPS}")
+        if group not in simd.INT4_GROUPS:
+            raise FormatError(f"int8 matrix: group size {group} is not one of 0, {simd.INT4_GROUPS}")
         q = _need(parts, "", np.int8, 2, "int8")
         scale = _need(parts, ".scale", np.float16, 2, "int8").view(np.uint16)
         R, padded = q.shape
-        if padded % max(group, qmatmul.INT4_BLOCK) or scale.shape != (R, padded // group):
+        if padded % max(group, simd.INT4_BLOCK) or scale.shape != (R, padded // group):
             raise FormatError(f"int8 matrix: q {q.shape} and scales {scale.shape} do not fit group {group}")
         C = padded if shape is None else int(shape[1])
-        if not padded - max(group, qmatmul.INT4_BLOCK) < C <= padded:
+        if not padded - max(group, simd.INT4_BLOCK) < C <= padded:
             raise FormatError(f"int8 matrix: {C} columns do not fit a stored width of {padded}")
         m = Int8GroupMatrix(q, scale, group, (R, C), params)
     elif scheme_name == "int4":
         group = int(params.get("group", 32))
-        if group not in qmatmul.INT4_GROUPS:
-            raise FormatError(f"int4 matrix: group size {group} is not one of {qmatmul.INT4_GROUPS}")
+        if group not in simd.INT4_GROUPS:
+            raise FormatError(f"int4 matrix: group size {group} is not one of {simd.INT4_GROUPS}")
         packed = _need(parts, "", np.uint8, 2, "int4")
         groups = _need(parts, ".groups", np.uint16, 2, "int4")
         R, padded = packed.shape[0], packed.shape[1] * 2
-        if padded % max(group, qmatmul.INT4_BLOCK) or groups.shape != (R, padded // group):
+        if padded % max(group, simd.INT4_BLOCK) or groups.shape != (R, padded // group):
             raise FormatError(f"int4 matrix: packed {packed.shape} and groups {groups.shape} do not fit group {group}")
         C = padded if shape is None else int(shape[1])
-        if not padded - max(group, qmatmul.INT4_BLOCK) < C <= padded:
+        if not padded - max(group, simd.INT4_BLOCK) < C <= padded:
             raise FormatError(f"int4 matrix: {C} columns do not fit a packed width of {padded}")
         m = Int4Matrix(packed, groups, group, (R, C), params)
     else:

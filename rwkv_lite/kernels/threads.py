@@ -8,7 +8,8 @@ layer here; OpenBLAS's server threads). Alternating the two pools call after cal
 spinning threads steal the cores the other one needs. Measured on 2 cores, a 14336 x 4096 int8 matrix times 128
 tokens in 128-row tiles: Numba-parallel dequantisation + BLAS GEMM per tile 870 ms, serial dequantisation + BLAS
 GEMM 107 ms. Hence: decode GEMVs are Numba kernels only (no BLAS in the token loop), sequence-mode dequantisation
-is serial (kernels/qmatmul.py), and code that alternates BLAS with Numba-parallel kernels should expect this cost.
+is serial (the dequantize_rows_* kernels), and code that alternates BLAS with Numba-parallel kernels should expect
+this cost.
 OMP_WAIT_POLICY=PASSIVE removes the spinning but costs ~70 us of wake-up per parallel call (decode: 257 GEMVs per
 Eagle-7B token), so it is not set here.
 

@@ -34,7 +34,7 @@ import warnings
 import numpy as np
 from numba import njit, prange
 
-from ..kernels.qmatmul import int4_scale
+from ..kernels.int4_kernels import int4_scale
 from .schemes import INT4_SCALE_CODES, Int4, _fit_group, _scale_code_at_most
 
 BLOCK = 128          # columns per block (a multiple of every int4 group size)

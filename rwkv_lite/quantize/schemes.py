@@ -36,7 +36,7 @@ tensor `name` as the array `name + suffix`.
          with about 30% less squared error than Q4_0 on real and Gaussian weights (bench/bench_kernels.py
          --quality) and 30% lower mean KL on the tiny 5v2 model.
 
-The kernels that read these layouts are in rwkv_lite/kernels/qmatmul.py.
+The kernels that read these layouts are in rwkv_lite/kernels/ (simd.py and the per-scheme *_kernels.py).
 """
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ import numpy as np
 from numba import njit, prange
 
 from ..errors import FormatError
-from ..kernels.qmatmul import INT4_BLOCK, INT4_GROUPS, f16_to_f32, f32_to_f16, int4_scale
+from ..kernels.int4_kernels import int4_scale
+from ..kernels.simd import INT4_BLOCK, INT4_GROUPS, f16_to_f32, f32_to_f16
 
 
 class SchemeError(FormatError, ValueError):
