@@ -26,6 +26,7 @@ COMMANDS = [
     ("info", "info"),
     ("verify", "verify"),
     ("serve", "serve"),
+    ("batch", "batch"),
 ]
 
 

@@ -60,15 +60,15 @@ def batch(paths, model_opt, output, task, max_tokens, temperature, top_p, top_k,
     """
     from ..batch import BatchError, JobSettings, LocalRunner, run_job
     paths = list(paths)
+    if ray_address is not None and ray_address not in _RAY_WORDS and ":" not in ray_address:
+        raise click.UsageError(f"--ray took {ray_address!r} as the Ray address (auto, HOST:PORT or "
+                               "ray://HOST:PORT); put --ray after the file arguments, or write --ray=ADDRESS")
     if len(paths) == 2 and model_opt is None:
         model, input_path = paths
     elif len(paths) == 1:
         model, input_path = None, paths[0]
     else:
         raise click.UsageError("expected [MODEL] INPUT.jsonl -o OUTPUT.jsonl: the model (optional) and the input")
-    if ray_address is not None and ray_address not in _RAY_WORDS and ":" not in ray_address:
-        raise click.UsageError(f"--ray took {ray_address!r} as the Ray address (auto, HOST:PORT or "
-                               "ray://HOST:PORT); put --ray after the file arguments, or write --ray=ADDRESS")
     if ray_address is None and (ray_actors is not None or ray_cpus != 1.0):
         raise click.UsageError("--ray-actors and --ray-cpus need --ray")
     if task == "perplexity" and (stop or any(v is not None for v in (temperature, top_p, top_k, min_p, seed,
