@@ -17,6 +17,7 @@ import numpy as np
 from . import arch as arch_registry
 from .errors import FormatError, NumericalError, ResourceError
 from .format import TOKENIZER_ARRAY, ModelFile, read_model_file, verify_checksums
+from .schemes import get_scheme
 from .state import State
 
 CHUNK_TOKENS = 512      # sequence mode runs the prompt in chunks of this many tokens (bounds activation memory)
@@ -49,25 +50,12 @@ class WeightStore:
         return arr
 
     def matrix(self, name: str):
-        from .kernels.linear import make_matrix
-        from .quantize.schemes import get_scheme
         info = self._info(name)
-        try:
+        try:                                  # the scheme checks its arrays (rwkv_lite/schemes/)
             scheme = get_scheme(info["scheme"], **info.get("params", {}))
+            matrix = scheme.open(name, self.file.arrays, tuple(info["shape"]))
         except (ValueError, TypeError, KeyError) as e:
             raise FormatError(f"{self.file.path}: tensor {name!r}: {e}") from None
-        shape = tuple(info["shape"])
-        parts = {}
-        for suffix, (dtype, part_shape) in scheme.parts(shape).items():
-            arr = self.file.arrays.get(name + suffix)
-            if arr is None:
-                raise FormatError(f"{self.file.path}: array {name + suffix!r} of {info['scheme']} tensor "
-                                  f"{name!r} is missing")
-            if arr.dtype != np.dtype(dtype) or tuple(arr.shape) != tuple(part_shape):
-                raise FormatError(f"{self.file.path}: array {name + suffix!r} is {arr.dtype}{list(arr.shape)}, "
-                                  f"expected {np.dtype(dtype)}{list(part_shape)}")
-            parts[suffix] = arr
-        matrix = make_matrix(info["scheme"], info.get("params", {}), parts, shape)
         matrix.name = name                    # for calibration and diagnostics
         return matrix
 
@@ -87,13 +75,13 @@ class Model:
             self.arch = arch_registry.module_for(version)
         except FormatError as e:
             raise FormatError(f"{self.path}: {e}") from None
-        check_config(model_file)
+        self.arch_config = check_config(model_file, self.arch)     # the typed config (arch/<version>.Config)
         store = WeightStore(model_file)
-        self.weights = self.arch.Weights(store, self.config)
+        self.weights = self.arch.load_weights(store, self.arch_config)
         self._store = store
         self._tokenizer = None
         self._initial_state = None
-        self._state_shapes = {name: a.shape for name, a in self.new_state().arrays.items()}
+        self._state_shapes = self.arch.state_shapes(self.arch_config)
 
     @property
     def tokenizer(self):
@@ -113,7 +101,7 @@ class Model:
         one is set, else the file's (zeros, or a state-tuned time_state converted into the model)."""
         if self._initial_state is not None:
             return self._initial_state.copy()
-        return State(self.config, self.arch.init_state(self.config, self._store))
+        return State(self.config, self.arch.init_state(self.arch_config, self._store))
 
     @property
     def initial_state(self) -> State | None:
@@ -129,12 +117,16 @@ class Model:
         self._initial_state = state
 
     # -- forward -------------------------------------------------------------------------------------------------
-    def forward(self, tokens, state: State | None = None, all_logits: bool = False):
+    def forward(self, tokens, state: State | None = None, all_logits: bool = False, observer=None):
         """Feed `tokens` (ids) starting from `state` (None: the initial state).
 
         Returns (logits, state): logits of the last token (vocab,), or of every token (T, vocab) with
         all_logits=True. Many tokens run in sequence mode (matrix-matrix products per chunk); the given state is
-        not modified: the returned state is a new object."""
+        not modified: the returned state is a new object.
+
+        `observer(name, X)`, if given, is called before every product with a stored weight matrix (role
+        'matrix' in the file, the head included) with the tensor's name and its input rows X (T, C) float32
+        (the head: only the rows whose logits are computed); X must not be modified."""
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             raise ValueError("forward() needs at least one token")
@@ -153,22 +145,23 @@ class Model:
             chunk = ids[start:start + CHUNK_TOKENS]
             last = start + CHUNK_TOKENS >= ids.size
             if all_logits or last:
-                outputs.append(self.arch.forward(self.weights, chunk, state.arrays, all_logits, _check_finite))
+                outputs.append(self.arch.forward(self.weights, chunk, state.arrays, all_logits, _check_finite,
+                                                 observer))
             else:
-                self.arch.forward(self.weights, chunk, state.arrays, False, _check_finite)
+                self.arch.forward(self.weights, chunk, state.arrays, False, _check_finite, observer)
         logits = np.concatenate(outputs) if all_logits else outputs[-1][0]
         if not np.isfinite(logits).all():
             raise NumericalError("NaN or Inf in the output logits (head / ln_out)")
         return logits, state
 
-    def forward_batch(self, tokens, states: list[State]) -> np.ndarray:
+    def forward_batch(self, tokens, states: list[State], observer=None) -> np.ndarray:
         """Advance B independent sequences by one token each: tokens[b] is fed to states[b].
 
         Returns logits (B, vocab); each state is updated IN PLACE (unlike forward(), which copies), so a serving
         loop keeps one State per sequence. Every matrix product reads each weight once for all B rows, and row b
         equals `forward([tokens[b]], states[b])` (exactly, but for int4's reassociated zero-point sum; see
         kernels/batched.py). A row whose logits are not finite is returned as it is: the caller decides what to
-        do with that one sequence."""
+        do with that one sequence. `observer` as in forward() (X holds one row per sequence)."""
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if ids.size != len(states) or ids.size == 0:
             raise ValueError(f"forward_batch() needs one token per state, got {ids.size} tokens and "
@@ -182,7 +175,7 @@ class Model:
             state.check_shapes(self._state_shapes)
         if len({id(a) for s in states for a in s.arrays.values()}) != sum(len(s.arrays) for s in states):
             raise ValueError("forward_batch() was given the same state (or shared state arrays) twice")
-        return self.arch.forward_batch(self.weights, ids, [s.arrays for s in states])
+        return self.arch.forward_batch(self.weights, ids, [s.arrays for s in states], observer)
 
     def verify(self, progress=None) -> list[str]:
         """Recompute the file's checksums; returns the names of corrupted arrays (empty: intact)."""
@@ -238,60 +231,20 @@ def _embedded_tokenizer(model_file: ModelFile):
 # The forward pass trusts the config: it sizes the state from it, and the WKV kernels (Numba, no bounds checks)
 # index the state and their inputs with it. A file whose config disagrees with its tensors (n_embd 128 over arrays
 # of 64, an n_head that does not divide the decays) would otherwise read or write outside arrays, so every number
-# the forward pass uses is checked against the tensors once, here.
+# the forward pass uses is checked against the tensors once, here, from the version's own contract: its Config
+# (the numbers and their relations) and tensor_shapes (every tensor's shape implied by them).
 
-_REQUIRED_DIMS = ("n_layer", "n_embd", "vocab_size")
-_OPTIONAL_DIMS = ("n_head", "head_size", "ffn_size", "d_mix", "d_decay", "d_w", "d_a", "d_v", "d_g", "d_de")
-
-
-def _expected_shapes(cfg: dict) -> tuple[dict, dict]:
-    """Logical shapes implied by the config: (top-level tensors, tensors inside each block by their name after
-    "blocks.<l>."). Entries whose config numbers this version lacks are left out; a block tensor not listed here
-    must be a vector of n_embd values (true of every tensor of versions 4 to 7 not listed)."""
-    V, C = cfg["vocab_size"], cfg["n_embd"]
-    F, H, N = cfg.get("ffn_size"), cfg.get("n_head"), cfg.get("head_size")
-    top = {"emb.weight": (V, C), "head.weight": (V, C), "ln_out.weight": (C,), "ln_out.bias": (C,)}
-    block = {f"att.{m}.weight": (C, C) for m in ("receptance", "key", "value", "gate", "output")}
-    block.update({"ffn.receptance.weight": (C, C), "ffn.key.weight": (F, C), "ffn.value.weight": (C, F),
-                  "att.decay": (H, N), "att.bonus": (H, N), "att.r_k": (H, N), "att.time_state": (H, N, N)})
-    if cfg.get("d_decay") is not None:                    # RWKV-6 LoRAs
-        block.update({"att.time_decay_w1": (C, cfg["d_decay"]), "att.time_decay_w2": (cfg["d_decay"], C)})
-    if cfg.get("d_mix") is not None:
-        block.update({"att.time_maa_w1": (C, 5 * cfg["d_mix"]), "att.time_maa_w2": (5, cfg["d_mix"], C)})
-    for lora in "wavg":                                    # RWKV-7 LoRAs
-        D = cfg.get(f"d_{lora}")
-        if D is not None:
-            block.update({f"att.{lora}1": (C, D), f"att.{lora}2": (D, C)})
-    D = cfg.get("d_de")                                    # RWKV-7 DeepEmbed
-    if D is not None:
-        block.update({"ffn.s_emb.weight": (V, D * D), "ffn.s1": (C, D), "ffn.s2": (D, F), "ffn.s0": (F,)})
-    return top, {name: shape for name, shape in block.items() if None not in shape}
-
-
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def check_config(model_file: ModelFile) -> None:
-    """Refuse (FormatError) a file whose config numbers or tensor records disagree with its tensors' shapes."""
-    path, cfg, tensors = model_file.path, model_file.config, model_file.tensors
-    has_heads = str(cfg.get("version")) != "4"          # 5.x, 6 and 7: multi-head WKV and a GroupNorm over heads
-    required = _REQUIRED_DIMS + (("n_head", "head_size") if has_heads else ())
-    for key in required + _OPTIONAL_DIMS:
-        value = cfg.get(key)
-        if key not in required and value is None:
-            continue
-        if not _is_count(value) or value == 0:
-            raise FormatError(f"{path}: config {key}={value!r} is not a positive integer")
-    if not isinstance(cfg.get("arch", ""), str):         # compared with a saved state's (NaN != NaN)
-        raise FormatError(f"{path}: config arch={cfg['arch']!r} is not a name")
-    L, C, H, N = cfg["n_layer"], cfg["n_embd"], cfg.get("n_head"), cfg.get("head_size")
-    if (H is None) != (N is None) or (H is not None and H * N != C):
-        raise FormatError(f"{path}: config n_head={H} x head_size={N} does not make n_embd={C}")
-    if has_heads:
-        eps = cfg.get("ln_x_eps")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
-            raise FormatError(f"{path}: config ln_x_eps={eps!r} is not a small positive number")
+def check_config(model_file: ModelFile, arch=None):
+    """The typed config of the file's version (arch/<version>.Config); FormatError (naming the file) when its
+    numbers are not valid or disagree with the tensors' shapes."""
+    path, tensors = model_file.path, model_file.tensors
+    if arch is None:
+        arch = arch_registry.module_for(str(model_file.config.get("version")))
+    try:
+        cfg = arch.Config.from_dict(model_file.config)
+    except FormatError as e:
+        raise FormatError(f"{path}: {e}") from None
+    L, C, N = cfg.n_layer, cfg.n_embd, getattr(cfg, "head_size", None)
     # The state the config implies is small next to the weights for every real model; checking it keeps a file
     # from making us allocate far more than its own size.
     state_bytes = 4 * L * C * (5 + (N or 0))
@@ -299,23 +252,24 @@ def check_config(model_file: ModelFile) -> None:
         raise FormatError(f"{path}: config n_layer={L}, n_embd={C}, head_size={N} implies a recurrent state of "
                           f"{state_bytes} bytes, more than the whole file")
 
-    top, block = _expected_shapes(cfg)
+    expected = arch.tensor_shapes(cfg)
     layers = set()
     for name, info in tensors.items():             # (read_model_file checked that every record is well formed)
         shape = tuple(info["shape"])
+        want = expected.get(name)
         if name.startswith("blocks."):
-            index, _, leaf = name[len("blocks."):].partition(".")
+            index, _, _ = name[len("blocks."):].partition(".")
             if not index.isdigit() or int(index) >= L:
                 raise FormatError(f"{path}: tensor {name!r} is outside the n_layer={L} layers of the config")
             layers.add(int(index))
-            want = block.get(leaf, (C,))          # every other tensor of a block is a per-channel vector
-        else:
-            want = top.get(name)
+            if want is None:
+                want = (C,)                        # any other tensor of a block must be a per-channel vector
         if want is not None and shape != want:
             raise FormatError(f"{path}: tensor {name!r} has shape {list(shape)} but the config implies "
                               f"{list(want)}")
     if len(layers) != L:
         raise FormatError(f"{path}: config says n_layer={L} but the file has tensors for {len(layers)} layers")
+    return cfg
 
 
 def memory_bytes() -> tuple[int, int]:

@@ -12,8 +12,11 @@ import numpy as np
 from ..kernels.batched import matmul_rows
 
 
-def linear_rows(matrix, X):
-    """(B, R) = X W^T, row b exactly the decode GEMV of X[b] (see kernels/batched.py)."""
+def linear_rows(matrix, X, observer=None):
+    """(B, R) = X W^T, row b exactly the decode GEMV of X[b] (see kernels/batched.py); `observer` as in
+    arch/common.py."""
+    if observer is not None:
+        observer(matrix.name, X)
     return matmul_rows(matrix, X)
 
 

@@ -17,14 +17,41 @@ rwkv.cpp files already hold -exp(time_decay) under the name time_decay.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..errors import FormatError
 from ..kernels.wkv4 import wkv4
-from .common import output_logits, Planner, layer_count, layer_norm, linear, relu_square, shifted, sigmoid, token_mix
+from . import common
+from .batch import linear_rows, previous_rows, store_rows
+from .common import Planner, layer_count, linear, linear_many, relu_square, shifted, sigmoid, token_mix
 
 VERSIONS = ("4",)
 PP_INIT = np.float32(-1e30)     # "minus infinity" of the running maximum exponent, as the reference
+
+
+@dataclass(frozen=True)
+class Config(common.Config):
+    """RWKV-4: n_layer, n_embd, vocab_size, ffn_size (no heads: the recurrence is per channel)."""
+
+
+def tensor_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor of our file for this config, name -> shape."""
+    C, F = cfg.n_embd, cfg.ffn_size
+    shapes = common.common_tensor_shapes(cfg)
+    for l in range(cfg.n_layer):
+        p = f"blocks.{l}."
+        for name in ("att.time_mix_k", "att.time_mix_v", "att.time_mix_r", "att.log_decay", "att.time_first",
+                     "ffn.time_mix_k", "ffn.time_mix_r"):
+            shapes[p + name] = (C,)
+        for m in ("receptance", "key", "value", "output"):
+            shapes[p + f"att.{m}.weight"] = (C, C)
+        shapes[p + "ffn.receptance.weight"] = (C, C)
+        if F is not None:
+            shapes[p + "ffn.key.weight"] = (F, C)
+            shapes[p + "ffn.value.weight"] = (C, F)
+    return shapes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -77,19 +104,22 @@ def plan(refs: dict, cfg: dict, source_kind: str):
 # ---------------------------------------------------------------------------------------------------------------
 # Running
 
-def init_state(cfg: dict, weights=None) -> dict[str, np.ndarray]:
-    L, C = cfg["n_layer"], cfg["n_embd"]
-    return {"att_x": np.zeros((L, C), np.float32),
-            "aa": np.zeros((L, C), np.float32),
-            "bb": np.zeros((L, C), np.float32),
-            "pp": np.full((L, C), PP_INIT, np.float32),
-            "ffn_x": np.zeros((L, C), np.float32)}
+def state_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """att_x, aa, bb, pp, ffn_x: (L, C) each, the reference's per-layer order (pp starts at PP_INIT)."""
+    L, C = common.dims(cfg, "n_layer", "n_embd")
+    return {name: (L, C) for name in ("att_x", "aa", "bb", "pp", "ffn_x")}
+
+
+def init_state(cfg, store=None) -> dict[str, np.ndarray]:
+    state = {name: np.zeros(shape, np.float32) for name, shape in state_shapes(cfg).items()}
+    state["pp"][:] = PP_INIT
+    return state
 
 
 class Layer:
     """One block's weights, looked up once so the forward pass reads like the equations."""
 
-    def __init__(self, weights, l: int):
+    def __init__(self, weights, l: int, cfg: Config):
         p = f"blocks.{l}."
         v, m = weights.vector, weights.matrix
         self.ln1_w, self.ln1_b = v(p + "ln1.weight"), v(p + "ln1.bias")
@@ -104,82 +134,63 @@ class Layer:
         self.F_r = m(p + "ffn.receptance.weight")
 
 
-class Weights:
-    def __init__(self, weights, cfg: dict):
-        self.cfg = cfg
-        self.emb = weights.matrix("emb.weight")
-        self.layers = [Layer(weights, l) for l in range(cfg["n_layer"])]
-        self.ln_out_w, self.ln_out_b = weights.vector("ln_out.weight"), weights.vector("ln_out.bias")
-        self.head = weights.matrix("head.weight")
+def load_weights(store, cfg: Config) -> common.Weights:
+    return common.Weights(store, cfg, Layer)
 
 
-def time_mix(L: Layer, a, state, l):
+def time_mix(L: Layer, a, state, l, run):
     """RWKV-4 attention replacement of layer l over T tokens; updates the layer's shift and (aa, bb, pp)."""
     p = shifted(a, state["att_x"][l])
     xk, xv, xr = token_mix(a, p, L.mix_k), token_mix(a, p, L.mix_v), token_mix(a, p, L.mix_r)
-    r = sigmoid(linear(L.W_r, xr))
-    k, v = linear(L.W_k, xk), linear(L.W_v, xv)
+    r, k, v = linear_many((L.W_r, L.W_k, L.W_v), (xr, xk, xv), run.observer)
+    r = sigmoid(r)
     wkv = np.empty_like(k)
     wkv4(k, v, L.w, L.u, state["aa"][l], state["bb"][l], state["pp"][l], wkv)
     state["att_x"][l] = a[-1]
-    return linear(L.W_o, r * wkv)
+    return linear(L.W_o, r * wkv, run.observer)
 
 
-def channel_mix(L: Layer, b, state, l):
+def channel_mix(L: Layer, b, state, l, run):
     """Feed-forward of layer l over T tokens; updates the layer's shift state."""
     q = shifted(b, state["ffn_x"][l])
     xk, xr = token_mix(b, q, L.ffn_mix_k), token_mix(b, q, L.ffn_mix_r)
-    hidden = relu_square(linear(L.F_k, xk))
+    k, r = linear_many((L.F_k, L.F_r), (xk, xr), run.observer)
     state["ffn_x"][l] = b[-1]
-    return sigmoid(linear(L.F_r, xr)) * linear(L.F_v, hidden)
+    return sigmoid(r) * linear(L.F_v, relu_square(k), run.observer)
 
 
-def forward(W: Weights, tokens: np.ndarray, state: dict, all_logits: bool, check=None) -> np.ndarray:
+def forward(W: common.Weights, tokens: np.ndarray, state: dict, all_logits: bool, check=None,
+            observer=None) -> np.ndarray:
     """Run T tokens (one chunk) through the model; returns logits (T, V) or (1, V) of the last token."""
-    x = W.emb.rows(tokens)
-    for l, L in enumerate(W.layers):
-        a = layer_norm(x, L.ln1_w, L.ln1_b)
-        x = x + time_mix(L, a, state, l)
-        b = layer_norm(x, L.ln2_w, L.ln2_b)
-        x = x + channel_mix(L, b, state, l)
-        if check is not None:
-            check(x, l)
-    return output_logits(W, x, all_logits)
+    return common.forward(time_mix, channel_mix, W, tokens, state, all_logits, check, observer)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Batched decode: B independent sequences, one token each (arch/batch.py)
 
-from .batch import linear_rows, previous_rows, store_rows  # noqa: E402
-
-
-def time_mix_batch(L: Layer, a, states, l):
+def time_mix_batch(L: Layer, a, states, l, run):
     """time_mix for B sequences at one token each: row b of `a` belongs to states[b]."""
+    obs = run.observer
     p = previous_rows(states, "att_x", l)
     xk, xv, xr = token_mix(a, p, L.mix_k), token_mix(a, p, L.mix_v), token_mix(a, p, L.mix_r)
-    r = sigmoid(linear_rows(L.W_r, xr))
-    k, v = linear_rows(L.W_k, xk), linear_rows(L.W_v, xv)
+    r = sigmoid(linear_rows(L.W_r, xr, obs))
+    k, v = linear_rows(L.W_k, xk, obs), linear_rows(L.W_v, xv, obs)
     wkv = np.empty_like(k)
     for b, s in enumerate(states):
         wkv4(k[b:b + 1], v[b:b + 1], L.w, L.u, s["aa"][l], s["bb"][l], s["pp"][l], wkv[b:b + 1])
     store_rows(states, "att_x", l, a)
-    return linear_rows(L.W_o, r * wkv)
+    return linear_rows(L.W_o, r * wkv, obs)
 
 
-def channel_mix_batch(L: Layer, b, states, l):
+def channel_mix_batch(L: Layer, b, states, l, run):
+    obs = run.observer
     q = previous_rows(states, "ffn_x", l)
     xk, xr = token_mix(b, q, L.ffn_mix_k), token_mix(b, q, L.ffn_mix_r)
-    hidden = relu_square(linear_rows(L.F_k, xk))
+    hidden = relu_square(linear_rows(L.F_k, xk, obs))
     store_rows(states, "ffn_x", l, b)
-    return sigmoid(linear_rows(L.F_r, xr)) * linear_rows(L.F_v, hidden)
+    return sigmoid(linear_rows(L.F_r, xr, obs)) * linear_rows(L.F_v, hidden, obs)
 
 
-def forward_batch(W: Weights, tokens: np.ndarray, states: list) -> np.ndarray:
+def forward_batch(W: common.Weights, tokens: np.ndarray, states: list, observer=None) -> np.ndarray:
     """One token for each of B sequences (tokens (B,), states[b] its state dict, updated in place) -> (B, V)."""
-    x = W.emb.rows(tokens)
-    for l, L in enumerate(W.layers):
-        a = layer_norm(x, L.ln1_w, L.ln1_b)
-        x = x + time_mix_batch(L, a, states, l)
-        b = layer_norm(x, L.ln2_w, L.ln2_b)
-        x = x + channel_mix_batch(L, b, states, l)
-    return linear_rows(W.head, layer_norm(x, W.ln_out_w, W.ln_out_b))
+    return common.forward_batch(time_mix_batch, channel_mix_batch, W, tokens, states, observer)

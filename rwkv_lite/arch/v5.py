@@ -15,16 +15,48 @@ all three store `decay` = exp(-exp(time_decay)) and `bonus` as (H, N) arrays, so
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..errors import FormatError
 from ..kernels.wkv5 import wkv5
-from .common import (output_logits, PlannedTensor, group_norm, layer_norm, linear, linear_many, relu_square, shifted, sigmoid, silu,
-                     streamed, token_mix, whole)
+from . import common
+from .batch import linear_rows, previous_rows, store_rows
+from .common import (Planner, group_norm, layer_count, linear, linear_many, relu_square, shifted, sigmoid, silu,
+                     token_mix)
 
 VERSIONS = ("5.0", "5.1", "5.2")
 DEFAULT_LN_X_EPS = 64e-5     # reference and training code: GroupNorm(x / 8, eps 1e-5) == GroupNorm(x, eps 64e-5)
 RWKV_CPP_LN_X_EPS = 1e-5     # what rwkv.cpp's v5 graph computes (its tiny fixtures need it)
+
+
+@dataclass(frozen=True)
+class Config(common.HeadsConfig):
+    """RWKV-5.x: version "5.0" (no gate), "5.1" or "5.2"; heads of head_size channels."""
+
+    @property
+    def has_gate(self) -> bool:
+        return self.version != "5.0"
+
+
+def tensor_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor of our file for this config, name -> shape (att.time_state only in state-tuned files)."""
+    C, F, H, N = cfg.n_embd, cfg.ffn_size, cfg.n_head, cfg.head_size
+    shapes = common.common_tensor_shapes(cfg)
+    for l in range(cfg.n_layer):
+        p = f"blocks.{l}."
+        for m in "kvrg" if cfg.has_gate else "kvr":
+            shapes[p + f"att.time_mix_{m}"] = (C,)
+        shapes.update({p + "att.decay": (H, N), p + "att.bonus": (H, N), p + "att.time_state": (H, N, N),
+                       p + "att.ln_x.weight": (C,), p + "att.ln_x.bias": (C,),
+                       p + "ffn.time_mix_k": (C,), p + "ffn.time_mix_r": (C,), p + "ffn.receptance.weight": (C, C)})
+        for m in ("receptance", "key", "value") + (("gate",) if cfg.has_gate else ()) + ("output",):
+            shapes[p + f"att.{m}.weight"] = (C, C)
+        if F is not None:
+            shapes[p + "ffn.key.weight"] = (F, C)
+            shapes[p + "ffn.value.weight"] = (C, F)
+    return shapes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -34,7 +66,7 @@ def infer_config(refs: dict, version: str, source_kind: str) -> dict:
     """Model dimensions from tensor shapes."""
     emb = refs["emb.weight"]
     vocab_size, n_embd = emb.shape
-    n_layer = 1 + max(int(name.split(".")[1]) for name in refs if name.startswith("blocks."))
+    n_layer = layer_count(refs)
     if version == "5.2":
         n_head = refs["blocks.0.att.time_faaaa"].shape[0]
     else:
@@ -53,103 +85,78 @@ def infer_config(refs: dict, version: str, source_kind: str) -> dict:
     }
 
 
-def plan(refs: dict, cfg: dict, source_kind: str) -> list[PlannedTensor]:
-    """The load-time transforms of reference doc section 2, applied once at conversion."""
+def plan(refs: dict, cfg: dict, source_kind: str):
+    """The load-time transforms of the reference: fold ln0 into the embedding, squeeze, and store decay =
+    exp(-exp(time_decay)) and bonus as (H, N) whatever the sub-version's per-head or per-channel source."""
     C, H, N = cfg["n_embd"], cfg["n_head"], cfg["head_size"]
     version = cfg["version"]
     from_rwkv_cpp = source_kind == "rwkv_cpp"      # rwkv.cpp files hold decay/bonus already transformed
-    out: list[PlannedTensor] = []
+    P = Planner(refs)
+    P.embedding_with_ln0(C)
+    per_head_or_channel = (H, H * N)                  # source sizes of decay / bonus: 5.0 and 5.1 per head
 
-    def vector(name, src, shape, transform=None):
-        if src not in refs:
-            raise FormatError(f"missing tensor {src}")
-        out.append(PlannedTensor(name, shape, "vector", whole(refs[src], transform)))
+    def heads(a):                                     # (H,) or (H, N) (or rwkv.cpp's (H, N, 1)) -> (H, N)
+        return np.broadcast_to(a.reshape(H, -1), (H, N)).copy()
 
-    def matrix(name, role="matrix"):
-        if name not in refs:
-            raise FormatError(f"missing tensor {name}")
-        out.append(PlannedTensor(name, tuple(refs[name].shape), role, streamed(refs[name])))
-
-    # Embedding with ln0 folded in (float32, row block by row block, even for bf16 sources).
-    ln0_w, ln0_b = refs.get("blocks.0.ln0.weight"), refs.get("blocks.0.ln0.bias")
-    fold = None
-    if ln0_w is not None:
-        w0 = np.asarray(ln0_w.load(), np.float32).reshape(C)
-        b0 = np.asarray(ln0_b.load(), np.float32).reshape(C)
-        fold = lambda rows: layer_norm(rows, w0, b0)   # noqa: E731
-    out.append(PlannedTensor("emb.weight", tuple(refs["emb.weight"].shape), "embedding",
-                             streamed(refs["emb.weight"], fold)))
-
-    flat = lambda a: a.reshape(C)                      # noqa: E731  (1,1,C) -> (C)
     for l in range(cfg["n_layer"]):
         p = f"blocks.{l}."
         for norm in ("ln1", "ln2"):
-            vector(p + norm + ".weight", p + norm + ".weight", (C,), flat)
-            vector(p + norm + ".bias", p + norm + ".bias", (C,), flat)
-        mixes = "kvrg" if version != "5.0" else "kvr"
-        for m in mixes:
-            vector(p + f"att.time_mix_{m}", p + f"att.time_mix_{m}", (C,), flat)
-
-        td = p + "att.time_decay"
+            P.vector(p + norm + ".weight", (C,))
+            P.vector(p + norm + ".bias", (C,))
+        for m in "kvrg" if version != "5.0" else "kvr":
+            P.vector(p + f"att.time_mix_{m}", (C,))
         if from_rwkv_cpp:                                    # stored as exp(-exp(time_decay))
-            decay = lambda a: np.broadcast_to(a.reshape(H, -1), (H, N)).copy()  # noqa: E731
+            decay = heads
         else:
-            decay = lambda a: np.broadcast_to(np.exp(-np.exp(a.reshape(H, -1))), (H, N)).copy()  # noqa: E731
-        vector(p + "att.decay", td, (H, N), decay)
-
-        if p + "att.time_faaaa" in refs:                     # bonus used as stored
-            vector(p + "att.bonus", p + "att.time_faaaa", (H, N),
-                   lambda a: np.broadcast_to(a.reshape(H, -1), (H, N)).copy())
-        elif p + "att.time_first" in refs:                   # log-domain bonus (v5.0); rwkv.cpp stores exp() of it
-            if from_rwkv_cpp:
-                bonus = lambda a: np.broadcast_to(a.reshape(H, -1), (H, N)).copy()  # noqa: E731
-            else:
-                bonus = lambda a: np.broadcast_to(np.exp(a.reshape(H, -1)), (H, N)).copy()  # noqa: E731
-            vector(p + "att.bonus", p + "att.time_first", (H, N), bonus)
+            decay = lambda a: heads(np.exp(-np.exp(a)))      # noqa: E731
+        P.vector(p + "att.decay", (H, N), p + "att.time_decay", decay, source_size=per_head_or_channel)
+        if P.has(p + "att.time_faaaa"):                      # bonus used as stored
+            P.vector(p + "att.bonus", (H, N), p + "att.time_faaaa", heads, source_size=per_head_or_channel)
+        elif P.has(p + "att.time_first"):                    # log-domain bonus (v5.0); rwkv.cpp stores exp() of it
+            bonus = heads if from_rwkv_cpp else (lambda a: heads(np.exp(a)))
+            P.vector(p + "att.bonus", (H, N), p + "att.time_first", bonus, source_size=per_head_or_channel)
         else:
             raise FormatError(f"missing tensor {p}att.time_faaaa (or time_first)")
-
-        if p + "att.time_state" in refs:                     # state-tuned initial state; file is [h][value][key]
-            vector(p + "att.time_state", p + "att.time_state", (H, N, N),
-                   lambda a: np.ascontiguousarray(a.reshape(H, N, N).transpose(0, 2, 1)))
-        vector(p + "att.ln_x.weight", p + "att.ln_x.weight", (C,), flat)
-        vector(p + "att.ln_x.bias", p + "att.ln_x.bias", (C,), flat)
+        if P.has(p + "att.time_state"):                      # state-tuned initial state; file is [h][value][key]
+            P.vector(p + "att.time_state", (H, N, N),
+                     transform=lambda a: np.ascontiguousarray(a.reshape(H, N, N).transpose(0, 2, 1)))
+        P.vector(p + "att.ln_x.weight", (C,))
+        P.vector(p + "att.ln_x.bias", (C,))
         for m in ("receptance", "key", "value") + (("gate",) if version != "5.0" else ()) + ("output",):
-            matrix(p + f"att.{m}.weight")
-        vector(p + "ffn.time_mix_k", p + "ffn.time_mix_k", (C,), flat)
-        vector(p + "ffn.time_mix_r", p + "ffn.time_mix_r", (C,), flat)
+            P.matrix(p + f"att.{m}.weight")
+        P.vector(p + "ffn.time_mix_k", (C,))
+        P.vector(p + "ffn.time_mix_r", (C,))
         for m in ("key", "receptance", "value"):
-            matrix(p + f"ffn.{m}.weight")
-
-    vector("ln_out.weight", "ln_out.weight", (C,), flat)
-    vector("ln_out.bias", "ln_out.bias", (C,), flat)
-    matrix("head.weight")
-    return out
+            P.matrix(p + f"ffn.{m}.weight")
+    P.vector("ln_out.weight", (C,))
+    P.vector("ln_out.bias", (C,))
+    P.matrix("head.weight")
+    return P.tensors
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Running
 
-def init_state(cfg: dict, weights=None) -> dict[str, np.ndarray]:
-    L, C, H, N = cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["head_size"]
-    wkv = np.zeros((L, H, N, N), np.float32)
-    if weights is not None:
-        for l in range(L):
-            if weights.has(f"blocks.{l}.att.time_state"):
-                wkv[l] = weights.vector(f"blocks.{l}.att.time_state")
-    return {"att_x": np.zeros((L, C), np.float32), "ffn_x": np.zeros((L, C), np.float32), "wkv": wkv}
+def state_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """att_x, ffn_x (L, C) and wkv (L, H, N, N) in the kernel's [head][key][value] order."""
+    L, C, H, N = common.dims(cfg, "n_layer", "n_embd", "n_head", "head_size")
+    return {"att_x": (L, C), "ffn_x": (L, C), "wkv": (L, H, N, N)}
+
+
+def init_state(cfg, store=None) -> dict[str, np.ndarray]:
+    return common.wkv_state(cfg, store)
 
 
 class Layer:
     """One block's weights, looked up once so the forward pass reads like the equations."""
 
-    def __init__(self, weights, l: int, version: str):
+    def __init__(self, weights, l: int, cfg: Config):
         p = f"blocks.{l}."
         v, m = weights.vector, weights.matrix
         self.ln1_w, self.ln1_b = v(p + "ln1.weight"), v(p + "ln1.bias")
         self.ln2_w, self.ln2_b = v(p + "ln2.weight"), v(p + "ln2.bias")
         self.mix_k, self.mix_v, self.mix_r = v(p + "att.time_mix_k"), v(p + "att.time_mix_v"), v(p + "att.time_mix_r")
-        self.has_gate = version != "5.0"
+        self.has_gate = cfg.has_gate
         self.mix_g = v(p + "att.time_mix_g") if self.has_gate else None
         self.decay, self.bonus = v(p + "att.decay"), v(p + "att.bonus")
         self.ln_x_w, self.ln_x_b = v(p + "att.ln_x.weight"), v(p + "att.ln_x.bias")
@@ -160,91 +167,71 @@ class Layer:
         self.F_k, self.F_r, self.F_v = m(p + "ffn.key.weight"), m(p + "ffn.receptance.weight"), m(p + "ffn.value.weight")
 
 
-class Weights:
-    def __init__(self, weights, cfg: dict):
-        self.cfg = cfg
-        self.emb = weights.matrix("emb.weight")
-        self.layers = [Layer(weights, l, cfg["version"]) for l in range(cfg["n_layer"])]
-        self.ln_out_w, self.ln_out_b = weights.vector("ln_out.weight"), weights.vector("ln_out.bias")
-        self.head = weights.matrix("head.weight")
+def load_weights(store, cfg: Config) -> common.Weights:
+    return common.Weights(store, cfg, Layer)
 
 
-def time_mix(L: Layer, a, state, l, cfg):
+def time_mix(L: Layer, a, state, l, run):
     """Attention replacement of layer l over T tokens; updates the layer's shift and WKV state."""
+    cfg = run.cfg
     p = shifted(a, state["att_x"][l])
     xk, xv, xr = token_mix(a, p, L.mix_k), token_mix(a, p, L.mix_v), token_mix(a, p, L.mix_r)
     if L.has_gate:
-        r, k, v, g = linear_many((L.W_r, L.W_k, L.W_v, L.W_g), (xr, xk, xv, token_mix(a, p, L.mix_g)))
+        r, k, v, g = linear_many((L.W_r, L.W_k, L.W_v, L.W_g), (xr, xk, xv, token_mix(a, p, L.mix_g)), run.observer)
     else:
-        r, k, v = linear_many((L.W_r, L.W_k, L.W_v), (xr, xk, xv))
+        r, k, v = linear_many((L.W_r, L.W_k, L.W_v), (xr, xk, xv), run.observer)
     o = np.empty_like(r)
     wkv5(r, k, v, L.decay, L.bonus, state["wkv"][l], o)
-    y = group_norm(o, cfg["n_head"], L.ln_x_w, L.ln_x_b, cfg["ln_x_eps"])
+    y = group_norm(o, cfg.n_head, L.ln_x_w, L.ln_x_b, cfg.ln_x_eps)
     if L.has_gate:
         y = y * silu(g)
     state["att_x"][l] = a[-1]
-    return linear(L.W_o, y)
+    return linear(L.W_o, y, run.observer)
 
 
-def channel_mix(L: Layer, b, state, l):
+def channel_mix(L: Layer, b, state, l, run):
     """Feed-forward of layer l over T tokens; updates the layer's shift state."""
     q = shifted(b, state["ffn_x"][l])
     xk, xr = token_mix(b, q, L.ffn_mix_k), token_mix(b, q, L.ffn_mix_r)
-    k, r = linear_many((L.F_k, L.F_r), (xk, xr))
+    k, r = linear_many((L.F_k, L.F_r), (xk, xr), run.observer)
     state["ffn_x"][l] = b[-1]
-    return sigmoid(r) * linear(L.F_v, relu_square(k))
+    return sigmoid(r) * linear(L.F_v, relu_square(k), run.observer)
 
 
-def forward(W: Weights, tokens: np.ndarray, state: dict, all_logits: bool, check=None) -> np.ndarray:
+def forward(W: common.Weights, tokens: np.ndarray, state: dict, all_logits: bool, check=None,
+            observer=None) -> np.ndarray:
     """Run T tokens (one chunk) through the model; returns logits (T, V) or (1, V) of the last token."""
-    cfg = W.cfg
-    x = W.emb.rows(tokens)
-    for l, L in enumerate(W.layers):
-        a = layer_norm(x, L.ln1_w, L.ln1_b)
-        x = x + time_mix(L, a, state, l, cfg)
-        b = layer_norm(x, L.ln2_w, L.ln2_b)
-        x = x + channel_mix(L, b, state, l)
-        if check is not None:
-            check(x, l)
-    return output_logits(W, x, all_logits)
+    return common.forward(time_mix, channel_mix, W, tokens, state, all_logits, check, observer)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Batched decode: B independent sequences, one token each (arch/batch.py)
 
-from .batch import linear_rows, previous_rows, store_rows  # noqa: E402
-
-
-def time_mix_batch(L: Layer, a, states, l, cfg):
+def time_mix_batch(L: Layer, a, states, l, run):
     """time_mix for B sequences at one token each: row b of `a` belongs to states[b]."""
+    cfg, obs = run.cfg, run.observer
     p = previous_rows(states, "att_x", l)
     xk, xv, xr = token_mix(a, p, L.mix_k), token_mix(a, p, L.mix_v), token_mix(a, p, L.mix_r)
-    r, k, v = linear_rows(L.W_r, xr), linear_rows(L.W_k, xk), linear_rows(L.W_v, xv)
+    r, k, v = linear_rows(L.W_r, xr, obs), linear_rows(L.W_k, xk, obs), linear_rows(L.W_v, xv, obs)
     o = np.empty_like(r)
     for b, s in enumerate(states):
         wkv5(r[b:b + 1], k[b:b + 1], v[b:b + 1], L.decay, L.bonus, s["wkv"][l], o[b:b + 1])
-    y = group_norm(o, cfg["n_head"], L.ln_x_w, L.ln_x_b, cfg["ln_x_eps"])
+    y = group_norm(o, cfg.n_head, L.ln_x_w, L.ln_x_b, cfg.ln_x_eps)
     if L.has_gate:
-        y = y * silu(linear_rows(L.W_g, token_mix(a, p, L.mix_g)))
+        y = y * silu(linear_rows(L.W_g, token_mix(a, p, L.mix_g), obs))
     store_rows(states, "att_x", l, a)
-    return linear_rows(L.W_o, y)
+    return linear_rows(L.W_o, y, obs)
 
 
-def channel_mix_batch(L: Layer, b, states, l):
+def channel_mix_batch(L: Layer, b, states, l, run):
+    obs = run.observer
     q = previous_rows(states, "ffn_x", l)
     xk, xr = token_mix(b, q, L.ffn_mix_k), token_mix(b, q, L.ffn_mix_r)
-    k, r = linear_rows(L.F_k, xk), linear_rows(L.F_r, xr)
+    k, r = linear_rows(L.F_k, xk, obs), linear_rows(L.F_r, xr, obs)
     store_rows(states, "ffn_x", l, b)
-    return sigmoid(r) * linear_rows(L.F_v, relu_square(k))
+    return sigmoid(r) * linear_rows(L.F_v, relu_square(k), obs)
 
 
-def forward_batch(W: Weights, tokens: np.ndarray, states: list) -> np.ndarray:
+def forward_batch(W: common.Weights, tokens: np.ndarray, states: list, observer=None) -> np.ndarray:
     """One token for each of B sequences (tokens (B,), states[b] its state dict, updated in place) -> (B, V)."""
-    cfg = W.cfg
-    x = W.emb.rows(tokens)
-    for l, L in enumerate(W.layers):
-        a = layer_norm(x, L.ln1_w, L.ln1_b)
-        x = x + time_mix_batch(L, a, states, l, cfg)
-        b = layer_norm(x, L.ln2_w, L.ln2_b)
-        x = x + channel_mix_batch(L, b, states, l)
-    return linear_rows(W.head, layer_norm(x, W.ln_out_w, W.ln_out_b))
+    return common.forward_batch(time_mix_batch, channel_mix_batch, W, tokens, states, observer)

@@ -21,17 +21,53 @@ and maa_w2 as (5, C, D_mix); they are turned back here.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..errors import FormatError
+from ..kernels.batched import lowrank_down_rows, lowrank_up_rows
 from ..kernels.wkv5 import wkv6
 from ..kernels import pointwise
-from .common import (output_logits, Planner, group_norm, layer_count, layer_norm, linear, linear_many, lora_down,
-                     lora_up, relu_square, sigmoid, silu)
+from . import common
+from .batch import linear_rows, per_row, store_rows
+from .common import Planner, group_norm, layer_count, linear, linear_many, lora_down, lora_up, relu_square, sigmoid, silu
 
 VERSIONS = ("6",)
 LN_X_EPS = 64e-5     # reference, training code and rwkv.cpp agree for v6
 MIX_ORDER = "wkvrg"  # order of the five blocks of the time_maa LoRA
+
+
+@dataclass(frozen=True)
+class Config(common.HeadsConfig):
+    """RWKV-6: heads, plus the widths of the token-shift LoRA (d_mix per mix) and of the decay LoRA (d_decay)."""
+    d_mix: int | None = None
+    d_decay: int | None = None
+
+
+def tensor_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor of our file for this config, name -> shape (att.time_state only in state-tuned files)."""
+    C, F, H, N = cfg.n_embd, cfg.ffn_size, cfg.n_head, cfg.head_size
+    shapes = common.common_tensor_shapes(cfg)
+    for l in range(cfg.n_layer):
+        p = f"blocks.{l}."
+        for f in "x" + MIX_ORDER:
+            shapes[p + f"att.time_maa_{f}"] = (C,)
+        shapes.update({p + "att.time_decay": (C,), p + "att.bonus": (H, N), p + "att.time_state": (H, N, N),
+                       p + "att.ln_x.weight": (C,), p + "att.ln_x.bias": (C,),
+                       p + "ffn.time_maa_k": (C,), p + "ffn.time_maa_r": (C,), p + "ffn.receptance.weight": (C, C)})
+        if cfg.d_mix is not None:
+            shapes[p + "att.time_maa_w1"] = (C, 5 * cfg.d_mix)
+            shapes[p + "att.time_maa_w2"] = (5, cfg.d_mix, C)
+        if cfg.d_decay is not None:
+            shapes[p + "att.time_decay_w1"] = (C, cfg.d_decay)
+            shapes[p + "att.time_decay_w2"] = (cfg.d_decay, C)
+        for m in ("receptance", "key", "value", "gate", "output"):
+            shapes[p + f"att.{m}.weight"] = (C, C)
+        if F is not None:
+            shapes[p + "ffn.key.weight"] = (F, C)
+            shapes[p + "ffn.value.weight"] = (C, F)
+    return shapes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -115,20 +151,20 @@ def plan(refs: dict, cfg: dict, source_kind: str):
 # ---------------------------------------------------------------------------------------------------------------
 # Running
 
-def init_state(cfg: dict, weights=None) -> dict[str, np.ndarray]:
-    L, C, H, N = cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["head_size"]
-    wkv = np.zeros((L, H, N, N), np.float32)
-    if weights is not None:
-        for l in range(L):
-            if weights.has(f"blocks.{l}.att.time_state"):
-                wkv[l] = weights.vector(f"blocks.{l}.att.time_state")
-    return {"att_x": np.zeros((L, C), np.float32), "ffn_x": np.zeros((L, C), np.float32), "wkv": wkv}
+def state_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """att_x, ffn_x (L, C) and wkv (L, H, N, N) in the kernel's [head][key][value] order."""
+    L, C, H, N = common.dims(cfg, "n_layer", "n_embd", "n_head", "head_size")
+    return {"att_x": (L, C), "ffn_x": (L, C), "wkv": (L, H, N, N)}
+
+
+def init_state(cfg, store=None) -> dict[str, np.ndarray]:
+    return common.wkv_state(cfg, store)
 
 
 class Layer:
     """One block's weights, looked up once so the forward pass reads like the equations."""
 
-    def __init__(self, weights, l: int):
+    def __init__(self, weights, l: int, cfg: Config):
         p = f"blocks.{l}."
         v, m = weights.vector, weights.matrix
         self.ln1_w, self.ln1_b = v(p + "ln1.weight"), v(p + "ln1.bias")
@@ -153,26 +189,22 @@ class Layer:
         self.ffn_mixes = np.stack([self.ffn_maa_k, self.ffn_maa_r])
 
 
-class Weights:
-    def __init__(self, weights, cfg: dict):
-        self.cfg = cfg
-        self.emb = weights.matrix("emb.weight")
-        self.layers = [Layer(weights, l) for l in range(cfg["n_layer"])]
-        self.ln_out_w, self.ln_out_b = weights.vector("ln_out.weight"), weights.vector("ln_out.bias")
-        self.head = weights.matrix("head.weight")
+def load_weights(store, cfg: Config) -> common.Weights:
+    return common.Weights(store, cfg, Layer)
 
 
-def time_mix(L: Layer, a, state, l, cfg):
+def time_mix(L: Layer, a, state, l, run):
     """RWKV-6 attention replacement of layer l over T tokens; updates the layer's shift and WKV state.
     One token runs without BLAS (fused projections, LoRAs in Numba's pool; see kernels/lowrank.py)."""
+    cfg = run.cfg
     previous = state["att_x"][l]
     # data-dependent token shift: a LoRA of the mixed input gives each of w, k, v, r, g its own extra mix
     (z,) = lora_down((pointwise.shift_mixes(a, previous, L.maa_x_stack)[0],), (L.maa_w1,))
     D = L.maa_w1.shape[1] // 5
     z = np.tanh(z)
     extra = np.stack(lora_up([z[:, f * D:(f + 1) * D] for f in range(5)], L.maa_up))     # (5, T, C)
-    xw, xk, xv, xr, xg = pointwise.rwkv6_mixes(a, previous, L.maa_stack, extra)
-    r, k, v, g = linear_many((L.W_r, L.W_k, L.W_v, L.W_g), (xr, xk, xv, xg))
+    xw, xk, xv, xr, xg = pointwise.shift_mixes(a, previous, L.maa_stack, extra)
+    r, k, v, g = linear_many((L.W_r, L.W_k, L.W_v, L.W_g), (xr, xk, xv, xg), run.observer)
     g = silu(g)
     # data-dependent decay, one per token and channel
     (h,) = lora_down((xw,), (L.decay_w1,))
@@ -180,31 +212,23 @@ def time_mix(L: Layer, a, state, l, cfg):
     w = pointwise.rwkv6_decay(L.time_decay, u)
     o = np.empty_like(r)
     wkv6(r, k, v, w, L.bonus, state["wkv"][l], o)
-    y = group_norm(o, cfg["n_head"], L.ln_x_w, L.ln_x_b, cfg["ln_x_eps"]) * g
+    y = group_norm(o, cfg.n_head, L.ln_x_w, L.ln_x_b, cfg.ln_x_eps) * g
     state["att_x"][l] = a[-1]
-    return linear(L.W_o, y)
+    return linear(L.W_o, y, run.observer)
 
 
-def channel_mix(L: Layer, b, state, l):
+def channel_mix(L: Layer, b, state, l, run):
     """Feed-forward of layer l over T tokens (v6 mix form b + d * maa); updates the layer's shift state."""
     xk, xr = pointwise.shift_mixes(b, state["ffn_x"][l], L.ffn_mixes)
-    k, r = linear_many((L.F_k, L.F_r), (xk, xr))
+    k, r = linear_many((L.F_k, L.F_r), (xk, xr), run.observer)
     state["ffn_x"][l] = b[-1]
-    return sigmoid(r) * linear(L.F_v, relu_square(k))
+    return sigmoid(r) * linear(L.F_v, relu_square(k), run.observer)
 
 
-def forward(W: Weights, tokens: np.ndarray, state: dict, all_logits: bool, check=None) -> np.ndarray:
+def forward(W: common.Weights, tokens: np.ndarray, state: dict, all_logits: bool, check=None,
+            observer=None) -> np.ndarray:
     """Run T tokens (one chunk) through the model; returns logits (T, V) or (1, V) of the last token."""
-    cfg = W.cfg
-    x = W.emb.rows(tokens)
-    for l, L in enumerate(W.layers):
-        a = layer_norm(x, L.ln1_w, L.ln1_b)
-        x = x + time_mix(L, a, state, l, cfg)
-        b = layer_norm(x, L.ln2_w, L.ln2_b)
-        x = x + channel_mix(L, b, state, l)
-        if check is not None:
-            check(x, l)
-    return output_logits(W, x, all_logits)
+    return common.forward(time_mix, channel_mix, W, tokens, state, all_logits, check, observer)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,20 +238,17 @@ def forward(W: Weights, tokens: np.ndarray, state: dict, all_logits: bool, check
 # token shift runs row by row (its previous row is each sequence's own). No BLAS in a decode step; every row
 # equals its sequence's own single-token decode.
 
-from ..kernels.batched import lowrank_down_rows, lowrank_up_rows  # noqa: E402
-from .batch import linear_rows, per_row, store_rows  # noqa: E402
-
-
-def time_mix_batch(L: Layer, a, states, l, cfg):
+def time_mix_batch(L: Layer, a, states, l, run):
     """time_mix for B sequences at one token each: row b of `a` belongs to states[b]."""
+    cfg, obs = run.cfg, run.observer
     (x,) = per_row(lambda b, s: pointwise.shift_mixes(a[b:b + 1], s["att_x"][l], L.maa_x_stack), states)
     (z,) = lowrank_down_rows((x,), (L.maa_w1,))
     D = L.maa_w1.shape[1] // 5
     z = np.tanh(z)
     extra = lowrank_up_rows([z[:, f * D:(f + 1) * D] for f in range(5)], L.maa_up)        # (5, B, C)
-    xw, xk, xv, xr, xg = per_row(lambda b, s: pointwise.rwkv6_mixes(a[b:b + 1], s["att_x"][l], L.maa_stack,
+    xw, xk, xv, xr, xg = per_row(lambda b, s: pointwise.shift_mixes(a[b:b + 1], s["att_x"][l], L.maa_stack,
                                                                     extra[:, b:b + 1]), states)
-    r, k, v, g = (linear_rows(W, x) for W, x in ((L.W_r, xr), (L.W_k, xk), (L.W_v, xv), (L.W_g, xg)))
+    r, k, v, g = (linear_rows(W, x, obs) for W, x in ((L.W_r, xr), (L.W_k, xk), (L.W_v, xv), (L.W_g, xg)))
     g = silu(g)
     (h,) = lowrank_down_rows((xw,), (L.decay_w1,))
     (u,) = lowrank_up_rows((np.tanh(h),), (L.decay_w2,))
@@ -236,25 +257,19 @@ def time_mix_batch(L: Layer, a, states, l, cfg):
     for b, s in enumerate(states):
         one = slice(b, b + 1)
         wkv6(r[one], k[one], v[one], w[one], L.bonus, s["wkv"][l], o[one])
-    y = group_norm(o, cfg["n_head"], L.ln_x_w, L.ln_x_b, cfg["ln_x_eps"]) * g
+    y = group_norm(o, cfg.n_head, L.ln_x_w, L.ln_x_b, cfg.ln_x_eps) * g
     store_rows(states, "att_x", l, a)
-    return linear_rows(L.W_o, y)
+    return linear_rows(L.W_o, y, obs)
 
 
-def channel_mix_batch(L: Layer, b, states, l):
+def channel_mix_batch(L: Layer, b, states, l, run):
+    obs = run.observer
     xk, xr = per_row(lambda i, s: pointwise.shift_mixes(b[i:i + 1], s["ffn_x"][l], L.ffn_mixes), states)
-    k, r = linear_rows(L.F_k, xk), linear_rows(L.F_r, xr)
+    k, r = linear_rows(L.F_k, xk, obs), linear_rows(L.F_r, xr, obs)
     store_rows(states, "ffn_x", l, b)
-    return sigmoid(r) * linear_rows(L.F_v, relu_square(k))
+    return sigmoid(r) * linear_rows(L.F_v, relu_square(k), obs)
 
 
-def forward_batch(W: Weights, tokens: np.ndarray, states: list) -> np.ndarray:
+def forward_batch(W: common.Weights, tokens: np.ndarray, states: list, observer=None) -> np.ndarray:
     """One token for each of B sequences (tokens (B,), states[b] its state dict, updated in place) -> (B, V)."""
-    cfg = W.cfg
-    x = W.emb.rows(tokens)
-    for l, L in enumerate(W.layers):
-        a = layer_norm(x, L.ln1_w, L.ln1_b)
-        x = x + time_mix_batch(L, a, states, l, cfg)
-        b = layer_norm(x, L.ln2_w, L.ln2_b)
-        x = x + channel_mix_batch(L, b, states, l)
-    return linear_rows(W.head, layer_norm(x, W.ln_out_w, W.ln_out_b))
+    return common.forward_batch(time_mix_batch, channel_mix_batch, W, tokens, states, observer)

@@ -25,13 +25,18 @@ rwkv.cpp files concatenate the six mixes into x_rwkvag (6, 1, C) and store the L
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..errors import FormatError
+from ..kernels.batched import lowrank_down_rows, lowrank_up_rows
 from ..kernels.wkv7 import wkv7
 from ..kernels import pointwise
-from .common import (output_logits, Planner, PlannedTensor, group_norm, layer_count, layer_norm, linear, linear_many,
-                     lora_down, lora_up, relu_square, sigmoid)
+from . import common
+from .batch import linear_rows, per_row, store_rows
+from .common import (Planner, PlannedTensor, layer_count, layer_norm, linear, linear_many, lora_down, lora_up,
+                     relu_square, sigmoid)
 
 VERSIONS = ("7",)
 LN_X_EPS = 64e-5                       # reference, training code and rwkv.cpp agree for v7
@@ -39,6 +44,48 @@ DECAY_SCALE = np.float32(-0.606531)    # -exp(-1/2), as the reference writes it
 NORM_FLOOR = np.float32(1e-12)         # F.normalize's eps
 MIXES = "rwkvag"                       # the token-shift mixes, in rwkv.cpp's x_rwkvag order
 LORAS = "wavg"                         # decay, in-context learning rate, value residual, gate
+
+
+@dataclass(frozen=True)
+class Config(common.HeadsConfig):
+    """RWKV-7: heads, the LoRA widths d_w, d_a, d_v, d_g, and d_de for a DeepEmbed file (None otherwise)."""
+    d_w: int | None = None
+    d_a: int | None = None
+    d_v: int | None = None
+    d_g: int | None = None
+    d_de: int | None = None
+
+
+def tensor_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor of our file for this config, name -> shape (att.time_state only in state-tuned files; layer 0
+    has no value-residual tensors v0, v1, v2)."""
+    C, F, H, N, V = cfg.n_embd, cfg.ffn_size, cfg.n_head, cfg.head_size, cfg.vocab_size
+    shapes = common.common_tensor_shapes(cfg)
+    for l in range(cfg.n_layer):
+        p = f"blocks.{l}."
+        for f in MIXES:
+            shapes[p + f"att.x_{f}"] = (C,)
+        for f in LORAS:
+            if f == "v" and l == 0:
+                continue
+            if f != "g":
+                shapes[p + f"att.{f}0"] = (C,)
+            D = getattr(cfg, f"d_{f}")
+            if D is not None:
+                shapes[p + f"att.{f}1"] = (C, D)
+                shapes[p + f"att.{f}2"] = (D, C)
+        shapes.update({p + "att.k_k": (C,), p + "att.k_a": (C,), p + "att.r_k": (H, N), p + "att.time_state": (H, N, N),
+                       p + "att.ln_x.weight": (C,), p + "att.ln_x.bias": (C,), p + "ffn.x_k": (C,)})
+        for m in ("receptance", "key", "value", "output"):
+            shapes[p + f"att.{m}.weight"] = (C, C)
+        if F is not None:
+            shapes[p + "ffn.key.weight"] = (F, C)
+            shapes[p + "ffn.value.weight"] = (C, F)
+        D = cfg.d_de
+        if D is not None and F is not None:
+            shapes.update({p + "ffn.s_emb.weight": (V, D * D), p + "ffn.s1": (C, D), p + "ffn.s2": (D, F),
+                           p + "ffn.s0": (F,)})
+    return shapes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,22 +222,21 @@ def plan_deep_embed(P: Planner, l: int, cfg: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Running
 
-def init_state(cfg: dict, weights=None) -> dict[str, np.ndarray]:
-    """att_x, ffn_x (L, C) and wkv (L, H, N, N) in the reference's [head][value][key] order: zeros, or the
-    time_state of a state-tuned model where the file holds one."""
-    L, C, H, N = cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["head_size"]
-    wkv = np.zeros((L, H, N, N), np.float32)
-    if weights is not None:
-        for l in range(L):
-            if weights.has(f"blocks.{l}.att.time_state"):
-                wkv[l] = weights.vector(f"blocks.{l}.att.time_state")
-    return {"att_x": np.zeros((L, C), np.float32), "ffn_x": np.zeros((L, C), np.float32), "wkv": wkv}
+def state_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """att_x, ffn_x (L, C) and wkv (L, H, N, N) in the reference's [head][value][key] order."""
+    L, C, H, N = common.dims(cfg, "n_layer", "n_embd", "n_head", "head_size")
+    return {"att_x": (L, C), "ffn_x": (L, C), "wkv": (L, H, N, N)}
+
+
+def init_state(cfg, store=None) -> dict[str, np.ndarray]:
+    """Zeros, or the time_state of a state-tuned model where the file holds one."""
+    return common.wkv_state(cfg, store)
 
 
 class Layer:
     """One block's weights, looked up once so the forward pass reads like the equations."""
 
-    def __init__(self, weights, l: int):
+    def __init__(self, weights, l: int, cfg: Config):
         p = f"blocks.{l}."
         v, m = weights.vector, weights.matrix
         self.ln1_w, self.ln1_b = v(p + "ln1.weight"), v(p + "ln1.bias")
@@ -221,31 +267,18 @@ class Layer:
         self.lora_up = tuple(getattr(self, f + "2") for f in loras)
 
 
-class Weights:
-    def __init__(self, weights, cfg: dict):
-        self.cfg = cfg
-        self.emb = weights.matrix("emb.weight")
-        self.layers = [Layer(weights, l) for l in range(cfg["n_layer"])]
-        self.ln_out_w, self.ln_out_b = weights.vector("ln_out.weight"), weights.vector("ln_out.bias")
-        self.head = weights.matrix("head.weight")
+def load_weights(store, cfg: Config) -> common.Weights:
+    return common.Weights(store, cfg, Layer)
 
 
-def per_head_normalise(x, H: int):
-    """x (T, H*N) with every head's N channels scaled to unit L2 norm (F.normalize: x / max(|x|, 1e-12))."""
-    T, C = x.shape
-    g = x.reshape(T, H, C // H)
-    norm = np.sqrt(np.sum(g * g, axis=-1, keepdims=True))
-    return (g / np.maximum(norm, NORM_FLOOR)).reshape(T, C)
-
-
-def time_mix(L: Layer, a, state, l, cfg, v_first):
+def time_mix(L: Layer, a, state, l, run):
     """RWKV-7 attention replacement of layer l over T tokens; updates the layer's shift and WKV state.
 
-    Returns (delta x, v_first): layer 0 sets v_first (its value per token), later layers read it.
+    Layer 0 sets run.v_first (its value per token), later layers read it.
     One token runs without BLAS (fused projections, LoRAs in Numba's pool; see kernels/lowrank.py)."""
-    H = cfg["n_head"]
+    H = run.cfg.n_head
     xr, xw, xk, xv, xa, xg = pointwise.shift_mixes(a, state["att_x"][l], L.mixes)
-    r, k, v = linear_many((L.W_r, L.W_k, L.W_v), (xr, xk, xv))
+    r, k, v = linear_many((L.W_r, L.W_k, L.W_v), (xr, xk, xv), run.observer)
     if L.has_value_residual:
         h_w, h_a, h_v, h_g = lora_down((xw, xa, xv, xg), L.lora_down)
         u_w, u_a, u_v, gate = lora_up((np.tanh(h_w), h_a, h_v, sigmoid(h_g)), L.lora_up)
@@ -253,26 +286,26 @@ def time_mix(L: Layer, a, state, l, cfg, v_first):
     else:
         h_w, h_a, h_g = lora_down((xw, xa, xg), L.lora_down)
         u_w, u_a, gate = lora_up((np.tanh(h_w), h_a, sigmoid(h_g)), L.lora_up)
-        u_v, v0, v_first = v, L.a0, v                      # layer 0's value is the value residual of later ones
+        u_v, v0, run.v_first = v, L.a0, v                  # layer 0's value is the value residual of later ones
     w, k, v, neg_kappa, kappa_alpha = pointwise.rwkv7_wkv_inputs(
-        k, v, v_first, u_w, u_a, u_v, L.w0, L.a0, v0, L.k_k, L.k_a, H, L.has_value_residual, DECAY_SCALE,
+        k, v, run.v_first, u_w, u_a, u_v, L.w0, L.a0, v0, L.k_k, L.k_a, H, L.has_value_residual, DECAY_SCALE,
         NORM_FLOOR)
     o = np.empty_like(r)
     wkv7(r, w, k, v, neg_kappa, kappa_alpha, state["wkv"][l], o)
-    y = pointwise.rwkv7_output(o, r, k, v, L.r_k, gate, L.ln_x_w, L.ln_x_b, H, float(cfg["ln_x_eps"]))
+    y = pointwise.rwkv7_output(o, r, k, v, L.r_k, gate, L.ln_x_w, L.ln_x_b, H, float(run.cfg.ln_x_eps))
     state["att_x"][l] = a[-1]
-    return linear(L.W_o, y), v_first
+    return linear(L.W_o, y, run.observer)
 
 
-def channel_mix(L: Layer, b, state, l, tokens=None):
+def channel_mix(L: Layer, b, state, l, run):
     """Feed-forward of layer l over T tokens; updates the layer's shift state. DeepEmbed layers scale the hidden
     units per token (deep_embed_scale)."""
     xk = pointwise.shift_mixes(b, state["ffn_x"][l], L.ffn_mixes)[0]
-    hidden = relu_square(linear(L.F_k, xk))
+    hidden = relu_square(linear(L.F_k, xk, run.observer))
     if L.s_emb is not None:
-        hidden = hidden * deep_embed_scale(L, b, tokens)
+        hidden = hidden * deep_embed_scale(L, b, run.tokens)
     state["ffn_x"][l] = b[-1]
-    return linear(L.F_v, hidden)
+    return linear(L.F_v, hidden, run.observer)
 
 
 def deep_embed_scale(L: Layer, b, tokens):
@@ -289,20 +322,10 @@ def deep_embed_scale(L: Layer, b, tokens):
     return scale + L.s0
 
 
-def forward(W: Weights, tokens: np.ndarray, state: dict, all_logits: bool, check=None) -> np.ndarray:
+def forward(W: common.Weights, tokens: np.ndarray, state: dict, all_logits: bool, check=None,
+            observer=None) -> np.ndarray:
     """Run T tokens (one chunk) through the model; returns logits (T, V) or (1, V) of the last token."""
-    cfg = W.cfg
-    x = W.emb.rows(tokens)
-    v_first = None
-    for l, L in enumerate(W.layers):
-        a = layer_norm(x, L.ln1_w, L.ln1_b)
-        dx, v_first = time_mix(L, a, state, l, cfg, v_first)
-        x = x + dx
-        b = layer_norm(x, L.ln2_w, L.ln2_b)
-        x = x + channel_mix(L, b, state, l, tokens)
-        if check is not None:
-            check(x, l)
-    return output_logits(W, x, all_logits)
+    return common.forward(time_mix, channel_mix, W, tokens, state, all_logits, check, observer)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -312,32 +335,28 @@ def forward(W: Weights, tokens: np.ndarray, state: dict, all_logits: bool, check
 # row-wise kernels around the WKV step take all B rows at once; the token shift runs row by row (its previous row
 # is each sequence's own). No BLAS in a decode step; every row equals its sequence's own single-token decode.
 
-from ..kernels.batched import lowrank_down_rows, lowrank_up_rows  # noqa: E402
-from .batch import linear_rows, per_row, store_rows  # noqa: E402
-
-
-def time_mix_batch(L: Layer, a, states, l, cfg, v_first):
+def time_mix_batch(L: Layer, a, states, l, run):
     """time_mix for B sequences at one token each: row b of `a` belongs to states[b]."""
-    H = cfg["n_head"]
+    H, obs = run.cfg.n_head, run.observer
     xr, xw, xk, xv, xa, xg = per_row(lambda b, s: pointwise.shift_mixes(a[b:b + 1], s["att_x"][l], L.mixes),
                                      states)
-    r, k, v = linear_rows(L.W_r, xr), linear_rows(L.W_k, xk), linear_rows(L.W_v, xv)
+    r, k, v = linear_rows(L.W_r, xr, obs), linear_rows(L.W_k, xk, obs), linear_rows(L.W_v, xv, obs)
     if L.has_value_residual:
         u_w, u_a, u_v, gate = _loras(L, (xw, xa, xv, xg))
         v0 = L.v0
     else:
         u_w, u_a, gate = _loras(L, (xw, xa, xg))
-        u_v, v0, v_first = v, L.a0, v                      # layer 0's value is the value residual of later ones
+        u_v, v0, run.v_first = v, L.a0, v                  # layer 0's value is the value residual of later ones
     w, k, v, neg_kappa, kappa_alpha = pointwise.rwkv7_wkv_inputs(
-        k, v, v_first, u_w, u_a, u_v, L.w0, L.a0, v0, L.k_k, L.k_a, H, L.has_value_residual, DECAY_SCALE,
+        k, v, run.v_first, u_w, u_a, u_v, L.w0, L.a0, v0, L.k_k, L.k_a, H, L.has_value_residual, DECAY_SCALE,
         NORM_FLOOR)
     o = np.empty_like(r)
     for b, s in enumerate(states):
         one = slice(b, b + 1)
         wkv7(r[one], w[one], k[one], v[one], neg_kappa[one], kappa_alpha[one], s["wkv"][l], o[one])
-    y = pointwise.rwkv7_output(o, r, k, v, L.r_k, gate, L.ln_x_w, L.ln_x_b, H, float(cfg["ln_x_eps"]))
+    y = pointwise.rwkv7_output(o, r, k, v, L.r_k, gate, L.ln_x_w, L.ln_x_b, H, float(run.cfg.ln_x_eps))
     store_rows(states, "att_x", l, a)
-    return linear_rows(L.W_o, y), v_first
+    return linear_rows(L.W_o, y, obs)
 
 
 def _loras(L: Layer, xs):
@@ -346,25 +365,17 @@ def _loras(L: Layer, xs):
     return lowrank_up_rows((np.tanh(hs[0]),) + tuple(hs[1:-1]) + (sigmoid(hs[-1]),), L.lora_up)
 
 
-def channel_mix_batch(L: Layer, b, states, l, tokens=None):
+def channel_mix_batch(L: Layer, b, states, l, run):
+    obs, tokens = run.observer, run.tokens
     (xk,) = per_row(lambda i, s: pointwise.shift_mixes(b[i:i + 1], s["ffn_x"][l], L.ffn_mixes), states)
-    hidden = relu_square(linear_rows(L.F_k, xk))
+    hidden = relu_square(linear_rows(L.F_k, xk, obs))
     if L.s_emb is not None:                      # DeepEmbed: row i scaled by its own token's table
         (scale,) = per_row(lambda i, s: (deep_embed_scale(L, b[i:i + 1], tokens[i:i + 1]),), states)
         hidden = hidden * scale
     store_rows(states, "ffn_x", l, b)
-    return linear_rows(L.F_v, hidden)
+    return linear_rows(L.F_v, hidden, obs)
 
 
-def forward_batch(W: Weights, tokens: np.ndarray, states: list) -> np.ndarray:
+def forward_batch(W: common.Weights, tokens: np.ndarray, states: list, observer=None) -> np.ndarray:
     """One token for each of B sequences (tokens (B,), states[b] its state dict, updated in place) -> (B, V)."""
-    cfg = W.cfg
-    x = W.emb.rows(tokens)
-    v_first = None
-    for l, L in enumerate(W.layers):
-        a = layer_norm(x, L.ln1_w, L.ln1_b)
-        dx, v_first = time_mix_batch(L, a, states, l, cfg, v_first)
-        x = x + dx
-        b = layer_norm(x, L.ln2_w, L.ln2_b)
-        x = x + channel_mix_batch(L, b, states, l, tokens)
-    return linear_rows(W.head, layer_norm(x, W.ln_out_w, W.ln_out_b))
+    return common.forward_batch(time_mix_batch, channel_mix_batch, W, tokens, states, observer)

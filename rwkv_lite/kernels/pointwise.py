@@ -121,9 +121,10 @@ def shifted(x, previous_row):
 # RWKV-6 / RWKV-7 row kernels (same conventions: (T, C) float32 rows in, new arrays out)
 
 @njit(cache=True)
-def shift_mixes(a, previous_row, mus):
-    """out[f, t] = a[t] + (p[t] - a[t]) * mus[f] for every mix f, p = a shifted by one token (row 0: the state's
-    previous row): RWKV-6/7's token shift `a + d * mu`, all mixes of a layer in one pass -> (n, T, C)."""
+def shift_mixes(a, previous_row, mus, extra=None):
+    """out[f, t] = a[t] + d[t] * mus[f] for every mix f, d = p - a with p = a shifted by one token (row 0: the
+    state's previous row): RWKV-6/7's token shift `a + d * mu`, all mixes of a layer in one pass -> (n, T, C).
+    With `extra` (n, T, C), RWKV-6's data-dependent shift: out[f, t] = a[t] + d[t] * (mus[f] + extra[f, t])."""
     T, C = a.shape
     n = mus.shape[0]
     out = np.empty((n, T, C), np.float32)
@@ -131,23 +132,12 @@ def shift_mixes(a, previous_row, mus):
         for c in range(C):
             p = previous_row[c] if t == 0 else a[t - 1, c]
             d = p - a[t, c]
-            for f in range(n):
-                out[f, t, c] = a[t, c] + d * mus[f, c]
-    return out
-
-
-@njit(cache=True)
-def rwkv6_mixes(a, previous_row, maa, extra):
-    """RWKV-6's data-dependent token shift: out[f, t] = a[t] + d[t] * (maa[f] + extra[f, t]), d = p - a."""
-    T, C = a.shape
-    n = maa.shape[0]
-    out = np.empty((n, T, C), np.float32)
-    for t in range(T):
-        for c in range(C):
-            p = previous_row[c] if t == 0 else a[t - 1, c]
-            d = p - a[t, c]
-            for f in range(n):
-                out[f, t, c] = a[t, c] + d * (maa[f, c] + extra[f, t, c])
+            if extra is None:            # decided when compiled (one specialisation each), not per element
+                for f in range(n):
+                    out[f, t, c] = a[t, c] + d * mus[f, c]
+            else:
+                for f in range(n):
+                    out[f, t, c] = a[t, c] + d * (mus[f, c] + extra[f, t, c])
     return out
 
 
