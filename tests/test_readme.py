@@ -32,7 +32,7 @@ def readme_two_commands() -> list[str]:
 def test_readme_commands_are_the_ones_this_test_runs():
     first, second = readme_two_commands()
     assert first.startswith("pip install . && rwkv-lite generate -p ")
-    assert second.startswith("pip install -e '.[test,reference]' && ")
+    assert second.startswith("pip install -e '.[test,reference,server,ray]' && ")
 
 
 @pytest.mark.slow
