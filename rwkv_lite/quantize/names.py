@@ -1,8 +1,8 @@
 """Tensor names: Hugging Face RWKV ports -> the BlinkDL names the rest of rwkv-lite uses.
 
-HF = "rwkv." + BlinkDL name, with these dotted components renamed (reference doc section 1.2; the same rule
-covers the transformers RWKV-4 port, the RWKV-5 "Eagle" ports and the RWKV-6 ports, whose time_maa_* names are
-unchanged):
+HF = "rwkv." + BlinkDL name, with these dotted components renamed (the same rule covers the transformers RWKV-4
+port, the RWKV-5 "Eagle" ports and the RWKV-6 ports, whose time_maa_* names are unchanged; docs/versions.md lists
+the tests that check each layout against the reference):
     emb -> embeddings    ln0 -> pre_ln    att -> attention    ffn -> feed_forward
     time_mix_k|v|r|g -> time_mix_key|value|receptance|gate
 `head.weight` has no prefix. Values and orientations are identical, so mapping names is all there is to do.

@@ -1,6 +1,6 @@
 """rwkv.cpp model files (`.bin`, magic 'ggmf'): FP32, FP16 and ggml block-quantized tensors, dequantized exactly.
 
-Layout (little-endian; reference doc section 8, rwkv.cpp docs/FILE_FORMAT.md):
+Layout (little-endian; rwkv.cpp file versions 100 and 101):
     header:  int32 magic 0x67676d66, version (100|101), n_vocab, n_embed, n_layer, data_type
     tensors until EOF: int32 dim_count (1..3), key_length, data_type, int32[dim_count] dims (innermost first),
                        key (UTF-8), data (row-major in PyTorch order)
