@@ -227,8 +227,10 @@ def calibrate(model, text: bytes | str, *, tokens: int = DEFAULT_TOKENS, text_na
               workdir: str | os.PathLike | None = None) -> Calibration:
     """Run `model` (a loaded rwkv_lite Model) over the first `tokens` tokens of `text` and record each matrix's
     inputs. The model's tokenizer encodes the text (a model without one reads it as bytes). Recorded inputs are
-    kept in a temporary folder inside `workdir` (default: the system's) until the Calibration is dropped."""
-    from ..kernels import linear
+    kept in a temporary folder inside `workdir` (default: the system's) until the Calibration is dropped.
+
+    The inputs are seen through the forward pass's observer (Model.forward(..., observer=)): every product with a
+    stored matrix, in sequence mode and in a last one-token chunk (the fused decode launch) alike."""
     from .. import model as model_module
 
     data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
@@ -237,38 +239,26 @@ def calibrate(model, text: bytes | str, *, tokens: int = DEFAULT_TOKENS, text_na
            else list(data))
     ids = np.asarray(ids[:tokens], np.int64)
     chunk = model_module.CHUNK_TOKENS
-    if ids.size % chunk == 1:                         # a 1-token chunk would take the fused decode path
-        ids = ids[:-1]
     if ids.size < 2:
         raise FormatError(f"{text_name}: too little text to calibrate on ({ids.size} tokens)")
     T = ids.size
     folder = tempfile.TemporaryDirectory(prefix="rwkv-lite-calibrate-", dir=workdir)
     recorder = _Recorder(T, folder.name)
-    original_call = linear.Matrix.__call__
-
-    def recording_call(self, x):
-        name = getattr(self, "name", None)
-        if name is not None and name != "emb.weight":
-            recorder.add(name, np.asarray(x, np.float32).reshape(-1, self.shape[1]))
-        return original_call(self, x)
-
-    linear.Matrix.__call__ = recording_call
     try:
         state = None
         for start in range(0, T, chunk):               # all_logits: the head sees every token; a chunk at a time
-            _, state = model.forward(ids[start:start + chunk], state, all_logits=True)   # bounds the logits
+            _, state = model.forward(ids[start:start + chunk], state, all_logits=True,   # bounds the logits
+                                     observer=recorder.add)
     except BaseException:
         folder.cleanup()
         raise
-    finally:
-        linear.Matrix.__call__ = original_call
     matrices = [name for name, info in model.metadata.get("tensors", {}).items()
                 if info.get("role") == "matrix"]
     missing = [name for name in matrices if name not in recorder.names()]
     if missing:
         folder.cleanup()
         raise RwkvLiteError(f"{model.path}: calibration saw no inputs for {len(missing)} matrices "
-                            f"(first: {missing[0]}): their products bypass Matrix.__call__ in sequence mode")
+                            f"(first: {missing[0]}): the forward pass did not report their products")
     source = {"model": Path(str(model.path)).name, "text": text_name, "text_bytes": len(data),
               "text_sha256": hashlib.sha256(data).hexdigest(), "tokens": T}
     return Calibration(recorder.arrays(), T, source, workdir=folder)
