@@ -103,7 +103,7 @@ def test_a_config_that_disagrees_with_a_tensor_is_refused_naming_it(version, cha
     ({"head_size": None}, "config head_size=None is not a positive integer"),
     ({"n_embd": True}, "config n_embd=True is not a positive integer"),
     ({"ln_x_eps": 2.0}, "config ln_x_eps=2.0 is not a small positive number"),
-    ({"n_head": 8, "head_size": 16}, "does not make n_embd="),
+    ({"n_head": 3, "head_size": 5}, "config n_head=3 x head_size=5 does not make n_embd="),
 ])
 def test_config_numbers_are_validated_by_the_version_config(changes, message, converted, tmp_path):
     bad = _with_config(converted("7"), tmp_path / "bad.safetensors", **changes)
