@@ -19,7 +19,7 @@ os.environ["RWKV_LITE_CACHE_DIR"] = tempfile.mkdtemp(prefix="rwkv-lite-asm-")   
 import numpy as np  # noqa: E402
 
 from rwkv_lite.kernels import fp_kernels, int4_kernels, int8_kernels, linear, lowrank, wkv7  # noqa: E402
-from rwkv_lite.quantize.schemes import get_scheme  # noqa: E402
+from rwkv_lite.schemes import get_scheme, make_matrix  # noqa: E402
 
 
 def registers(dispatcher) -> dict:
@@ -33,7 +33,7 @@ def main():
     x = rng.standard_normal(512).astype(np.float32)
     for name in ("int8", "int4"):                   # compile the decode kernels for real arguments
         scheme = get_scheme(name)
-        m = linear.make_matrix(name, scheme.params, scheme.quantize(w), shape=w.shape)
+        m = make_matrix(name, scheme.params, scheme.quantize(w), shape=w.shape)
         m.parallel = False
         m(x)
         m.parallel = True

@@ -83,8 +83,7 @@ def kernel_cap(batches, rounds):
     """Per-row cost of kernels/batched.py products on 2048 x 2048 matrices: if a row costs nearly as much at
     B = 16 (weights in cache) as at B = 1 (weights from memory), the kernel is bound by instructions, not bytes."""
     from rwkv_lite.kernels.batched import matmul_rows
-    from rwkv_lite.kernels.linear import make_matrix
-    from rwkv_lite.quantize.schemes import get_scheme
+    from rwkv_lite.schemes import get_scheme, make_matrix
     rng = np.random.default_rng(0)
     print("\nkernel: 2048 x 2048 products, 48 distinct matrices (weights from memory each call)")
     print("  scheme   B    us per call (median)   us per row   weights/s per row (G)")

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from rwkv_lite.quantize import gptq
-from rwkv_lite.quantize.schemes import Int4
+from rwkv_lite.schemes import Int4
 
 SHAPES = ["2048x2048", "2048x7168", "7168x2048", "4096x4096", "14336x4096", "4096x14336"]
 

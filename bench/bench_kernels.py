@@ -32,9 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from rwkv_lite.kernels import fp_kernels  # noqa: E402
-from rwkv_lite.kernels.linear import make_matrix  # noqa: E402
 from rwkv_lite.kernels.threads import set_threads  # noqa: E402
-from rwkv_lite.quantize.schemes import get_scheme  # noqa: E402
+from rwkv_lite.schemes import get_scheme, make_matrix  # noqa: E402
 
 EAGLE_WEIGHTS = 32 * (5 * 4096 * 4096 + 4096 * 4096 + 2 * 4096 * 14336) + 65536 * 4096
 

@@ -13,7 +13,11 @@ kernel_cache.configure()
 
 from .errors import FormatError, NumericalError, RwkvLiteError, UnsafeCheckpointError  # noqa: E402
 from .model import Model, load  # noqa: E402
-from .state import State  # noqa: E402
+from .state import State, install_tuned_state_reader  # noqa: E402
+from .quantize.state_file import is_state_tuning_file, read_time_state  # noqa: E402
+
+# State.load reads state tuners' files with the converter's readers; the runtime itself never imports the converter
+install_tuned_state_reader(is_state_tuning_file, read_time_state)
 
 
 def generate_batch(model, prompts, **kwargs):

@@ -10,11 +10,11 @@ import numpy as np
 
 from .errors import FormatError
 from .format import read_model_file
+from .schemes import get_scheme
 
 
 def describe(path: str | os.PathLike) -> dict:
     """A JSON-ready description of a model file (see docs/cli.md, `info --json`)."""
-    from .quantize.schemes import get_scheme
     path = Path(path)
     mf = read_model_file(path)
     try:

@@ -1,7 +1,11 @@
-"""The recurrent state of a model: a few float32 arrays per layer (reference doc section 3).
+"""The recurrent state of a model: a few float32 arrays per layer.
 
 RWKV carries a fixed-size state instead of a KV cache, so a conversation can be paused, copied, saved to disk and
 resumed exactly. v5/v6/v7: att_x (L, C), ffn_x (L, C), wkv (L, H, N, N); v4: att_x, aa, bb, pp, ffn_x (L, C).
+
+A state tuner's file (a .pth, or a .safetensors of blocks.N.att.time_state tensors) is read with the converter's
+checkpoint readers. The runtime never imports the converter (rwkv_lite.quantize); the package root, which sits
+above both, installs that reader here (``install_tuned_state_reader``, called by rwkv_lite/__init__.py).
 """
 from __future__ import annotations
 
@@ -12,10 +16,20 @@ import numpy as np
 
 from .errors import FormatError
 from .format import ModelWriter, read_model_file, verify_checksums
-from .quantize.state_file import is_state_tuning_file, read_time_state
 
 # config keys that must agree between a saved state and the model it is used with
 _IDENTITY_KEYS = ("arch", "n_layer", "n_embd", "n_head", "head_size", "vocab_size")
+
+# (is_tuned_state_file(path) -> bool, read_tuned_state(path, config) -> arrays), or None: only rwkv-lite's own
+# state files are read
+_tuned_state_reader = None
+
+
+def install_tuned_state_reader(is_tuned_state_file, read_tuned_state) -> None:
+    """Let State.load read state tuners' files: `is_tuned_state_file(path)` recognises one, `read_tuned_state(path,
+    config)` returns its arrays for a model with `config` (FormatError naming the file if it does not fit)."""
+    global _tuned_state_reader
+    _tuned_state_reader = (is_tuned_state_file, read_tuned_state)
 
 
 class State:
@@ -46,11 +60,12 @@ class State:
         """A state saved by save() (or `rwkv-lite convert-state`), or a state tuner's file (.pth or .safetensors
         of blocks.N.att.time_state tensors; it needs `model`, the model it was tuned for). With `model`, a state
         made for another model shape is refused (FormatError naming the file)."""
-        if is_state_tuning_file(Path(path)):
+        tuned = _tuned_state_reader
+        if tuned is not None and tuned[0](Path(path)):
             if model is None:
                 raise FormatError(f"{path}: a state-tuned state file; load it with the model it was made for "
                                   f"(State.load(path, model))")
-            state = cls(model.config, read_time_state(path, model.config))
+            state = cls(model.config, tuned[1](path, model.config))
         else:
             state = cls._load_own(path)
         if model is not None:

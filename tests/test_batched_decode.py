@@ -17,8 +17,7 @@ import reference_models as rm
 import rwkv_lite
 from rwkv_lite.kernels import batched
 from rwkv_lite.kernels.batched import matmul_rows
-from rwkv_lite.kernels.linear import make_matrix
-from rwkv_lite.quantize.schemes import get_scheme
+from rwkv_lite.schemes import get_scheme, make_matrix
 from test_versions import ONE_SPEC_PER_VERSION, QUANTIZED_SERIAL_VS_SEQUENCE_TOL
 
 SCHEMES = ["fp32", "fp16", "int8", "int4"]

@@ -14,8 +14,9 @@ from rwkv_lite import cli
 from rwkv_lite.errors import FormatError
 from rwkv_lite.quantize import calibrate as calibrate_module
 from rwkv_lite.quantize.calibrate import Calibration, calibrate, load_calibration
-from rwkv_lite.quantize.gptq import _reversed_cholesky, _scale_and_zero, gptq_int4
-from rwkv_lite.quantize.schemes import Int4
+from rwkv_lite.quantize.gptq import _reversed_cholesky, gptq_int4
+from rwkv_lite.schemes import Int4
+from rwkv_lite.schemes.int4 import scale_and_zero
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_gptq_lowers_output_error_and_keeps_the_int4_layout():
     err_plain = np.linalg.norm((W - plain) @ X.T)
     assert err_gptq < 0.85 * err_plain, (err_gptq, err_plain)
     # every value is one of the 16 levels of its group's scale and zero point
-    d, z = _scale_and_zero(parts[".groups"])
+    d, z = scale_and_zero(parts[".groups"])
     d, z = np.repeat(d, 32, axis=1)[:, :160], np.repeat(z, 32, axis=1)[:, :160]
     levels = gptq / d + z
     np.testing.assert_allclose(levels, np.clip(np.rint(levels), 0, 15), rtol=0, atol=1e-3)

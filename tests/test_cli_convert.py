@@ -108,7 +108,7 @@ def test_fp16_file_requantized_is_as_close_to_the_weights_as_converting_the_sour
     near-tie choices of the quantizer (measured: 2-4% of int4 weights, a quarter of int8 weights move by one
     step), so the bytes differ; what must hold is that every re-quantized tensor is as close to the original
     float32 weights as the direct conversion: root-mean-square error within 0.5% (measured: at most 0.2%)."""
-    from rwkv_lite.quantize.schemes import get_scheme
+    from rwkv_lite.schemes import get_scheme
     files = {name: tmp_path / f"{name}.safetensors" for name in ("fp32", "fp16", "direct", "again")}
     rwkv_lite.convert(small_pth, files["fp32"], quant="fp32")
     rwkv_lite.convert(small_pth, files["fp16"], quant="fp16")

@@ -59,7 +59,7 @@ def test_matches_reference_on_the_shipped_weights(demo, tmp_path):
     dequantised exactly to float32) gives rwkv-lite's logits within 1e-4 relative."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("rwkv")
-    from rwkv_lite.quantize.schemes import get_scheme
+    from rwkv_lite.schemes import get_scheme
     f = demo.file
     sd = {}
     for name, info in f.tensors.items():

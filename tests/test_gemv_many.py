@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from rwkv_lite.kernels import linear
-from rwkv_lite.kernels.linear import gemv_many, make_matrix
-from rwkv_lite.quantize.schemes import get_scheme
+from rwkv_lite.kernels.linear import gemv_many
+from rwkv_lite.schemes import get_scheme, make_matrix
 
 
 def _matrix(name, params, R, C, seed):

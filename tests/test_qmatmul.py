@@ -7,9 +7,8 @@ import pytest
 
 from rwkv_lite.errors import FormatError
 from rwkv_lite.kernels import int4_kernels, simd, linear
-from rwkv_lite.kernels.linear import make_matrix
 from rwkv_lite.kernels.threads import get_threads, set_threads
-from rwkv_lite.quantize.schemes import get_scheme
+from rwkv_lite.schemes import get_scheme, make_matrix
 
 # column counts that are not multiples of the group, the 64-column block or the SIMD width, and a real width
 SHAPES = [(37, 96), (1, 64), (65, 200), (130, 4096)]

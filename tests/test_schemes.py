@@ -1,4 +1,4 @@
-"""Storage schemes (rwkv_lite/quantize/schemes.py): layouts, round-trip error bounds, row separability, quality."""
+"""Storage schemes (rwkv_lite/schemes/): layouts, round-trip error bounds, row separability, quality."""
 from __future__ import annotations
 
 import struct
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from rwkv_lite.errors import FormatError
-from rwkv_lite.quantize.schemes import SchemeError, get_scheme
+from rwkv_lite.schemes import SchemeError, get_scheme
 
 from conftest import shared_file
 

@@ -30,8 +30,7 @@ from . import lowrank
 from .fp_kernels import dot_f16_row, dot_f32_row
 from .int4_kernels import dot_i4_g32, dot_i4_g64, dot_i4_g128, int4_scale
 from .int8_kernels import dot_i8_row, dot_i8g_g32, dot_i8g_g64, dot_i8g_g128
-from .linear import (PARALLEL_MIN_WEIGHTS, Fp16Matrix, Fp32Matrix, Int4Matrix, Int8GroupMatrix, Int8Matrix,
-                     Matrix)
+from .linear import PARALLEL_MIN_WEIGHTS, Matrix
 from .lowrank import _down_layout, _down_part, _down_sum, _up_layout, _up_rows_part, _up_sum
 from .simd import (DOT_BLOCK, F16, F32, FASTMATH, I8, I16, I32, I64, INT4_BLOCK, PREFETCH_BYTES, ROW_BLOCK, f16_to_f32,
                    fma, is_c_array, load_vec, pair_madd, prefetch_ptr, row_pointer, splat, splat_const,
@@ -51,30 +50,7 @@ def matmul_rows(matrix: Matrix, X: np.ndarray) -> np.ndarray:
     if B == 1:
         return matrix(X[0])[None, :]
     parallel = R > 1 and R * C * B >= PARALLEL_MIN_WORK
-    kind = type(matrix)
-    if kind is Fp32Matrix:
-        return (_gemm_f32 if parallel else _gemm_f32_serial)(matrix.w, X)
-    if kind is Fp16Matrix:
-        return (_gemm_f16 if parallel else _gemm_f16_serial)(matrix.bits, X)
-    if kind is Int8Matrix:
-        return (_gemm_i8 if parallel else _gemm_i8_serial)(matrix.q, matrix.scale, X)
-    if kind is Int8GroupMatrix:
-        Xp = _padded(X, matrix.padded_cols)
-        kernel = _gemm_i8g if parallel else _gemm_i8g_serial
-        return kernel(matrix.q, matrix.scale, Xp, matrix.block_source, matrix.group)
-    if kind is Int4Matrix:
-        Xp = _padded(X, matrix.padded_cols)
-        kernel = _gemm_i4 if parallel else _gemm_i4_serial
-        return kernel(matrix.packed, matrix.groups, Xp, matrix.block_source, matrix.group)
-    return np.stack([matrix(x) for x in X])          # a scheme without a batched kernel: one GEMV per row
-
-
-def _padded(X, cols):
-    if X.shape[1] == cols:
-        return X
-    Xp = np.zeros((X.shape[0], cols), np.float32)       # padding columns meet zero weights (and zero activations)
-    Xp[:, :X.shape[1]] = X
-    return Xp
+    return matrix._matmul_rows(X, parallel)     # the scheme's batched kernel below (rwkv_lite/schemes/)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -93,7 +69,7 @@ def _f32_rows(w, X, Y, r0, r1):
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _gemm_f32(w, X):
+def gemm_f32(w, X):
     R = w.shape[0]
     Y = np.empty((X.shape[0], R), np.float32)
     for k in prange((R + ROW_BLOCK - 1) // ROW_BLOCK):
@@ -102,7 +78,7 @@ def _gemm_f32(w, X):
 
 
 @njit(cache=True, nogil=True)
-def _gemm_f32_serial(w, X):
+def gemm_f32_serial(w, X):
     Y = np.empty((X.shape[0], w.shape[0]), np.float32)
     _f32_rows(w, X, Y, 0, w.shape[0])
     return Y
@@ -121,7 +97,7 @@ def _f16_rows(w, X, Y, r0, r1):
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _gemm_f16(w, X):
+def gemm_f16(w, X):
     R = w.shape[0]
     Y = np.empty((X.shape[0], R), np.float32)
     for k in prange((R + ROW_BLOCK - 1) // ROW_BLOCK):
@@ -130,7 +106,7 @@ def _gemm_f16(w, X):
 
 
 @njit(cache=True, nogil=True)
-def _gemm_f16_serial(w, X):
+def gemm_f16_serial(w, X):
     Y = np.empty((X.shape[0], w.shape[0]), np.float32)
     _f16_rows(w, X, Y, 0, w.shape[0])
     return Y
@@ -149,7 +125,7 @@ def _i8_rows(q, scale, X, Y, r0, r1):
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _gemm_i8(q, scale, X):
+def gemm_i8(q, scale, X):
     R = q.shape[0]
     Y = np.empty((X.shape[0], R), np.float32)
     for k in prange((R + ROW_BLOCK - 1) // ROW_BLOCK):
@@ -158,7 +134,7 @@ def _gemm_i8(q, scale, X):
 
 
 @njit(cache=True, nogil=True)
-def _gemm_i8_serial(q, scale, X):
+def gemm_i8_serial(q, scale, X):
     Y = np.empty((X.shape[0], q.shape[0]), np.float32)
     _i8_rows(q, scale, X, Y, 0, q.shape[0])
     return Y
@@ -326,7 +302,7 @@ def _i8g_rows(q, scale, group, X16, STEP, Y, r0, r1):
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _gemm_i8g(q, scale, X, src, group):
+def gemm_i8g(q, scale, X, src, group):
     R = q.shape[0]
     X16, STEP, _ = stack_activations(X, src, group)
     Y = np.empty((X.shape[0], R), np.float32)
@@ -342,7 +318,7 @@ def _gemm_i8g(q, scale, X, src, group):
 
 
 @njit(cache=True, nogil=True)
-def _gemm_i8g_serial(q, scale, X, src, group):
+def gemm_i8g_serial(q, scale, X, src, group):
     X16, STEP, _ = stack_activations(X, src, group)
     Y = np.empty((X.shape[0], q.shape[0]), np.float32)
     _i8g_rows(q, scale, group, X16, STEP, Y, 0, q.shape[0])
@@ -383,7 +359,7 @@ def _i4_rows(packed, groups, group, X16, STEP, XSUM, Y, r0, r1):
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _gemm_i4(packed, groups, X, src, group):
+def gemm_i4(packed, groups, X, src, group):
     R = packed.shape[0]
     X16, STEP, XSUM = stack_activations(X, src, group)
     Y = np.empty((X.shape[0], R), np.float32)
@@ -399,7 +375,7 @@ def _gemm_i4(packed, groups, X, src, group):
 
 
 @njit(cache=True, nogil=True)
-def _gemm_i4_serial(packed, groups, X, src, group):
+def gemm_i4_serial(packed, groups, X, src, group):
     X16, STEP, XSUM = stack_activations(X, src, group)
     Y = np.empty((X.shape[0], packed.shape[0]), np.float32)
     _i4_rows(packed, groups, group, X16, STEP, XSUM, Y, 0, packed.shape[0])

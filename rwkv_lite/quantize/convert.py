@@ -23,7 +23,7 @@ from ..format import TOKENIZER_ARRAY, ModelWriter
 from .lora import merge_adapter, open_adapter
 from .names import canonical_names
 from .readers import open_checkpoint
-from .schemes import get_scheme
+from ..schemes import get_scheme
 
 QUANTS = ("fp32", "fp16", "int8", "int4")
 ROW_BLOCK_BYTES = 64 << 20          # float32 bytes of source rows converted at once

@@ -35,7 +35,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..kernels.int4_kernels import int4_scale
-from .schemes import INT4_SCALE_CODES, Int4, _fit_group, _scale_code_at_most
+from ..schemes.int4 import SCALE_CODES, Int4, fit_group, scale_code_at_most
 
 BLOCK = 128          # columns per block (a multiple of every int4 group size)
 CHOLESKY_BLOCK = 256  # diagonal block of the blocked Cholesky factorisation
@@ -73,10 +73,7 @@ def gptq_int4(W: np.ndarray, H: np.ndarray, scheme: Int4, damp: float = DAMP, na
         b1 = min(C, b0 + BLOCK)
         earlier = (D[:, :b0] @ V[:b0, b0:b1] if b0 else np.zeros((R, b1 - b0), np.float32))
         _gptq_block(W, D, np.ascontiguousarray(earlier, np.float32), V, importance, b0, b1, G, q, words)
-    half = G // 2
-    grouped = q.reshape(R, Cp // G, G)
-    packed = (grouped[:, :, :half] | (grouped[:, :, half:] << 4)).reshape(R, Cp // 2)
-    return {"": np.ascontiguousarray(packed, np.uint8), ".groups": words}
+    return scheme.pack(q, words)
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
@@ -124,11 +121,11 @@ def _choose_group_word(W, V, acc, importance, r, j, k, n, v, h, pending):
         hi = max(hi, v[i])
         for m in range(i + 1, n):
             pending[m] += (W[r, j + i] - v[i]) * V[j + i, j + m]
-    base = _scale_code_at_most((hi - lo) / 15)
+    base = scale_code_at_most((hi - lo) / 15)
     best_err = np.inf
     word = 0
-    for code in range(max(0, base - GROUP_CODES_BELOW), min(INT4_SCALE_CODES, base + GROUP_CODES_ABOVE + 1)):
-        z, _ = _fit_group(v, h, n, code)
+    for code in range(max(0, base - GROUP_CODES_BELOW), min(SCALE_CODES, base + GROUP_CODES_ABOVE + 1)):
+        z, _ = fit_group(v, h, n, code)
         d = int4_scale(np.uint16(code))
         inv = np.float32(1) / d
         zf = np.float32(z) * np.float32(0.125)
@@ -180,11 +177,3 @@ def _cholesky_in_place(A: np.ndarray, block: int = CHOLESKY_BLOCK) -> None:
             for s in range(e, C, STRIP):                  # A22 -= L21 L21^T, lower part only, in column strips
                 s1 = min(C, s + STRIP)                    # (bounds the temporary product)
                 A[s:, s:s1] -= L21[s - e:] @ L21[s - e:s1 - e].T
-
-
-def _scale_and_zero(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float32 scale d and zero point z of int4 group words (the layout of schemes.Int4)."""
-    u = words.astype(np.int64)
-    d = ((1 + (u & 15) / 16) * np.exp2(((u >> 4) & 31) - 24)).astype(np.float32)
-    z = ((u >> 9) / 8).astype(np.float32)
-    return d, z

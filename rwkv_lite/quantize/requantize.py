@@ -16,7 +16,7 @@ import numpy as np
 from ..arch.common import PlannedTensor
 from ..errors import FormatError
 from ..format import FORMAT_NAME, TOKENIZER_ARRAY, ModelFile, read_header, read_model_file
-from .schemes import get_scheme
+from ..schemes import get_scheme
 
 FLOAT_SCHEMES = ("fp32", "fp16")
 ROLES = ("matrix", "embedding", "vector")
