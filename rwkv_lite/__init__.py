@@ -2,8 +2,13 @@
 
     import rwkv_lite
     rwkv_lite.convert("RWKV-5-World-7B.pth", "eagle-7b-int8.safetensors", quant="int8")
-    model = rwkv_lite.load("eagle-7b-int8.safetensors")
-    logits, state = model.forward(model.tokenizer.encode("The Eiffel tower is in the city of"))
+    with rwkv_lite.load("eagle-7b-int8.safetensors") as model:
+        print(model.generate("The Eiffel tower is in the city of", max_tokens=20))
+        for step in rwkv_lite.stream_generate(model, "Once upon a time", rwkv_lite.SamplingParams(seed=1)):
+            print(step.text, end="", flush=True)
+        logits, state = model.forward(model.tokenizer.encode("The Eiffel tower is in the city of"))
+
+(`rwkv_lite.generate` is the function; its module is still imported as `from rwkv_lite.generate import ...`.)
 """
 __version__ = "0.1.0"
 
@@ -13,11 +18,10 @@ kernel_cache.configure()
 
 from .errors import FormatError, NumericalError, RwkvLiteError, UnsafeCheckpointError  # noqa: E402
 from .model import Model, load  # noqa: E402
-from .state import State, install_tuned_state_reader  # noqa: E402
-from .quantize.state_file import is_state_tuning_file, read_time_state  # noqa: E402
-
-# State.load reads state tuners' files with the converter's readers; the runtime itself never imports the converter
-install_tuned_state_reader(is_state_tuning_file, read_time_state)
+from .sampling import SamplingParams  # noqa: E402
+from .sequence import Step  # noqa: E402
+from .generate import ChatSession, generate, stream_generate  # noqa: E402  (binds the name to the function)
+from .state import State  # noqa: E402
 
 
 def generate_batch(model, prompts, **kwargs):
@@ -32,5 +36,12 @@ def convert(src, dst, quant="fp16", **kwargs):
     return _convert(src, dst, quant, **kwargs)
 
 
-__all__ = ["load", "convert", "generate_batch", "Model", "State", "RwkvLiteError", "FormatError", "NumericalError",
+def verify(path, progress=None):
+    """Check a model file's integrity; see rwkv_lite.integrity.verify_file."""
+    from .integrity import verify_file
+    return verify_file(path, progress)
+
+
+__all__ = ["load", "convert", "verify", "generate", "stream_generate", "generate_batch", "ChatSession",
+           "SamplingParams", "Step", "Model", "State", "RwkvLiteError", "FormatError", "NumericalError",
            "UnsafeCheckpointError", "__version__"]

@@ -12,7 +12,8 @@ One `step()`:
   2. prefills ONE chunk (at most `prefill_chunk` tokens, sequence mode) of the oldest request still reading its
      prompt, so a new request delays the running streams by at most one chunk;
   3. decodes: every request whose prompt is read samples its next token from its last logits (its own penalties,
-     RNG, stop strings, UTF-8 stream decoder, as rwkv_lite.generate does), and all the tokens that continue go
+     RNG, stop strings, UTF-8 stream decoder: its own rwkv_lite.sequence.SequenceSampler, the one
+     rwkv_lite.generate runs), and all the tokens that continue go
      through ONE Model.forward_batch call (each weight read once for the whole batch).
 
 A request's text is the same alone and in any batch: prompts are read in chunks whose boundaries depend only on
@@ -35,10 +36,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import RwkvLiteError
-from .generate import GenerationError, _StopFilter
 from .prefix_cache import PrefixCache
-from .sampling import DIGITS_AND_SPACES, Penalties, SamplingParams, sample
-from .tokenizer import StreamDecoder
+from .sampling import DIGITS_AND_SPACES, SamplingParams
+from .sequence import GenerationError, SequenceSampler, Step, check_max_tokens, check_stop
 
 DEFAULT_PREFILL_CHUNK = 128      # prompt tokens per engine step: bounds the stall a new request causes
 MAX_TOP_LOGPROBS = 5
@@ -46,26 +46,6 @@ MAX_TOP_LOGPROBS = 5
 
 class QueueFullError(RwkvLiteError):
     """The engine's waiting queue is full: try again later."""
-
-
-@dataclass
-class Step:
-    """One event of a request: a generated token (with the text it completed) or the end.
-
-    text           text completed by this event (UTF-8 safe; may be "" while a character or a possible stop
-                   string is held back; the final event carries whatever was held back and is not a stop string)
-    token          the generated id (None for the final event)
-    logprob        log-probability of `token` under the model's distribution (raw logits, before penalties and
-                   temperature); top_logprobs: the `logprobs` most likely (id, logprob) pairs; both only when asked
-    finish_reason  None while running; "stop" (stop string or end-of-text), "length" (max_tokens), "cancelled",
-                   "error" (then `error` says why)
-    """
-    text: str = ""
-    token: int | None = None
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
-    finish_reason: str | None = None
-    error: str | None = None
 
 
 @dataclass
@@ -84,14 +64,12 @@ class Request:
 
     def __init__(self, rid: int, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
                  stop: tuple[str, ...], logprobs: int | None, on_step, cache_points: Sequence[int], tokenizer,
-                 eot: int | None, n_decodable: int, ban_eot: bool, penalty_exempt_text, reply_suffix):
+                 ban_eot: bool, penalty_exempt_text, reply_suffix):
         self.id = rid
         self.prompt_ids = prompt_ids
         self.max_tokens = max_tokens
-        self.params = params.with_banned(eot) if ban_eot and eot is not None else params
         self.logprobs = logprobs
         self.usage = Usage(prompt_tokens=len(prompt_ids))
-        self.tokens: list[int] = []
         self.text = ""
         self.finish_reason: str | None = None
         self.error: str | None = None
@@ -102,17 +80,18 @@ class Request:
         self._cancelled = False
         self._cache_points = sorted({p for p in cache_points if 0 < p <= len(prompt_ids)} | {len(prompt_ids)})
         self._reply_suffix = reply_suffix
-        self._raw_text = ""                   # decoded text of every generated token (before stop filtering)
-        self._snapshot = None                 # (tokens, state, logits, text) when _raw_text last ended in the suffix
-        self._eot = eot
-        self._n_decodable = n_decodable
-        self._rng = self.params.make_rng()
-        self._penalties = Penalties.from_params(self.params, tokenizer, exempt_text=penalty_exempt_text)
-        self._decoder = StreamDecoder(tokenizer)
-        self._stops = _StopFilter(stop)
+        self._snapshot = None                 # (tokens, state, logits, text) when the raw text last ended in the suffix
+        self._sampler = SequenceSampler(tokenizer, params, max_tokens=max_tokens, stop=stop, ban_end_of_text=ban_eot,
+                                        penalty_exempt_text=penalty_exempt_text, logprobs=logprobs)
+        self.params = self._sampler.params
         self._state = None
         self._read = 0                        # prompt tokens the state has seen
         self._logits = None                   # after the last fed token
+
+    @property
+    def tokens(self) -> list[int]:
+        """The generated ids (without a stopping end-of-text)."""
+        return self._sampler.tokens
 
     def cancel(self) -> None:
         """Stop this request at the next engine step (its slot is freed then); harmless once finished."""
@@ -159,7 +138,6 @@ class Engine:
         self.prefill_chunk = int(prefill_chunk)
         self.cache = cache
         self._eot = getattr(self.tokenizer, "eot_id", 0)
-        self._n_decodable = int(getattr(self.tokenizer, "vocab_size", 1 << 62))
         self._lock = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
         self._active: list[Request] = []
@@ -185,11 +163,8 @@ class Engine:
                        that text is cached, provided the tokenizer encodes the text to exactly the generated ids.
                        A chat passes "\n\n": its next turn's prompt repeats the reply closed by "\n\n"
         """
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
-            raise GenerationError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
-        stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        if any(not isinstance(s, str) or not s for s in stop):
-            raise GenerationError(f"stop strings must be non-empty strings, got {stop!r}")
+        max_tokens = check_max_tokens(max_tokens)
+        stop = check_stop(stop)
         if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
             raise GenerationError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {logprobs!r}")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -208,8 +183,8 @@ class Engine:
             if self.max_queue is not None and len(self._waiting) >= self.max_queue + free_slots:
                 self.metrics.rejected += 1
                 raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
-            request = Request(next(self._ids), ids, int(max_tokens), params, stop, logprobs, on_step, cache_points,
-                              self.tokenizer, self._eot, self._n_decodable, ban_end_of_text, penalty_exempt_text,
+            request = Request(next(self._ids), ids, max_tokens, params, stop, logprobs, on_step, cache_points,
+                              self.tokenizer, ban_end_of_text, penalty_exempt_text,
                               reply_suffix if self.cache is not None else None)
             self._waiting.append(request)
             self.metrics.requests += 1
@@ -304,8 +279,9 @@ class Engine:
             else:
                 for (r, _), row in zip(feed, logits):
                     r._logits = row
-                    if r._reply_suffix and r._raw_text.endswith(r._reply_suffix):
-                        r._snapshot = (list(r.tokens), r._state.copy(), row.copy(), r._raw_text)
+                    raw_text = r._sampler.raw_text
+                    if r._reply_suffix and raw_text.endswith(r._reply_suffix):
+                        r._snapshot = (list(r.tokens), r._state.copy(), row.copy(), raw_text)
                 self.metrics.observe_decode(len(feed), time.perf_counter() - start)
         self._active = [r for r in self._active if r.finish_reason is None]
 
@@ -342,6 +318,7 @@ class Engine:
 
     def _sample(self, r: Request) -> int | None:
         """Sample r's next token from its logits and emit it; returns the token to feed (None: r finished)."""
+        sampler = r._sampler
         if len(r.tokens) >= r.max_tokens:
             self._finish(r, "length")
             return None
@@ -349,73 +326,46 @@ class Engine:
         if not np.isfinite(raw).all():
             self._finish(r, "error", "NaN or Inf in the output logits")
             return None
-        logits = raw.copy()
-        logits[r._n_decodable:] = -np.inf
-        r._penalties.apply(logits)
         try:
-            token = sample(logits, r.params, r._rng)
+            step = sampler.next_step(raw)
         except RwkvLiteError as e:
             self._finish(r, "error", str(e))
             return None
         if r.first_token_time is None:
             r.first_token_time = time.monotonic()
             self.metrics.observe_ttft(r.first_token_time - r.submitted)
-        if token == r._eot:
-            self._finish(r, "stop")
+        if step.finish_reason is not None:           # end-of-text
+            self._end(r, step)
             return None
-        logprob, top = _logprobs(raw, token, r.logprobs) if r.logprobs is not None else (None, None)
-        r.tokens.append(token)
         r.usage.completion_tokens += 1
         self.metrics.tokens += 1
-        r._penalties.update(token)
-        text = r._decoder.push(token)
-        r._raw_text += text
-        piece, stopped = r._stops.push(text)
-        r._emit(Step(text=piece, token=token, logprob=logprob, top_logprobs=top))
-        if stopped:
-            self._finish(r, "stop", flush=False)
+        r._emit(step)
+        if sampler.ending is not None:               # a stop string, or the last token of its budget
+            self._finish(r, sampler.ending)
             return None
-        if len(r.tokens) >= r.max_tokens:
-            self._finish(r, "length")
-            return None
-        return token
+        return step.token
 
-    def _finish(self, r: Request, reason: str, error: str | None = None, flush: bool = True) -> None:
-        """End r: release what the decoder and stop filter hold back (not after a stop string: as generate())."""
+    def _finish(self, r: Request, reason: str, error: str | None = None) -> None:
+        """End r: its final Step releases what the decoder and stop filter hold back (for "stop" and "length",
+        unless a stop string ended it: as generate())."""
         if r.finish_reason is not None:
             return
-        tail = ""
-        if reason in ("length", "stop") and flush:
-            tail, stopped = r._stops.push(r._decoder.flush())
-            if stopped:
-                reason = "stop"
-            else:
-                tail += r._stops.flush()
-        if reason == "stop" and not flush and r._snapshot is not None and self.cache is not None:
+        self._end(r, r._sampler.final_step(reason, error))
+
+    def _end(self, r: Request, final: Step) -> None:
+        if final.finish_reason == "stop" and r._sampler.ended_by_stop_string and r._snapshot is not None \
+                and self.cache is not None:
             ids, state, logits, text = r._snapshot       # a reply the next turn of a conversation will repeat
             if self.tokenizer.encode(text) == ids:
                 self.cache.store(r.prompt_ids + ids, state, logits)
         r._snapshot = None
-        r.finish_reason = reason
-        r.error = error
+        r.finish_reason = final.finish_reason
+        r.error = final.error
         r._state = None                               # release the state (the slot's memory)
         r._logits = None
-        self.metrics.finished[reason] = self.metrics.finished.get(reason, 0) + 1
-        r._emit(Step(text=tail, finish_reason=reason, error=error))
+        self.metrics.finished[r.finish_reason] = self.metrics.finished.get(r.finish_reason, 0) + 1
+        r._emit(final)
         r.done.set()
-
-
-def _logprobs(logits: np.ndarray, token: int, n: int):
-    """log softmax of the raw logits at `token`, and the n most likely (id, logprob) pairs."""
-    x = logits.astype(np.float64)
-    m = x.max()
-    lse = m + math.log(np.exp(x - m).sum())
-    top = []
-    if n:
-        ids = np.argpartition(-x, n - 1)[:n]
-        ids = ids[np.argsort(-x[ids], kind="stable")]
-        top = [(int(i), float(x[i] - lse)) for i in ids]
-    return float(x[token] - lse), top
 
 
 @dataclass

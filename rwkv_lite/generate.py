@@ -1,4 +1,8 @@
-"""The generation loop shared by every RWKV version, and a chat session built on it.
+"""Generation: the token-level core (`stream_generate`), text streaming (`generate`) and chat, for every RWKV
+version.
+
+    for step in stream_generate(model, "The Eiffel tower is in the city of", SamplingParams(max_tokens=20)):
+        print(step.text, end="", flush=True)  # step.token, step.logprob; step.finish_reason on the last step
 
     gen = generate(model, "The Eiffel tower is in the city of", max_tokens=50, params=SamplingParams(seed=1))
     for piece in gen:                 # UTF-8-safe text pieces, as they are produced
@@ -8,21 +12,23 @@
 
 The loop, one token at a time (the prompt goes through the model in one call, in sequence mode):
 
-    logits --Penalties--> sample --> token --StreamDecoder--> text --stop filter--> yielded pieces
-       ^                                |
-       +-------- model.forward([token], state) (done just before the next sample) <-+
+    logits --SequenceSampler (penalties, sample, decode, stop strings)--> Step
+       ^                                                                   |
+       +---------- model.forward([token], state) (done just before the next sample) <-+
 
-Each sampled token is fed to the model only when the next token is needed. So a piece reaches the caller one
+Each sampled token is fed to the model only when the next token is needed. So a step reaches the caller one
 forward pass earlier, and the last token of a generation is not fed at all unless someone asks for `.state`
-(which then feeds it, once).
+(which then feeds it, once). The per-sequence part (rwkv_lite/sequence.py) is the same one the batched engine
+runs for each of its sequences.
 
-Only `model.forward(ids, state) -> (logits, new_state)`, `model.tokenizer` and states' `copy()`/`save()` are
-used, so this works for every model version. It relies on forward() leaving the state passed in untouched (as
-rwkv_lite.Model does): if a forward call is interrupted (Ctrl-C), the previous state is still valid and the
-tokens it had not seen are simply still pending.
+Only `model.forward(ids, state) -> (logits, new_state)`, `model.tokenizer` (None: ids are printed as text),
+`model.config["vocab_size"]` and states' `copy()`/`save()` are used, so this works for every model version. It
+relies on forward() leaving the state passed in untouched (as rwkv_lite.Model does): if a forward call is
+interrupted (Ctrl-C), the previous state is still valid and the tokens it had not seen are simply still pending.
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -30,32 +36,14 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from rwkv_lite.errors import RwkvLiteError
-from rwkv_lite.sampling import DIGITS_AND_SPACES, Penalties, SamplingParams, sample
-from rwkv_lite.tokenizer import StreamDecoder
+from rwkv_lite.sampling import DIGITS_AND_SPACES, SamplingParams
+from rwkv_lite.sequence import (GenerationError, IdsAsText, SequenceSampler, Step, check_max_tokens, check_stop,
+                                prefix_overlap, text_of)
 
+__all__ = ["generate", "stream_generate", "generate_text", "Generation", "GenerationStats", "GenerationError",
+           "Step", "SamplingParams", "ChatSession", "ThinkingSplitter", "IdsAsText"]
 
-class GenerationError(RwkvLiteError, ValueError):
-    """A generation or chat request that cannot be run (empty prompt, bad stop strings, nothing to save...)."""
-
-
-class IdsAsText:
-    """The text of a model that has no tokenizer: each generated id is written as its number and a space
-    ("12 345 6 "), so such a model still generates (from a prompt given as ids)."""
-
-    eot_id = None
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def encode(self, text: str) -> list[int]:
-        raise GenerationError("this model has no tokenizer: give the prompt as token ids")
-
-    def decode_bytes(self, ids) -> bytes:
-        return "".join(f"{int(i)} " for i in ids).encode()
-
-    def decode(self, ids) -> str:
-        return self.decode_bytes(ids).decode()
+DEFAULT_MAX_TOKENS = 100        # when neither max_tokens nor params.max_tokens is given
 
 
 @dataclass
@@ -85,61 +73,56 @@ class GenerationStats:
 
 
 class Generation:
-    """An iterator over text pieces of one generation; see `generate()`.
+    """One generation: an iterator over its text pieces (`generate()`) or over its Steps (`stream_generate()`).
 
     Attributes, live while iterating and final after it: `tokens` (generated ids, without a stopping
-    end-of-text), `text` (everything yielded so far), `stats` (GenerationStats), `finished`; and `state`.
-    Stop iterating at any time (break, close(), Ctrl-C): `tokens` and `state` stay consistent with each other.
+    end-of-text), `text` (everything yielded so far), `stats` (GenerationStats), `finish_reason` (None, then
+    "stop" or "length"), `finished`; and `state`. Stop iterating at any time (break, close(), Ctrl-C): `tokens`
+    and `state` stay consistent with each other.
 
     Keyword arguments beyond generate()'s, used by ChatSession:
+      yields               "text" (pieces, the default) or "steps" (Step objects)
+      logprobs             None, or n >= 0: Steps carry logprob (and n top_logprobs); see SequenceSampler
       rng                  numpy Generator to draw from (default: params.make_rng())
       ban_end_of_text      never sample end-of-text (the chat demos suppress it during a reply)
       penalty_exempt_text  see Penalties (None: every generated token counts with weight 1)
       on_finish            called once with this Generation when it ends, however it ends
     """
 
-    def __init__(self, model, prompt: str | Sequence[int], *, max_tokens: int, params: SamplingParams | None = None,
-                 stop: Sequence[str] = (), state=None, on_token: Callable[[int], None] | None = None,
+    def __init__(self, model, prompt: str | Sequence[int], *, max_tokens: int | None = None,
+                 params: SamplingParams | None = None, stop: Sequence[str] | None = None, state=None,
+                 on_token: Callable[[int], None] | None = None, yields: str = "text", logprobs: int | None = None,
                  rng: np.random.Generator | None = None, ban_end_of_text: bool = False,
                  penalty_exempt_text: str | None = DIGITS_AND_SPACES,
                  on_finish: Callable[["Generation"], None] | None = None):
-        tokenizer = model.tokenizer
-        if tokenizer is None:
-            if isinstance(prompt, str):
-                raise GenerationError("this model has no tokenizer: give the prompt as token ids")
-            tokenizer = IdsAsText(model.config["vocab_size"])
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
-            raise GenerationError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
-        stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        if any(not isinstance(s, str) or not s for s in stop):
-            raise GenerationError(f"stop strings must be non-empty strings, got {tuple(stop)!r}")
-
-        # End-of-text: id 0 for World/HF vocabularies; None for byte-level ones, where id 0 is the NUL byte.
-        self._eot = getattr(tokenizer, "eot_id", 0)
+        if yields not in ("text", "steps"):
+            raise ValueError(f"yields must be 'text' or 'steps', got {yields!r}")
         params = params if params is not None else SamplingParams()
-        if ban_end_of_text and self._eot is not None:
-            params = params.with_banned(self._eot)
-        self.params = params
+        if max_tokens is None:
+            max_tokens = params.max_tokens if params.max_tokens is not None else DEFAULT_MAX_TOKENS
+        max_tokens = check_max_tokens(max_tokens)
+        stop = check_stop(params.stop if stop is None else stop)
+        if model.tokenizer is None and isinstance(prompt, str):
+            raise GenerationError("this model has no tokenizer: give the prompt as token ids")
+        tokenizer = text_of(model)
+        self._sampler = SequenceSampler(tokenizer, params, max_tokens=max_tokens, stop=stop, rng=rng,
+                                        ban_end_of_text=ban_end_of_text, penalty_exempt_text=penalty_exempt_text,
+                                        logprobs=logprobs)
+        self.params = self._sampler.params
 
         prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not prompt_ids:
-            if state is not None or self._eot is None:
+            if state is not None or self._sampler.eot is None:
                 raise GenerationError("the prompt is empty: give at least one token to continue from")
-            prompt_ids = [self._eot]  # an empty prompt starts a fresh document, which follows end-of-text
+            prompt_ids = [self._sampler.eot]  # an empty prompt starts a fresh document, which follows end-of-text
 
         self.model = model
-        self.tokens: list[int] = []
         self.text = ""
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self.finished = False
-        self._max_tokens = int(max_tokens)
+        self._yields = yields
         self._on_token = on_token
         self._on_finish = on_finish
-        self._rng = rng if rng is not None else params.make_rng()
-        self._penalties = Penalties.from_params(params, tokenizer, exempt_text=penalty_exempt_text)
-        self._decoder = StreamDecoder(tokenizer)  # never emits half a UTF-8 character
-        self._n_decodable = int(getattr(tokenizer, "vocab_size", 1 << 62))
-        self._stops = _StopFilter(stop)
         # The model has seen (prompt + tokens) minus _unfed; _logits are its output after the last fed token.
         self._state = state
         self._unfed: list[int] = prompt_ids
@@ -151,13 +134,26 @@ class Generation:
     def __iter__(self) -> "Generation":
         return self
 
-    def __next__(self) -> str:
-        return next(self._steps)
+    def __next__(self):
+        if self._yields == "steps":
+            return next(self._steps)
+        while True:
+            step = next(self._steps)
+            if step.text:
+                return step.text
 
     def close(self) -> None:
         """Stop generating (also fine before the first piece or after the end)."""
         self._steps.close()
         self._finish("interrupted")
+
+    @property
+    def tokens(self) -> list[int]:
+        return self._sampler.tokens
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._sampler.finish_reason
 
     @property
     def state(self):
@@ -181,52 +177,33 @@ class Generation:
         self._logits, self._state, self._unfed = logits, state, []
         self.prompt_fed = True
 
-    def _run(self) -> Iterator[str]:
-        stats = self.stats
+    def _run(self) -> Iterator[Step]:
+        stats, sampler = self.stats, self._sampler
         try:
             start = time.perf_counter()
             if self._unfed:  # (already fed if .state was read before iterating)
                 self._feed()  # the whole prompt, in one call (sequence mode)
             stats.prompt_seconds = time.perf_counter() - start
-            reason = "max_tokens"
-            for _ in range(self._max_tokens):
+            while True:
                 start = time.perf_counter()
-                if self._unfed:
-                    self._feed()
-                logits = np.array(self._logits, dtype=np.float32)  # a copy: penalties are applied in place
-                # The model may have more output rows than the tokenizer has tokens (World: 65536 vs 65530):
-                # those ids have no text, so they are never sampled.
-                logits[self._n_decodable:] = -np.inf
-                self._penalties.apply(logits)
-                token = sample(logits, self.params, self._rng)
-                stats.generation_seconds += time.perf_counter() - start
-                if token == self._eot:
-                    reason = "end_of_text"
-                    break
-                self.tokens.append(token)
-                self._unfed = [token]
-                stats.generated_tokens += 1
-                self._penalties.update(token)
-                if self._on_token is not None:
-                    self._on_token(token)
-                piece, stopped = self._stops.push(self._decoder.push(token))
-                if piece:
-                    self.text += piece
-                    yield piece
-                if stopped:
-                    reason = "stop"
-                    break
-            if reason != "stop":
-                # Out of tokens: release what the decoder and the stop filter were holding back.
-                piece, stopped = self._stops.push(self._decoder.flush())
-                if stopped:
-                    reason = "stop"
+                if sampler.ending is not None:
+                    step = sampler.final_step()
                 else:
-                    piece += self._stops.flush()
-                if piece:
-                    self.text += piece
-                    yield piece
-            self._finish(reason)
+                    if self._unfed and len(sampler.tokens) < sampler.max_tokens:
+                        self._feed()
+                    step = sampler.next_step(self._logits)
+                stats.generation_seconds += time.perf_counter() - start
+                if step.token is not None:
+                    self._unfed = [step.token]
+                    stats.generated_tokens += 1
+                    if self._on_token is not None:
+                        self._on_token(step.token)
+                self.text += step.text
+                if step.finish_reason is not None:
+                    self._finish(sampler.cause)
+                    yield step
+                    return
+                yield step
         finally:
             self._finish("interrupted")
 
@@ -239,20 +216,42 @@ class Generation:
             self._on_finish(self)
 
 
-def generate(model, prompt: str | Sequence[int], *, max_tokens: int, params: SamplingParams | None = None,
-             stop: Sequence[str] = (), state=None, on_token: Callable[[int], None] | None = None) -> Generation:
+def stream_generate(model, prompt: str | Sequence[int], params: SamplingParams | None = None, state=None, *,
+                    max_tokens: int | None = None, stop: Sequence[str] | None = None,
+                    logprobs: int = 0) -> Generation:
+    """Generate after `prompt`, one Step per generated token, then one final Step (token None, finish_reason
+    "stop" or "length", any text that was held back).
+
+    prompt      text (encoded with model.tokenizer) or token ids; fed to the model in one call. Empty text starts
+                from end-of-text (a fresh document) when there is no `state`.
+    params      SamplingParams (default SamplingParams()); its max_tokens (default 100) and stop strings apply
+                unless `max_tokens` / `stop` are given here.
+    state       the state to continue from (None: the model's initial state). It is not modified.
+    logprobs    each token Step carries its logprob (log-softmax of the raw logits) and this many top_logprobs.
+
+    Step texts join to the generated text (UTF-8 safe; a stop string and what follows it are never in it).
+    The returned Generation also has .tokens, .text, .stats and .state (see generate())."""
+    return Generation(model, prompt, max_tokens=max_tokens, params=params, stop=stop, state=state,
+                      yields="steps", logprobs=logprobs)
+
+
+def generate(model, prompt: str | Sequence[int], *, max_tokens: int | None = None,
+             params: SamplingParams | None = None, stop: Sequence[str] | None = None, state=None,
+             on_token: Callable[[int], None] | None = None) -> Generation:
     """Generate up to `max_tokens` tokens after `prompt`, yielding UTF-8-safe text pieces as they come.
 
     prompt    text (encoded with model.tokenizer) or token ids; fed to the model in one call. Empty text starts
-              from end-of-text (a fresh document) when there is no `state`.
-    params    SamplingParams (default: SamplingParams()).
+              from end-of-text (a fresh document) when there is no `state`. A model without a tokenizer takes
+              ids and writes each generated id as "ID ".
+    params    SamplingParams (default: SamplingParams()); its max_tokens and stop apply unless given here.
     stop      strings that end the generation. They may span tokens; the stop string and anything after it is
               not yielded (text that could be the start of a stop string is held back until it is not).
     state     the state to continue from (None: the model's initial state). It is not modified.
     on_token  called with every generated id (including ids whose text is still held back).
 
-    Stops at end-of-text (not fed, not in .tokens), at a stop string, or after max_tokens. Returns a Generation:
-    iterate it for the pieces, then read .stats, .tokens, .text and .state."""
+    Stops at end-of-text (not fed, not in .tokens), at a stop string, or after max_tokens (default
+    params.max_tokens, else 100). Returns a Generation: iterate it for the pieces, then read .stats, .tokens,
+    .text and .state. Built on the same loop as stream_generate()."""
     return Generation(model, prompt, max_tokens=max_tokens, params=params, stop=stop, state=state,
                       on_token=on_token)
 
@@ -260,39 +259,6 @@ def generate(model, prompt: str | Sequence[int], *, max_tokens: int, params: Sam
 def generate_text(model, prompt: str | Sequence[int], **kwargs) -> str:
     """generate() without streaming: the whole generated text (same arguments)."""
     return "".join(generate(model, prompt, **kwargs))
-
-
-class _StopFilter:
-    """Passes text through until a stop string appears, holding back any tail that could start one."""
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = tuple(stops)
-        self.held = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        """Returns (text that is safe to show, whether a stop string was found)."""
-        if not self.stops:
-            return text, False
-        buf = self.held + text
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.held = ""
-            return buf[:min(hits)], True
-        hold = max(_prefix_overlap(buf, s) for s in self.stops)
-        self.held = buf[len(buf) - hold:] if hold else ""
-        return buf[:len(buf) - hold], False
-
-    def flush(self) -> str:
-        text, self.held = self.held, ""
-        return text
-
-
-def _prefix_overlap(text: str, stop: str) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of `stop`."""
-    for n in range(min(len(stop) - 1, len(text)), 0, -1):
-        if text.endswith(stop[:n]):
-            return n
-    return 0
 
 
 class ThinkingSplitter:
@@ -313,7 +279,7 @@ class ThinkingSplitter:
             self.thinking, self._held = False, ""
             cut = end + len(THINK_END)
             return [("thinking", text[:cut])] + ([("answer", text[cut:])] if text[cut:] else [])
-        keep = _prefix_overlap(text, THINK_END)
+        keep = prefix_overlap(text, THINK_END)
         self._held = text[len(text) - keep:] if keep else ""
         shown = text[:len(text) - keep]
         return [("thinking", shown)] if shown else []
@@ -436,11 +402,12 @@ class ChatSession:
             raise GenerationError("nothing to save: the chat has not processed any text yet")
         self._state.save(path)
 
-    def load_state(self, path) -> None:
-        """Continue from a state saved by save_state() (same model). `history` restarts empty."""
+    def load_state(self, state) -> None:
+        """Continue from a State, or a file saved by save_state() (or a state-tuned .pth), which must fit this
+        model. `history` restarts empty."""
         from rwkv_lite import State
         self._close_active()
-        self._state = State.load(path, self.model)
+        self._state = State.load(state, self.model) if isinstance(state, (str, os.PathLike)) else state.copy()
         self._pending = []
         self._history = []
 

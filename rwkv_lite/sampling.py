@@ -69,6 +69,8 @@ class SamplingParams:
     penalty_decay      every step, all occurrence counts are multiplied by this. Default 0.996 (reference).
     banned_tokens      ids that are never sampled.
     seed               seed of the random generator (None: fresh entropy each run).
+    max_tokens         the most tokens a generation may produce (None: the caller's default).
+    stop               strings that end a generation (not part of its text).
     """
 
     temperature: float = 1.0
@@ -80,6 +82,8 @@ class SamplingParams:
     penalty_decay: float = 0.996
     banned_tokens: tuple[int, ...] = ()
     seed: int | None = None
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self):
         self.temperature = _number("temperature", self.temperature, low=0.0)
@@ -95,6 +99,12 @@ class SamplingParams:
         if isinstance(banned, (int, np.integer)):
             banned = (banned,)
         self.banned_tokens = tuple(_whole("banned token id", t) for t in banned)
+        if self.max_tokens is not None:
+            self.max_tokens = _whole("max_tokens", self.max_tokens)
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise SamplingError(f"stop strings must be non-empty strings, got {stop!r}")
+        self.stop = stop
 
     @classmethod
     def greedy(cls, **overrides) -> "SamplingParams":
