@@ -21,7 +21,11 @@ from .model import Model, load  # noqa: E402
 from .sampling import SamplingParams  # noqa: E402
 from .sequence import Step  # noqa: E402
 from .generate import ChatSession, generate, stream_generate  # noqa: E402  (binds the name to the function)
-from .state import State  # noqa: E402
+from .state import State, install_tuned_state_reader  # noqa: E402
+from .quantize.state_file import is_state_tuning_file, read_time_state  # noqa: E402
+
+# State.load reads state tuners' files with the converter's readers; the runtime itself never imports the converter
+install_tuned_state_reader(is_state_tuning_file, read_time_state)
 
 
 def generate_batch(model, prompts, **kwargs):
