@@ -1,12 +1,21 @@
 """One module per RWKV generation, each holding that version's math and its load-time transforms.
 
-Every module provides:
-    VERSIONS                                   version strings it runs ("4", "5.0", "5.1", "5.2", "6", "7")
-    infer_config(refs, version, source_kind)   dimensions from tensor shapes -> config dict
-    plan(refs, cfg, source_kind)               tensors of our file (load-time transforms) -> [PlannedTensor]
-    init_state(cfg, weights)                   fresh recurrent state: dict of float32 arrays
-    Weights(weights, cfg)                      the file's tensors arranged for the forward pass
-    forward(W, tokens, state, all_logits)      logits of one chunk of tokens, updating the state in place
+Every module provides the same contract (tests/test_arch_contract.py checks it):
+    VERSIONS                                  version strings it runs ("4", "5.0", "5.1", "5.2", "6", "7")
+    Config                                    its typed config: a frozen dataclass (common.Config subclass);
+                                              Config.from_dict(file config) validates the numbers
+    infer_config(refs, version, source_kind)  dimensions from a checkpoint's tensor shapes -> the file's config dict
+    plan(refs, cfg, source_kind)              tensors of our file (load-time transforms) -> [PlannedTensor]
+    tensor_shapes(cfg)                        every tensor of our file, name -> shape (what a file is checked against)
+    state_shapes(cfg), init_state(cfg, store) the recurrent state: name -> shape; a fresh state (float32 arrays)
+    Layer, load_weights(store, cfg)           one block's weights; the file's tensors arranged for the forward pass
+    time_mix, channel_mix                     one layer's equations over T tokens of one sequence
+    forward(W, tokens, state, all_logits, check=None, observer=None)
+                                              logits of one chunk of tokens (T = 1: decode), updating the state
+    time_mix_batch, channel_mix_batch, forward_batch(W, tokens, states, observer=None)
+                                              one token for each of B sequences
+The layer loop, weights access, planning and the shared ops live once in common.py; nothing outside this package
+knows a version's tensor names.
 """
 from __future__ import annotations
 
@@ -20,7 +29,7 @@ KNOWN_VERSIONS = ("4", "5.0", "5.1", "5.2", "6", "7")
 
 
 def detect_version(names) -> str:
-    """RWKV version from BlinkDL tensor names and shapes (order-independent rule, reference doc section 1.1).
+    """RWKV version from BlinkDL tensor names and shapes (an order-independent rule).
 
     `names` maps tensor name -> object with a `.shape`."""
     if "emb.weight" not in names or "head.weight" not in names:

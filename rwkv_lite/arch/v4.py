@@ -1,4 +1,4 @@
-"""RWKV-4: the original WKV with a numerically stable (a, b, p) state. Reference doc sections 4.1 and 4.2.
+"""RWKV-4: the original WKV with a numerically stable (a, b, p) state (layouts and tests: docs/versions.md).
 
 Per layer l, with a = LN1(x) and p = the previous token's a (token shift):
     x_m   = a * mu_m + p * (1 - mu_m)                for m in k, v, r
@@ -71,7 +71,7 @@ def infer_config(refs: dict, version: str, source_kind: str) -> dict:
 
 
 def plan(refs: dict, cfg: dict, source_kind: str):
-    """The reference's load-time transforms (doc section 2): fold ln0, squeeze mixes, w = -exp(time_decay)."""
+    """The reference's load-time transforms: fold ln0, squeeze mixes, w = -exp(time_decay)."""
     C, F = cfg["n_embd"], cfg["ffn_size"]
     P = Planner(refs)
     P.embedding_with_ln0(C)

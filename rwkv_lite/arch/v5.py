@@ -1,4 +1,4 @@
-"""RWKV-5: versions 5.0, 5.1 and 5.2 ("Eagle"). The math of docs and reference doc section 4.3.
+"""RWKV-5: versions 5.0, 5.1 and 5.2 ("Eagle") (layouts and their tests: docs/versions.md).
 
 Per layer l, with a = LN1(x) and p = the previous token's a (token shift):
     x_m   = a * mu_m + p * (1 - mu_m)          for m in k, v, r (and g for 5.1/5.2)

@@ -1,4 +1,4 @@
-"""RWKV-6 ("Finch"): data-dependent token shift and decay. Reference doc section 4.4.
+"""RWKV-6 ("Finch"): data-dependent token shift and decay (layouts and their tests: docs/versions.md).
 
 Per layer l, with a = LN1(x), p = the previous token's a and d = p - a:
     x~    = a + d * maa_x

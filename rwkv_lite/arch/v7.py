@@ -1,4 +1,4 @@
-"""RWKV-7 ("Goose"): the generalised delta rule with a value residual. Reference doc section 4.5.
+"""RWKV-7 ("Goose"): the generalised delta rule with a value residual (layouts and tests: docs/versions.md).
 
 Per layer l, with a = LN1(x), p = the previous token's a and d = p - a:
     x_f   = a + d * mu_f                                   for f in r, w, k, v, a, g
