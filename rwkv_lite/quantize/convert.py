@@ -12,7 +12,6 @@ import datetime as _dt
 import os
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -20,6 +19,7 @@ from .. import __version__
 from ..arch import detect_version, module_for
 from ..errors import FormatError
 from ..format import TOKENIZER_ARRAY, ModelWriter
+from ..progress import Progress
 from .lora import merge_adapter, open_adapter
 from .names import canonical_names
 from .readers import open_checkpoint
@@ -48,7 +48,7 @@ def storage_plan(quant: str, group: int | None = None, head: str | None = None) 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "fp16", *, vocab: str | os.PathLike | None = None,
             group: int | None = None, head: str | None = None, provenance: dict | None = None,
             calibration: str | os.PathLike | None = None, lora: str | os.PathLike | None = None,
-            lora_alpha: float | None = None, progress: Callable[[int, int, str], None] | None = None) -> Path:
+            lora_alpha: float | None = None, progress: Progress | None = None) -> Path:
     """Convert a checkpoint (HF folder, BlinkDL .pth/.safetensors, rwkv.cpp .bin) to an rwkv-lite file.
 
     quant: fp32 | fp16 | int8 | int4. vocab: tokenizer file to embed (World vocab .txt or tokenizer.json);
@@ -58,7 +58,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "fp16",
     recorded in the file (e.g. how a model was trained). calibration: a file from `rwkv-lite calibrate`
     (quantize/calibrate.py): int4 matrices it covers are quantized with GPTQ (quantize/gptq.py) instead of
     rounding each weight on its own. lora, lora_alpha: an adapter merged into the weights before quantization
-    (quantize/lora.py). progress(done, total, tensor_name) is called after each tensor.
+    (quantize/lora.py). progress(tensors done, tensors, tensor name) is called after each tensor
+    (rwkv_lite/progress.py).
 
     An rwkv-lite fp32/fp16 file is also a valid source (re-quantization, quantize/requantize.py): its tokenizer
     and provenance are carried over. The destination must not be a file the conversion reads."""
