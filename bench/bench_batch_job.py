@@ -1,0 +1,215 @@
+"""Batch-job throughput: `rwkv-lite batch` (the continuous-batching engine) against the same prompts run one by one
+through `generate`, and optionally the same job on Ray Data (2 actors of 1 CPU on a 2-core machine), with the
+memory of the whole job (PSS: the model's pages shared by the actors count once).
+
+    python bench/bench_batch_job.py MODEL [--prompts 64] [--sequential 8] [--prompt-tokens 64] [--new-tokens 64]
+                                          [--max-batch 16] [--rounds 1] [--ray] [--ray-actors 2]
+
+Prompts are random token ids (seeded; `--prompt-tokens` each) and every line samples with its own seed at
+temperature 1 (random weights make greedy decoding loop; a line may stop early at end-of-text, so tokens are
+counted, not assumed). Tokens/s = generated tokens / wall seconds of the computation, prompt reading included, the
+model already mapped (the Ray figure includes starting the actors, which map the model and load the kernels).
+The one-by-one rate is measured on the first `--sequential` prompts (each prompt costs the same, so the rate
+carries over). With --rounds > 1 the variants interleave and medians are printed. Prints the load average.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+import rwkv_lite
+from rwkv_lite.batch import JobSettings, LocalRunner, run_job
+from rwkv_lite.generate import generate
+from rwkv_lite.kernels.threads import set_threads
+from rwkv_lite.sampling import SamplingParams
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size of one process (Linux): shared pages divided among the processes mapping them."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class PssSampler:
+    """Samples, every `interval` s, the PSS of this process + Ray's worker processes (`ray::...`), and of Ray's own
+    services (raylet, GCS, ...) apart; keeps the peaks of both sums."""
+
+    def __init__(self, interval: float = 0.5):
+        self.interval = interval
+        self.peak_job = self.peak_ray_services = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self):
+        me = os.getpid()
+        while not self._stop.is_set():
+            job = pss_bytes(me)
+            services = 0
+            for name in os.listdir("/proc"):
+                if not name.isdigit() or int(name) == me:
+                    continue
+                cmd = cmdline(int(name))
+                if cmd.startswith("ray::"):
+                    job += pss_bytes(int(name))
+                elif "/ray/" in cmd and ("raylet" in cmd or "gcs_server" in cmd or "ray/_private" in cmd
+                                         or "dashboard" in cmd or "log_monitor" in cmd):
+                    services += pss_bytes(int(name))
+            self.peak_job = max(self.peak_job, job)
+            self.peak_ray_services = max(self.peak_ray_services, services)
+            self._stop.wait(self.interval)
+
+
+def make_input(path: Path, n: int, prompt_tokens: int, new_tokens: int, vocab: int) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = [{"id": i, "prompt": [int(t) for t in rng.integers(1, vocab, prompt_tokens)], "max_tokens": new_tokens,
+             "seed": 1000 + i, "temperature": 1.0, "top_p": 1.0} for i in range(n)]
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return rows
+
+
+def one_by_one(model, rows) -> tuple[int, float]:
+    tokens = 0
+    start = time.perf_counter()
+    for row in rows:
+        gen = generate(model, row["prompt"], max_tokens=row["max_tokens"],
+                       params=SamplingParams(seed=row["seed"], temperature=1.0, top_p=1.0))
+        for _ in gen:
+            pass
+        tokens += gen.stats.generated_tokens
+    return tokens, time.perf_counter() - start
+
+
+def batch_job(runner, src: Path, folder: Path, tag: str) -> tuple[int, float, list[str]]:
+    out = folder / f"{tag}-{time.monotonic_ns()}.jsonl"
+    summary = run_job(src, out, JobSettings(), runner)
+    assert summary.complete and not summary.failures, summary
+    texts = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    out.unlink()
+    return summary.tokens, summary.seconds, texts
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--sequential", type=int, default=8, help="prompts run one by one for the baseline rate")
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ray", action="store_true", help="also run the job on a local Ray instance")
+    ap.add_argument("--ray-actors", type=int, default=2)
+    ap.add_argument("--ray-cpus", type=float, default=1.0)
+    args = ap.parse_args()
+
+    set_threads(args.threads)
+    model = rwkv_lite.load(args.model)
+    folder = Path(tempfile.mkdtemp(prefix="bench-batch-job-"))
+    src = folder / "in.jsonl"
+    rows = make_input(src, args.prompts, args.prompt_tokens, args.new_tokens, model.tokenizer.vocab_size)
+    print(f"{args.model.name}: {args.prompts} prompts x {args.prompt_tokens} tokens, {args.new_tokens} new tokens "
+          f"each; max batch {args.max_batch}; {args.threads} threads; {cpu_name()}, {os.cpu_count()} CPUs")
+    ray_runner = None
+    if args.ray:
+        import ray
+        from rwkv_lite.ray import RayRunner
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+
+    # warm-up: compile/load the kernels of both paths
+    generate_warm = generate(model, rows[0]["prompt"][:8], max_tokens=2)
+    "".join(generate_warm)
+    warm = folder / "warm.jsonl"
+    make_input(warm, 2, 8, 2, model.tokenizer.vocab_size)
+    run_job(warm, folder / "warm-out.jsonl", JobSettings(), LocalRunner(model, max_batch=args.max_batch))
+
+    results = {"one by one": [], "batch": [], "ray": []}
+    peaks = {"batch": 0, "ray": 0, "ray services": 0}
+    reference_texts = None
+    for r in range(args.rounds):
+        tokens, seconds = one_by_one(model, rows[:args.sequential])
+        results["one by one"].append(tokens / seconds)
+        with PssSampler() as sampler:
+            tokens, seconds, texts = batch_job(LocalRunner(model, max_batch=args.max_batch), src, folder, "local")
+        peaks["batch"] = max(peaks["batch"], sampler.peak_job)
+        results["batch"].append(tokens / seconds)
+        reference_texts = texts
+        if args.ray:
+            ray_runner = RayRunner(args.model, actors=args.ray_actors, cpus=args.ray_cpus, max_batch=args.max_batch)
+            with PssSampler() as sampler:
+                tokens, seconds, texts = batch_job(ray_runner, src, folder, "ray")
+            peaks["ray"] = max(peaks["ray"], sampler.peak_job)
+            peaks["ray services"] = max(peaks["ray services"], sampler.peak_ray_services)
+            results["ray"].append(tokens / seconds)
+            same = texts == reference_texts
+            print(f"  round {r + 1}: ray output identical to the local job: {same}")
+        print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} tok/s" for k, v in results.items() if v)
+              + f"; load {open('/proc/loadavg').read().split()[:3]}", flush=True)
+
+    def med(v):
+        return statistics.median(v) if v else float("nan")
+    base = med(results["one by one"])
+    print(f"one by one   {base:7.1f} tokens/s  (min-max {min(results['one by one']):.1f}-"
+          f"{max(results['one by one']):.1f}, {args.sequential} prompts)")
+    b = med(results["batch"])
+    print(f"batch job    {b:7.1f} tokens/s  (min-max {min(results['batch']):.1f}-{max(results['batch']):.1f}) "
+          f"= {b / base:.2f}x one by one; peak PSS {peaks['batch'] / 2**30:.2f} GiB")
+    if args.ray:
+        rr = med(results["ray"])
+        print(f"ray job      {rr:7.1f} tokens/s  (min-max {min(results['ray']):.1f}-{max(results['ray']):.1f}) "
+              f"= {rr / b:.2f}x the batch job; peak PSS driver + actors {peaks['ray'] / 2**30:.2f} GiB, "
+              f"Ray's services {peaks['ray services'] / 2**30:.2f} GiB")
+    print(f"model file {args.model.stat().st_size / 2**30:.2f} GiB; load average {open('/proc/loadavg').read().strip()}")
+    if args.ray:
+        import ray
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
