@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
+
+from .progress import Progress
 
 EVAL_CHUNK = 512
 
@@ -20,15 +22,16 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def all_logits(model, ids, chunk: int = EVAL_CHUNK,
-               progress: Callable[[int], None] | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (start, logits[start:start+n]) for every position of `ids`, chunk by chunk, state carried."""
+               progress: Progress | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (start, logits[start:start+n]) for every position of `ids`, chunk by chunk, state carried.
+    progress(tokens read, tokens, None) after each chunk."""
     state = None
     for start in range(0, len(ids), chunk):
         block = ids[start:start + chunk]
         logits, state = model.forward(block, state, all_logits=True)
         yield start, logits
         if progress:
-            progress(len(block))
+            progress(start + len(block), len(ids), None)
 
 
 @dataclass
@@ -44,15 +47,18 @@ class Perplexity:
 
 
 def perplexity(model, ids, *, n_bytes: int | None = None, chunk: int = EVAL_CHUNK,
-               progress: Callable[[int], None] | None = None) -> Perplexity:
-    """Mean NLL of ids[1:] given the preceding tokens (the model starts from its initial state)."""
+               progress: Progress | None = None) -> Perplexity:
+    """Mean NLL of ids[1:] given the preceding tokens (the model starts from its initial state).
+    progress(tokens read, tokens, "perplexity X") after each chunk."""
     ids = np.asarray(ids, dtype=np.int64)
     if ids.size < 2:
         raise ValueError("perplexity needs a text of at least 2 tokens")
     total = 0.0
-    for done, total in scoring_steps(model, ids, chunk):
+    read = 0
+    for n, total in scoring_steps(model, ids, chunk):
+        read += n
         if progress:
-            progress(done)
+            progress(read, ids.size, f"perplexity {math.exp(total / (read - 1)):.3f}" if read > 1 else None)
     return perplexity_result(ids.size, ids.size - 1, total, n_bytes)
 
 
