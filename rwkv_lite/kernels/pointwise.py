@@ -17,26 +17,6 @@ from numba import njit
 
 
 @njit(cache=True)
-def layer_norm(x, weight, bias, eps):
-    """(x - mean) / sqrt(var + eps) * weight + bias per row, biased variance (torch layer_norm)."""
-    T, C = x.shape
-    out = np.empty((T, C), np.float32)
-    for t in range(T):
-        total = 0.0
-        for c in range(C):
-            total += x[t, c]
-        mean = total / C
-        sq = 0.0
-        for c in range(C):
-            d = x[t, c] - mean
-            sq += d * d
-        inv = 1.0 / math.sqrt(sq / C + eps)
-        for c in range(C):
-            out[t, c] = np.float32((x[t, c] - mean) * inv) * weight[c] + bias[c]
-    return out
-
-
-@njit(cache=True)
 def group_norm(x, n_head, weight, bias, eps):
     """layer_norm of each of the n_head consecutive groups of a row, then * weight + bias over the whole row
     (torch group_norm with one group per head)."""
@@ -58,6 +38,13 @@ def group_norm(x, n_head, weight, bias, eps):
             for c in range(c0, c0 + N):
                 out[t, c] = np.float32((x[t, c] - mean) * inv) * weight[c] + bias[c]
     return out
+
+
+@njit(cache=True)
+def layer_norm(x, weight, bias, eps):
+    """(x - mean) / sqrt(var + eps) * weight + bias per row, biased variance (torch layer_norm): group_norm with
+    the whole row as one group."""
+    return group_norm(x, 1, weight, bias, eps)
 
 
 @njit(cache=True)
