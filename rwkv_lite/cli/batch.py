@@ -71,6 +71,8 @@ def batch(paths, model_opt, output, task, max_tokens, temperature, top_p, top_k,
         raise click.UsageError("expected [MODEL] INPUT.jsonl -o OUTPUT.jsonl: the model (optional) and the input")
     if ray_address is None and (ray_actors is not None or ray_cpus != 1.0):
         raise click.UsageError("--ray-actors and --ray-cpus need --ray")
+    if ray_address is not None and threads is not None:
+        raise click.UsageError("--threads sets this process's threads; on Ray each actor uses --ray-cpus threads")
     if task == "perplexity" and (stop or any(v is not None for v in (temperature, top_p, top_k, min_p, seed,
                                                                       presence_penalty, frequency_penalty,
                                                                       penalty_decay)) or greedy):
