@@ -223,6 +223,8 @@ def test_cli_errors_are_one_line(tmp_path):
         (["batch", str(src), "-o", str(tmp_path / "o.jsonl"), "--task", "perplexity", "--temp", "1"], 2,
          "do not apply"),
         (["batch", str(src), "-o", str(tmp_path / "nowhere" / "o.jsonl")], 1, "does not exist"),
+        (["batch", str(src), "-o", str(tmp_path / "o.jsonl"), "--ray", "-t", "2"], 2, "--ray-cpus"),
+        (["batch", str(src), "-o", str(tmp_path / "o.jsonl"), "--ray-actors", "2"], 2, "need --ray"),
     ]:
         result = runner.invoke(cli_main, args)
         assert result.exit_code == code, (args, result.output)
