@@ -68,6 +68,18 @@ def test_no_runtime_module_imports_the_converter():
     assert offenders == []
 
 
+def test_kernels_sit_below_the_schemes_and_the_file_format():
+    """Kernels take arrays and raise nothing format-related: they import neither the scheme objects, the model
+    file format, nor the error classes of files (a scheme translates bad arrays into a SchemeError)."""
+    kernels = sorted((PACKAGE_ROOT / "kernels").glob("*.py"))
+    assert len(kernels) > 5
+    above = ("rwkv_lite.schemes", "rwkv_lite.format", "rwkv_lite.model", "rwkv_lite.errors", "rwkv_lite.arch")
+    offenders = [f"{p.name}:{line} imports {name}" for p in kernels
+                 for line, name in imported_modules(p.read_text(encoding="utf-8"), module_name(p), False)
+                 if any(name == a or name.startswith(a + ".") for a in above)]
+    assert offenders == []
+
+
 def test_the_check_sees_every_form_of_import():
     """The detector itself: each of these snippets, placed in rwkv_lite/arch/x.py, imports the converter."""
     snippets = [

@@ -224,3 +224,21 @@ def test_int4_importance_weighting_lowers_the_weighted_error():
     for bad in (np.ones(63), np.zeros(64), np.full(64, np.nan)):
         with pytest.raises(SchemeError):
             s.quantize(W, bad)
+
+
+@pytest.mark.parametrize("name,params", SCHEMES)
+def test_a_scheme_opens_its_own_parts_from_a_files_arrays(name, params):
+    """Scheme.open: the parts of tensor `name` found as `name + suffix` give the scheme's runtime matrix, which
+    computes what dequantize says; a missing or mis-shaped array is refused naming it."""
+    scheme = get_scheme(name, **params)
+    w = weights((24, 100), seed=5)
+    arrays = {"blocks.0.att.key.weight" + suffix: arr for suffix, arr in scheme.quantize(w).items()}
+    matrix = scheme.open("blocks.0.att.key.weight", arrays, (24, 100))
+    assert matrix.scheme == name and matrix.shape == (24, 100)
+    np.testing.assert_array_equal(matrix.rows(np.arange(24)), scheme.dequantize(scheme.quantize(w), 100))
+    for suffix in scheme.parts((24, 100)):
+        full = "blocks.0.att.key.weight" + suffix
+        with pytest.raises(SchemeError, match=f"{full!r} is missing"):
+            scheme.open("blocks.0.att.key.weight", {k: v for k, v in arrays.items() if k != full}, (24, 100))
+        with pytest.raises(SchemeError, match=f"{full!r} is .*expected"):
+            scheme.open("blocks.0.att.key.weight", {**arrays, full: arrays[full][:-1]}, (24, 100))
