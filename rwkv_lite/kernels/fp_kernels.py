@@ -92,4 +92,3 @@ def dequantize_rows_f16(w, ids, out):
         r = ids[i]
         for c in range(w.shape[1]):
             out[i, c] = f16_to_f32(w[r, c])
-

@@ -332,4 +332,3 @@ def dequantize_rows_i4(packed, groups, group, ids, out):
             _dequant_i4_g128(packed, r, d, dz, row, j)
         if C != cols:
             out[i, :] = row[0, :C]
-

@@ -208,4 +208,3 @@ def dequantize_rows_i8g(q, scale, group, ids, out):
             _dequantize_row_i8g(q, scale, 128, ids[i], row, j)
         if C != cols:
             out[i, :] = row[0, :C]
-

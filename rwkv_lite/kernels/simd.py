@@ -320,4 +320,3 @@ def block_table(rows):
             table[b, 0], table[b, 1], table[b, 2] = m, r0, min(rows[m], r0 + ROW_BLOCK)
             b += 1
     return table, offsets
-
