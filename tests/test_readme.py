@@ -92,3 +92,18 @@ def test_readme_two_commands_in_order_in_one_fresh_venv(tmp_path):
     two = bash(first.split(" && ")[1] + " -n 30")
     assert two.returncode == 0, two.stderr
     assert len(two.stdout.split()) >= 3 and "Traceback" not in two.stderr
+
+
+def test_readme_python_api_example_runs(tmp_path, monkeypatch, capsys):
+    """The "Python API" example, run as written on the built-in demo model instead of the 7B file."""
+    from rwkv_lite.demo import demo_model_path
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = re.search(r"^## Python API\n(.*?)^## ", text, re.S | re.M)
+    assert section, "README has no '## Python API' section"
+    (code,) = re.findall(r"```python\n(.*?)\n```", section[1], re.S)
+    assert "eagle-7b-int8.safetensors" in code
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.replace("eagle-7b-int8.safetensors", str(demo_model_path())), "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.count("\n(") == 1 and ("(stop)" in printed or "(length)" in printed)
+    assert (tmp_path / "conversation.state").is_file()
