@@ -270,7 +270,9 @@ class Config:
 
 @dataclass(frozen=True)
 class HeadsConfig(Config):
-    """Versions 5 to 7: a multi-head WKV state and a GroupNorm over heads (eps ln_x_eps)."""
+    """Versions 5 to 7: a multi-head WKV state and a GroupNorm over heads (eps ln_x_eps). All three are required
+    (from_dict and validate refuse a missing one); the defaults exist only because dataclass fields that follow
+    defaulted ones (ffn_size) must have one."""
     n_head: int = 0
     head_size: int = 0
     ln_x_eps: float | None = None
