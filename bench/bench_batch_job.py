@@ -9,6 +9,8 @@ Prompts are random token ids (seeded; `--prompt-tokens` each) and every line sam
 temperature 1 (random weights make greedy decoding loop; a line may stop early at end-of-text, so tokens are
 counted, not assumed). Tokens/s = generated tokens / wall seconds of the computation, prompt reading included, the
 model already mapped (the Ray figure includes starting the actors, which map the model and load the kernels).
+Also printed: tokens per CPU-second (this process's CPU time, plus the Ray workers' for the Ray run), which a busy
+shared machine disturbs less than wall-clock rates (the OpenMP/Numba pool's spinning counts as CPU time).
 The one-by-one rate is measured on the first `--sequential` prompts (each prompt costs the same, so the rate
 carries over). With --rounds > 1 the variants interleave and medians are printed. Prints the load average.
 """
@@ -57,6 +59,16 @@ def pss_bytes(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -72,6 +84,8 @@ class PssSampler:
     def __init__(self, interval: float = 0.5):
         self.interval = interval
         self.peak_job = self.peak_ray_services = 0
+        self.worker_cpu: dict[int, float] = {}       # CPU seconds of each Ray worker, at its latest sample
+        self._cpu_before: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -94,6 +108,9 @@ class PssSampler:
                 cmd = cmdline(int(name))
                 if cmd.startswith("ray::"):
                     job += pss_bytes(int(name))
+                    seconds = cpu_seconds(int(name))
+                    self._cpu_before.setdefault(int(name), seconds)
+                    self.worker_cpu[int(name)] = seconds - self._cpu_before[int(name)]
                 elif "/ray/" in cmd and ("raylet" in cmd or "gcs_server" in cmd or "ray/_private" in cmd
                                          or "dashboard" in cmd or "log_monitor" in cmd):
                     services += pss_bytes(int(name))
@@ -112,8 +129,9 @@ def make_input(path: Path, n: int, prompt_tokens: int, new_tokens: int, vocab: i
     return rows
 
 
-def one_by_one(model, rows) -> tuple[int, float]:
+def one_by_one(model, rows) -> tuple[int, float, float]:
     tokens = 0
+    cpu = time.process_time()
     start = time.perf_counter()
     for row in rows:
         gen = generate(model, row["prompt"], max_tokens=row["max_tokens"],
@@ -121,16 +139,18 @@ def one_by_one(model, rows) -> tuple[int, float]:
         for _ in gen:
             pass
         tokens += gen.stats.generated_tokens
-    return tokens, time.perf_counter() - start
+    return tokens, time.perf_counter() - start, time.process_time() - cpu
 
 
-def batch_job(runner, src: Path, folder: Path, tag: str) -> tuple[int, float, list[str]]:
+def batch_job(runner, src: Path, folder: Path, tag: str) -> tuple[int, float, float, list[str]]:
     out = folder / f"{tag}-{time.monotonic_ns()}.jsonl"
+    cpu = time.process_time()
     summary = run_job(src, out, JobSettings(), runner)
+    cpu = time.process_time() - cpu
     assert summary.complete and not summary.failures, summary
     texts = [json.loads(line)["text"] for line in out.read_text().splitlines()]
     out.unlink()
-    return summary.tokens, summary.seconds, texts
+    return summary.tokens, summary.seconds, cpu, texts
 
 
 def main():
@@ -169,30 +189,39 @@ def main():
     run_job(warm, folder / "warm-out.jsonl", JobSettings(), LocalRunner(model, max_batch=args.max_batch))
 
     results = {"one by one": [], "batch": [], "ray": []}
+    per_cpu = {"one by one": [], "batch": [], "ray": []}       # tokens per CPU-second: less sensitive to load
     peaks = {"batch": 0, "ray": 0, "ray services": 0}
     reference_texts = None
     for r in range(args.rounds):
-        tokens, seconds = one_by_one(model, rows[:args.sequential])
+        tokens, seconds, cpu = one_by_one(model, rows[:args.sequential])
         results["one by one"].append(tokens / seconds)
+        per_cpu["one by one"].append(tokens / cpu)
         with PssSampler() as sampler:
-            tokens, seconds, texts = batch_job(LocalRunner(model, max_batch=args.max_batch), src, folder, "local")
+            tokens, seconds, cpu, texts = batch_job(LocalRunner(model, max_batch=args.max_batch), src, folder,
+                                                    "local")
         peaks["batch"] = max(peaks["batch"], sampler.peak_job)
         results["batch"].append(tokens / seconds)
+        per_cpu["batch"].append(tokens / cpu)
         reference_texts = texts
         if args.ray:
             ray_runner = RayRunner(args.model, actors=args.ray_actors, cpus=args.ray_cpus, max_batch=args.max_batch)
             with PssSampler() as sampler:
-                tokens, seconds, texts = batch_job(ray_runner, src, folder, "ray")
+                tokens, seconds, cpu, texts = batch_job(ray_runner, src, folder, "ray")
             peaks["ray"] = max(peaks["ray"], sampler.peak_job)
             peaks["ray services"] = max(peaks["ray services"], sampler.peak_ray_services)
             results["ray"].append(tokens / seconds)
+            per_cpu["ray"].append(tokens / (cpu + sum(sampler.worker_cpu.values())))
             same = texts == reference_texts
             print(f"  round {r + 1}: ray output identical to the local job: {same}")
-        print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} tok/s" for k, v in results.items() if v)
+        print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} tok/s ({per_cpu[k][-1]:.1f} per CPU-s)"
+                                               for k, v in results.items() if v)
               + f"; load {open('/proc/loadavg').read().split()[:3]}", flush=True)
 
     def med(v):
         return statistics.median(v) if v else float("nan")
+    for k, v in per_cpu.items():
+        if v:
+            print(f"{k:12} {med(v):7.1f} tokens per CPU-second (min-max {min(v):.1f}-{max(v):.1f})")
     base = med(results["one by one"])
     print(f"one by one   {base:7.1f} tokens/s  (min-max {min(results['one by one']):.1f}-"
           f"{max(results['one by one']):.1f}, {args.sequential} prompts)")
