@@ -42,6 +42,7 @@ from .sequence import GenerationError, SequenceSampler, Step, check_max_tokens, 
 
 DEFAULT_PREFILL_CHUNK = 128      # prompt tokens per engine step: bounds the stall a new request causes
 MAX_TOP_LOGPROBS = 5
+DEFAULT_MAX_TOKENS = 16          # a request's budget when neither submit() nor its params give one
 
 
 class QueueFullError(RwkvLiteError):
@@ -148,8 +149,8 @@ class Engine:
         self.metrics = EngineMetrics()
 
     # -- submitting ----------------------------------------------------------------------------------------------
-    def submit(self, prompt: str | Sequence[int], *, max_tokens: int = 16, params: SamplingParams | None = None,
-               stop: Sequence[str] | str = (), logprobs: int | None = None,
+    def submit(self, prompt: str | Sequence[int], *, max_tokens: int | None = None,
+               params: SamplingParams | None = None, stop: Sequence[str] | str | None = None, logprobs: int | None = None,
                on_step: Callable[[Step], None] | None = None, cache_points: Sequence[int] = (),
                ban_end_of_text: bool = False, penalty_exempt_text: str | None = DIGITS_AND_SPACES,
                reply_suffix: str | None = None) -> Request:
@@ -163,8 +164,11 @@ class Engine:
                        that text is cached, provided the tokenizer encodes the text to exactly the generated ids.
                        A chat passes "\n\n": its next turn's prompt repeats the reply closed by "\n\n"
         """
+        params = params if params is not None else SamplingParams()
+        if max_tokens is None:          # as generate(): the argument, else params.max_tokens, else a default
+            max_tokens = params.max_tokens if params.max_tokens is not None else DEFAULT_MAX_TOKENS
         max_tokens = check_max_tokens(max_tokens)
-        stop = check_stop(stop)
+        stop = check_stop(params.stop if stop is None else stop)
         if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
             raise GenerationError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {logprobs!r}")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -175,7 +179,6 @@ class Engine:
         V = self.model.config["vocab_size"]
         if min(ids) < 0 or max(ids) >= V:
             raise GenerationError(f"token id {[t for t in ids if not 0 <= t < V][0]} is outside the vocabulary")
-        params = params if params is not None else SamplingParams()
         with self._lock:
             if not self._accepting:
                 raise QueueFullError("the engine is shutting down")
@@ -420,16 +423,18 @@ class BatchResult:
     error: str | None = None
 
 
-def generate_batch(model, prompts: Sequence[str | Sequence[int]], *, max_tokens: int = 64,
+def generate_batch(model, prompts: Sequence[str | Sequence[int]], *, max_tokens: int | None = None,
                    params: SamplingParams | Sequence[SamplingParams] | None = None,
-                   stop: Sequence[str] | str = (), max_batch: int = 16, progress=None) -> list[BatchResult]:
+                   stop: Sequence[str] | str | None = None, max_batch: int = 16,
+                   progress=None) -> list[BatchResult]:
     """Generate for every prompt with the batched engine; results in prompt order.
 
     `params` is one SamplingParams for all prompts or one per prompt (give each its own seed for reproducible
     sampling: a prompt's result does not depend on the others). Each result equals what
     `rwkv_lite.generate.generate(model, prompt, ...)` gives for that prompt alone (prompts are read in the same
     chunks; batched decode rows equal single-sequence decode, kernels/batched.py: exactly, except int4's
-    zero-point sum, which may be reassociated). `progress(done, total)` is called as prompts finish."""
+    zero-point sum, which may be reassociated). `max_tokens` and `stop` default to each params' own (then 64 and
+    none). `progress(done, total, None)` is called as prompts finish."""
     from .model import CHUNK_TOKENS
     prompts = list(prompts)
     if isinstance(params, SamplingParams) or params is None:
@@ -439,7 +444,8 @@ def generate_batch(model, prompts: Sequence[str | Sequence[int]], *, max_tokens:
         if len(per_prompt) != len(prompts):
             raise GenerationError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts")
     engine = Engine(model, max_batch=max_batch, max_queue=None, prefill_chunk=CHUNK_TOKENS)
-    requests = [engine.submit(p, max_tokens=max_tokens, params=sp, stop=stop) for p, sp in zip(prompts, per_prompt)]
+    requests = [engine.submit(p, max_tokens=max_tokens if max_tokens is not None or sp.max_tokens is not None
+                              else 64, params=sp, stop=stop) for p, sp in zip(prompts, per_prompt)]
     done = 0
     while engine.has_work():
         engine.step()
@@ -447,5 +453,5 @@ def generate_batch(model, prompts: Sequence[str | Sequence[int]], *, max_tokens:
             now = sum(r.finish_reason is not None for r in requests)
             if now != done:
                 done = now
-                progress(done, len(requests))
+                progress(done, len(requests), None)
     return [BatchResult(r.text, list(r.tokens), r.finish_reason, r.usage, r.error) for r in requests]

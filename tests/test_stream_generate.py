@@ -130,3 +130,26 @@ def test_verify_reports_a_file_safetensors_cannot_read(tiny_fp32, tmp_path):
     assert run.exit_code == 1
     errors = [line for line in run.stderr.splitlines() if line.startswith("error")]
     assert errors == [f"error: {bad}: the safetensors library cannot read it: {result.safetensors_error}"]
+
+
+def test_the_engine_gives_the_steps_stream_generate_gives(tiny_fp32):
+    """The batched engine runs the same per-sequence sampler: its Steps for each request (tokens, text pieces,
+    logprobs, finish reason) equal stream_generate's for that prompt alone, and it honours params' max_tokens
+    and stop strings."""
+    from rwkv_lite.engine import Engine
+    prompts = ["The ", "In the beginning ", "A"]
+    params = [SamplingParams(seed=s, top_p=0.95, max_tokens=14, stop=("and",)) for s in (1, 2, 3)]
+    with rwkv_lite.load(tiny_fp32) as model:
+        alone = [list(stream_generate(model, p, sp)) for p, sp in zip(prompts, params)]
+        engine = Engine(model, max_batch=3)
+        got = [[] for _ in prompts]
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            engine.submit(p, params=sp, logprobs=0, on_step=got[i].append)
+        while engine.has_work():
+            engine.step()
+    for ours, theirs in zip(got, alone):
+        assert [s.token for s in ours] == [s.token for s in theirs]
+        assert [s.text for s in ours] == [s.text for s in theirs]
+        assert [s.finish_reason for s in ours] == [s.finish_reason for s in theirs]
+        assert [s.logprob for s in ours] == pytest.approx([s.logprob for s in theirs], abs=1e-5, nan_ok=True)
+        assert len(token_steps(theirs)) <= 14
