@@ -20,10 +20,10 @@ from rwkv_lite.schemes.int4 import scale_and_zero
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, convert_once):
     folder = tmp_path_factory.mktemp("calib")
     src = shared_file("rwkv-cpp-tiny", "tiny-rwkv-5v2-730K-FP32.bin")
-    model = rwkv_lite.load(rwkv_lite.convert(src, folder / "int8.st", "int8"))
+    model = rwkv_lite.load(convert_once(src, "int8"))
     return src, model, folder
 
 

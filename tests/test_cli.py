@@ -44,11 +44,8 @@ def english_fraction(text: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    src = shared_file("rwkv-cpp-tiny", "tiny-rwkv-5v2-730K-FP32.bin")
-    dst = tmp_path_factory.mktemp("cli") / "tiny.safetensors"
-    rwkv_lite.convert(src, dst, quant="fp32")
-    return dst
+def tiny(tiny_fp32) -> Path:
+    return tiny_fp32
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,8 @@ from test_cli import english_fraction
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    src = shared_file("rwkv-cpp-tiny", "tiny-rwkv-5v2-730K-FP32.bin")
-    dst = tmp_path_factory.mktemp("cli-subprocess") / "tiny.safetensors"
-    rwkv_lite.convert(src, dst, quant="fp32")
-    return dst
+def tiny(tiny_fp32) -> Path:
+    return tiny_fp32
 
 
 def rwkv_lite_cli(*args, input: bytes | str | None = None, env: dict | None = None, timeout: float = 120):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import shared_file
 import rwkv_lite
 from rwkv_lite.generate import ChatSession, generate
 from rwkv_lite.sampling import SamplingParams
@@ -18,16 +17,14 @@ RTOL, ATOL = 1e-4, 1e-4
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def model(tiny_fp32):
     # One thread: the tiny model's 64-wide matrices gain nothing from threads, and on a busy machine a thread
     # pool costs them 10-30x. The previous count is restored for the next module.
     import numba
     from rwkv_lite.kernels.threads import set_threads
     before = numba.get_num_threads()
     set_threads(1)
-    src = shared_file("rwkv-cpp-tiny", "tiny-rwkv-5v2-730K-FP32.bin")
-    dst = tmp_path_factory.mktemp("e2e") / "tiny.safetensors"
-    rwkv_lite.convert(src, dst, quant="fp32")
+    dst = tiny_fp32
     model = rwkv_lite.load(dst)
     yield model
     model.close()

@@ -42,15 +42,15 @@ def eval_ids():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, convert_once):
     """model tag -> (source path, fp32 reference model, calibration file made from its int8 file on KJV text)."""
     folder = tmp_path_factory.mktemp("quality")
     kjv = shared_file("text", "kjv-bible.txt").read_bytes()[:16384]
     out = {}
     for tag, name in MODELS.items():
         src = shared_file("rwkv-cpp-tiny", name)
-        reference = rwkv_lite.load(rwkv_lite.convert(src, folder / f"{tag}-fp32.st", "fp32"))
-        int8 = rwkv_lite.load(rwkv_lite.convert(src, folder / f"{tag}-int8.st", "int8"))
+        reference = rwkv_lite.load(convert_once(src, "fp32"))
+        int8 = rwkv_lite.load(convert_once(src, "int8"))
         calib_path = calibrate(int8, kjv, text_name="kjv-bible.txt").save(folder / f"{tag}.calib.npz")
         out[tag] = (src, reference, calib_path)
     return out

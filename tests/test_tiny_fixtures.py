@@ -25,15 +25,12 @@ def expected_logits(name):
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted(convert_once):
     cache = {}
 
     def get(name, dtype):
         if (name, dtype) not in cache:
-            src = shared_file("rwkv-cpp-tiny", f"tiny-rwkv-{name}-{dtype}.bin")
-            dst = tmp_path_factory.mktemp("tiny") / f"{name}-{dtype}.safetensors"
-            rwkv_lite.convert(src, dst, quant="fp32")
-            cache[name, dtype] = rwkv_lite.load(dst)
+            cache[name, dtype] = rwkv_lite.load(convert_once(f"tiny-rwkv-{name}-{dtype}.bin", "fp32"))
         return cache[name, dtype]
     return get
 

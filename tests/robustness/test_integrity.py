@@ -10,16 +10,13 @@ import shutil
 import pytest
 
 import rwkv_lite
-from conftest import shared_file
 from robustness_helpers import array_span, assert_one_line_error, cli, patch_bytes
 from rwkv_lite.errors import FormatError
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    src = shared_file("rwkv-cpp-tiny", "tiny-rwkv-5v2-730K-FP32.bin")
-    folder = tmp_path_factory.mktemp("integrity")
-    return {q: rwkv_lite.convert(src, folder / f"tiny-{q}.safetensors", quant=q) for q in ("int8", "int4")}
+def converted(convert_once):
+    return {q: convert_once("tiny-rwkv-5v2-730K-FP32.bin", q) for q in ("int8", "int4")}
 
 
 def flipped_copy(src, dst, array: str, where: float = 0.5, mask: int = 0x01):

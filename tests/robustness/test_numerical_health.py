@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 import rwkv_lite
-from conftest import shared_file
 from robustness_helpers import array_span, assert_one_line_error, cli, patch_bytes
 from rwkv_lite.errors import FormatError, NumericalError
 
@@ -33,10 +32,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    src = shared_file("rwkv-cpp-tiny", "tiny-rwkv-5v2-730K-FP32.bin")
-    folder = tmp_path_factory.mktemp("numerics")
-    return {q: rwkv_lite.convert(src, folder / f"tiny-{q}.safetensors", quant=q) for q in ("fp32", "int8")}
+def converted(convert_once):
+    return {q: convert_once("tiny-rwkv-5v2-730K-FP32.bin", q) for q in ("fp32", "int8")}
 
 
 def test_20000_sampled_tokens_stay_finite_with_bounded_state(converted):
