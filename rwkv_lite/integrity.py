@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .format import PAD_PREFIX, read_model_file, verify_checksums
+from .format import ModelFile, read_model_file, verify_checksums
 from .progress import Progress
 
 
@@ -46,17 +46,32 @@ def verify_checksums_of(path: str | os.PathLike, progress: Progress | None = Non
     """(names of arrays whose checksum does not match, bytes checked). progress(done_bytes, total_bytes, None)."""
     model_file = read_model_file(Path(path))
     try:
-        total = sum(b - a for name, (a, b) in model_file.spans.items() if not name.startswith(PAD_PREFIX))
-        done = 0
-
-        def checked(n_bytes: int) -> None:
-            nonlocal done
-            done += n_bytes
-            if progress is not None:
-                progress(done, total, None)
-        return verify_checksums(model_file, checked), total
+        return verify_checksums_in(model_file, progress), checksummed_bytes(model_file)
     finally:
         model_file.close()
+
+
+def verify_checksums_in(model_file: ModelFile, progress: Progress | None = None) -> list[str]:
+    """The names of `model_file`'s arrays whose checksum does not match (empty: intact)."""
+    if progress is None:
+        return verify_checksums(model_file)
+    total = checksummed_bytes(model_file)
+    done = 0
+
+    def checked(n_bytes: int) -> None:
+        nonlocal done
+        done += n_bytes
+        progress(done, total, None)
+    return verify_checksums(model_file, checked)
+
+
+def checksummed_bytes(model_file: ModelFile) -> int:
+    """The bytes verify_checksums reads: every array that has a checksum."""
+    sums = model_file.metadata.get("checksums")
+    names = sums.get("arrays") if isinstance(sums, dict) else None
+    if not isinstance(names, dict):
+        return 0
+    return sum(b - a for name, (a, b) in model_file.spans.items() if name in names)
 
 
 def safetensors_problem(path: str | os.PathLike) -> str | None:

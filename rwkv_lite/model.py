@@ -178,8 +178,10 @@ class Model:
         return self.arch.forward_batch(self.weights, ids, [s.arrays for s in states], observer)
 
     def verify(self, progress=None) -> list[str]:
-        """Recompute the file's checksums; returns the names of corrupted arrays (empty: intact)."""
-        return verify_checksums(self.file, progress)
+        """Recompute the file's checksums; returns the names of corrupted arrays (empty: intact).
+        progress(done_bytes, total_bytes, None) as data is checked (rwkv_lite/progress.py)."""
+        from .integrity import verify_checksums_in
+        return verify_checksums_in(self.file, progress)
 
     def close(self) -> None:
         """Unmap the file; the model cannot run afterwards (closing twice is harmless)."""
