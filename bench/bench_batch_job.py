@@ -47,12 +47,13 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def pss_bytes(pid: int) -> int:
-    """Proportional set size of one process (Linux): shared pages divided among the processes mapping them."""
+def pss_bytes(pid: int, field: str = "Pss:") -> int:
+    """Proportional set size of one process (Linux): shared pages divided among the processes mapping them.
+    field "Pss_Shmem:": only its shared-memory part (Ray's object store is shared memory)."""
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
-                if line.startswith("Pss:"):
+                if line.startswith(field):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -84,6 +85,8 @@ class PssSampler:
     def __init__(self, interval: float = 0.5):
         self.interval = interval
         self.peak_job = self.peak_ray_services = 0
+        self.peak_job_shmem = 0                      # the shared-memory part of peak_job's sample (object store)
+        self.peak_workers = 0                        # Ray worker processes (actors and idle workers) in that sample
         self.worker_cpu: dict[int, float] = {}       # CPU seconds of each Ray worker, at its latest sample
         self._cpu_before: dict[int, float] = {}
         self._stop = threading.Event()
@@ -101,20 +104,24 @@ class PssSampler:
         me = os.getpid()
         while not self._stop.is_set():
             job = pss_bytes(me)
-            services = 0
+            shmem = pss_bytes(me, "Pss_Shmem:")
+            services = workers = 0
             for name in os.listdir("/proc"):
                 if not name.isdigit() or int(name) == me:
                     continue
                 cmd = cmdline(int(name))
                 if cmd.startswith("ray::"):
                     job += pss_bytes(int(name))
+                    shmem += pss_bytes(int(name), "Pss_Shmem:")
+                    workers += 1
                     seconds = cpu_seconds(int(name))
                     self._cpu_before.setdefault(int(name), seconds)
                     self.worker_cpu[int(name)] = seconds - self._cpu_before[int(name)]
                 elif "/ray/" in cmd and ("raylet" in cmd or "gcs_server" in cmd or "ray/_private" in cmd
                                          or "dashboard" in cmd or "log_monitor" in cmd):
                     services += pss_bytes(int(name))
-            self.peak_job = max(self.peak_job, job)
+            if job > self.peak_job:
+                self.peak_job, self.peak_job_shmem, self.peak_workers = job, shmem, workers
             self.peak_ray_services = max(self.peak_ray_services, services)
             self._stop.wait(self.interval)
 
@@ -179,7 +186,6 @@ def main():
     if args.ray:
         import ray
         from rwkv_lite.ray import RayRunner
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
 
     # warm-up: compile/load the kernels of both paths
     generate_warm = generate(model, rows[0]["prompt"][:8], max_tokens=2)
@@ -190,24 +196,33 @@ def main():
 
     results = {"one by one": [], "batch": [], "ray": []}
     per_cpu = {"one by one": [], "batch": [], "ray": []}       # tokens per CPU-second: less sensitive to load
-    peaks = {"batch": 0, "ray": 0, "ray services": 0}
+    peaks = {"batch": 0, "ray": 0, "ray services": 0, "batch shmem": 0, "ray shmem": 0}
     reference_texts = None
     for r in range(args.rounds):
         tokens, seconds, cpu = one_by_one(model, rows[:args.sequential])
         results["one by one"].append(tokens / seconds)
         per_cpu["one by one"].append(tokens / cpu)
         with PssSampler() as sampler:
-            tokens, seconds, cpu, texts = batch_job(LocalRunner(model, max_batch=args.max_batch), src, folder,
-                                                    "local")
-        peaks["batch"] = max(peaks["batch"], sampler.peak_job)
+            local_runner = LocalRunner(model, max_batch=args.max_batch)
+            tokens, seconds, cpu, texts = batch_job(local_runner, src, folder, "local")
+        if sampler.peak_job > peaks["batch"]:
+            peaks["batch"], peaks["batch shmem"] = sampler.peak_job, sampler.peak_job_shmem
+        m = local_runner.metrics
+        print(f"  round {r + 1}: batch job engine time: prompts {m.prefill_seconds:.1f} s "
+              f"({m.prompt_tokens_read} tokens), decode {m.decode_seconds:.1f} s ({m.decode_steps} steps, "
+              f"{m.decode_rows / max(m.decode_steps, 1):.1f} rows per step on average)")
         results["batch"].append(tokens / seconds)
         per_cpu["batch"].append(tokens / cpu)
         reference_texts = texts
         if args.ray:
+            if not ray.is_initialized():           # after the first local run, whose memory it would add to
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
             ray_runner = RayRunner(args.model, actors=args.ray_actors, cpus=args.ray_cpus, max_batch=args.max_batch)
             with PssSampler() as sampler:
                 tokens, seconds, cpu, texts = batch_job(ray_runner, src, folder, "ray")
-            peaks["ray"] = max(peaks["ray"], sampler.peak_job)
+            if sampler.peak_job > peaks["ray"]:
+                peaks["ray"], peaks["ray shmem"] = sampler.peak_job, sampler.peak_job_shmem
+                peaks["ray workers"] = sampler.peak_workers
             peaks["ray services"] = max(peaks["ray services"], sampler.peak_ray_services)
             results["ray"].append(tokens / seconds)
             per_cpu["ray"].append(tokens / (cpu + sum(sampler.worker_cpu.values())))
@@ -227,11 +242,14 @@ def main():
           f"{max(results['one by one']):.1f}, {args.sequential} prompts)")
     b = med(results["batch"])
     print(f"batch job    {b:7.1f} tokens/s  (min-max {min(results['batch']):.1f}-{max(results['batch']):.1f}) "
-          f"= {b / base:.2f}x one by one; peak PSS {peaks['batch'] / 2**30:.2f} GiB")
+          f"= {b / base:.2f}x one by one; peak PSS {peaks['batch'] / 2**30:.2f} GiB "
+          f"(of which shared memory {peaks['batch shmem'] / 2**30:.2f} GiB)")
     if args.ray:
         rr = med(results["ray"])
         print(f"ray job      {rr:7.1f} tokens/s  (min-max {min(results['ray']):.1f}-{max(results['ray']):.1f}) "
-              f"= {rr / b:.2f}x the batch job; peak PSS driver + actors {peaks['ray'] / 2**30:.2f} GiB, "
+              f"= {rr / b:.2f}x the batch job; peak PSS driver + {peaks['ray workers']} Ray worker processes "
+              f"{peaks['ray'] / 2**30:.2f} GiB (of which "
+              f"shared memory, the object store, {peaks['ray shmem'] / 2**30:.2f} GiB), "
               f"Ray's services {peaks['ray services'] / 2**30:.2f} GiB")
     print(f"model file {args.model.stat().st_size / 2**30:.2f} GiB; load average {open('/proc/loadavg').read().strip()}")
     if args.ray:

@@ -279,6 +279,7 @@ class LocalRunner:
         if int(max_batch) < 1:
             raise BatchError(f"max_batch must be >= 1, got {max_batch!r}")
         self.max_batch = int(max_batch)
+        self.metrics = None            # the engine's counters (EngineMetrics) of the last generation run
 
     @property
     def model(self):
@@ -303,6 +304,7 @@ class LocalRunner:
         model = self.model
         # Prompts are read as generate() reads them (chunks of CHUNK_TOKENS), so each line's text is the same
         engine = Engine(model, max_batch=self.max_batch, max_queue=None, prefill_chunk=CHUNK_TOKENS)
+        self.metrics = engine.metrics
         window = max(4 * self.max_batch, 32)       # lines submitted but not yet emitted: bounds held results
         pending: list[tuple[Job, object]] = []     # (job, Request or Failure) in job order
         todo = iter(jobs)
