@@ -2,11 +2,14 @@
 single-stream decode (Model.forward one token at a time), measured in one run, interleaved.
 
     python bench/bench_batch.py MODEL [MODEL ...] [--batches 4 8 16] [--rounds 5] [--steps 4] [--profile] [--kernel]
+                                [--batch-kernels off|on|both]
 
 Each round times, for every model: `--steps` single-stream tokens, then `--steps` batched steps for every B; the
 rounds interleave so that load from other processes hits all variants alike. Prints the median per variant, the
 spread (min-max over rounds), the ratio aggregate/single from the medians, and the load average. `--profile`
 also splits one batched step's time into matrix products (kernels/batched.py) and everything else.
+`--batch-kernels both` measures every model twice per round, with group-scaled int8 matrices on their default
+kernels and on kernels/int_gemm.py (what RWKV_LITE_BATCH_KERNELS=1 selects), interleaved; `on` only the latter.
 For AVX2 code generation run it with NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=-avx512f OPENBLAS_CORETYPE=Haswell
 (NUMBA_CPU_NAME alone still emits AVX-512 code on an AVX-512 host: bench/asm_vectors.py) and a separate
 NUMBA_CACHE_DIR, so the AVX-512 cache is not reused.
@@ -60,9 +63,9 @@ def profile_step(model, B, token):
     modules = (v4, v5, v6, v7)
     originals = {m: m.linear_rows for m in modules}
 
-    def timed(matrix, X):
+    def timed(matrix, X, observer=None):
         t = time.perf_counter()
-        y = originals[v5](matrix, X)
+        y = originals[v5](matrix, X, observer)
         spent[0] += time.perf_counter() - t
         return y
     states = [model.new_state() for _ in range(B)]
@@ -80,8 +83,9 @@ def profile_step(model, B, token):
 
 
 def kernel_cap(batches, rounds):
-    """Per-row cost of kernels/batched.py products on 2048 x 2048 matrices: if a row costs nearly as much at
-    B = 16 (weights in cache) as at B = 1 (weights from memory), the kernel is bound by instructions, not bytes."""
+    """Per-row cost of the batched products (kernels/batched.py; group-scaled int8: kernels/int_gemm.py) on
+    2048 x 2048 matrices: if a row costs nearly as much at B = 16 (weights in cache) as at B = 1 (weights from
+    memory), the kernel is bound by instructions, not bytes."""
     from rwkv_lite.kernels.batched import matmul_rows
     from rwkv_lite.schemes import get_scheme, make_matrix
     rng = np.random.default_rng(0)
@@ -115,50 +119,59 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=4, help="timed calls per variant per round (median)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--batch-kernels", choices=("off", "on", "both"), default="off",
+                    help="group-int8 decode kernels: the default ones, kernels/int_gemm.py, or both interleaved")
     ap.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                     help="before measuring, wait up to this long for the 1-minute load average to fall below 1")
     args = ap.parse_args()
     if args.kernel:
         kernel_cap(args.batches, args.rounds)
     print(f"CPU: {cpu_name()}, {os.cpu_count()} logical cores; NUMBA_CPU_NAME={os.environ.get('NUMBA_CPU_NAME', '')}")
-    models = [(path, rwkv_lite.load(path)) for path in args.models]
+    from rwkv_lite.kernels import int_gemm
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.batch_kernels]
+    loaded = [(path, rwkv_lite.load(path)) for path in args.models]
+    models = [(path, model, mode) for path, model in loaded for mode in modes]
     token = 123
-    results = defaultdict(list)          # (path, B) -> per-round seconds per step (B = 0: single stream)
+    results = defaultdict(list)          # (path, mode, B) -> per-round seconds per step (B = 0: single stream)
     states = {}
-    for path, model in models:           # warm-up: compile, page in the weights
+    for path, model, mode in models:     # warm-up: compile, page in the weights
+        int_gemm.BATCH_KERNELS = mode
         _, s = model.forward([token])
         single_token_seconds(model, s, token, 2)
         for B in args.batches:
-            states[path, B] = [s.copy() for _ in range(B)]
-            batch_step_seconds(model, states[path, B], [token] * B, 1)
-        states[path, 0] = s
+            states[path, mode, B] = [s.copy() for _ in range(B)]
+            batch_step_seconds(model, states[path, mode, B], [token] * B, 1)
+        states[path, mode, 0] = s
     deadline = time.monotonic() + args.wait_quiet
     while os.getloadavg()[0] >= 1.0 and time.monotonic() < deadline:
         time.sleep(5)
     load_before = os.getloadavg()
     for _ in range(args.rounds):
-        for path, model in models:
-            sec, states[path, 0] = single_token_seconds(model, states[path, 0], token, args.steps)
-            results[path, 0].append(sec)
+        for path, model, mode in models:
+            int_gemm.BATCH_KERNELS = mode
+            sec, states[path, mode, 0] = single_token_seconds(model, states[path, mode, 0], token, args.steps)
+            results[path, mode, 0].append(sec)
             for B in args.batches:
-                results[path, B].append(batch_step_seconds(model, states[path, B], [token] * B, args.steps))
+                results[path, mode, B].append(batch_step_seconds(model, states[path, mode, B], [token] * B,
+                                                                 args.steps))
     load_after = os.getloadavg()
     print(f"load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f}")
-    for path, model in models:
-        single = np.median(results[path, 0])
-        spread = f"{1e3 * min(results[path, 0]):.0f}-{1e3 * max(results[path, 0]):.0f}"
-        print(f"\n{path}: single stream {1e3 * single:.1f} ms/token ({spread}), {1 / single:.2f} tokens/s")
+    for path, model, mode in models:
+        int_gemm.BATCH_KERNELS = mode
+        single = np.median(results[path, mode, 0])
+        spread = f"{1e3 * min(results[path, mode, 0]):.0f}-{1e3 * max(results[path, mode, 0]):.0f}"
+        label = " (int8: kernels/int_gemm.py)" if mode else ""
+        print(f"\n{path}{label}: single stream {1e3 * single:.1f} ms/token ({spread}), {1 / single:.2f} tokens/s")
         print("  B   ms/step (min-max)        aggregate tokens/s   ratio vs single")
         for B in args.batches:
-            step = np.median(results[path, B])
-            spread = f"{1e3 * min(results[path, B]):.0f}-{1e3 * max(results[path, B]):.0f}"
+            step = np.median(results[path, mode, B])
+            spread = f"{1e3 * min(results[path, mode, B]):.0f}-{1e3 * max(results[path, mode, B]):.0f}"
             print(f"  {B:<3} {1e3 * step:8.1f} ({spread:>13})   {B / step:12.2f}        {B / step * single:6.2f}x")
         if args.profile:
             for B in args.batches:
                 products, total = profile_step(model, B, token)
                 print(f"  profile B={B}: matrix products {1e3 * products:.0f} ms of {1e3 * total:.0f} ms "
                       f"({100 * products / total:.0f}%)")
-
 
 if __name__ == "__main__":
     main()

@@ -13,14 +13,16 @@
          tiny 5v2 model mean KL 2.46e-4 (G = 32) against 3.3e-4 (one scale per row), and its kernel (int16
          activations) decodes faster from memory despite the extra 0.5 bit.
 
-Kernels: kernels/int8_kernels.py.
+Kernels: kernels/int8_kernels.py, and for decode of group-scaled matrices with RWKV_LITE_BATCH_KERNELS=1
+kernels/int_gemm.py (single-token and batched decode from one kernel: faster batches, slightly slower single
+tokens; see docs/performance.md).
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 
-from ..kernels import batched, int8_kernels
+from ..kernels import batched, int8_kernels, int_gemm
 from ..kernels.linear import Matrix, padded_columns
 from ..kernels.simd import INT4_BLOCK, INT4_GROUPS, aligned, f16_to_f32, f32_to_f16
 from .base import Scheme, SchemeError, group_param, matrix_shape
@@ -66,6 +68,8 @@ class Int8GroupMatrix(Matrix):
             xp = aligned(np.zeros(self.padded_cols, np.float32))
             xp[: x.shape[0]] = x
             x = xp
+        if int_gemm.BATCH_KERNELS:
+            return int_gemm.gemv_i8g(self.q, self.scale, x, self.block_source, self.group, self.parallel)
         kernel = int8_kernels.gemv_i8g if self.parallel else int8_kernels.gemv_i8g_serial
         return kernel(self.q, self.scale, x, self.block_source, self.group)
 
@@ -73,12 +77,16 @@ class Int8GroupMatrix(Matrix):
     def _gemv_many(matrices, X):
         first = matrices[0]
         rows = np.array([m.shape[0] for m in matrices], np.int64)
-        return int8_kernels.gemv_i8g_many(tuple(m.q for m in matrices), tuple(m.scale for m in matrices), X,
-                                          first.block_source, first.group, rows)
+        many = int_gemm.gemv_many_i8g if int_gemm.BATCH_KERNELS else int8_kernels.gemv_i8g_many
+        return many(tuple(m.q for m in matrices), tuple(m.scale for m in matrices), X, first.block_source,
+                    first.group, rows)
 
     def _matmul_rows(self, X, parallel):
+        X = padded_columns(X, self.padded_cols)
+        if int_gemm.BATCH_KERNELS:
+            return int_gemm.rows_i8g(self.q, self.scale, X, self.block_source, self.group, parallel)
         kernel = batched.gemm_i8g if parallel else batched.gemm_i8g_serial
-        return kernel(self.q, self.scale, padded_columns(X, self.padded_cols), self.block_source, self.group)
+        return kernel(self.q, self.scale, X, self.block_source, self.group)
 
     def _dequantize(self, ids, out):
         int8_kernels.dequantize_rows_i8g(self.q, self.scale, self.group, ids, out)
