@@ -3,6 +3,10 @@
 One kernel serves both decode paths: the single-token GEMV is the B = 1 case and a batched step of B sequences
 the B > 1 case, so row b of a batched product equals the single-token product of that row bit for bit whatever B
 is (every output value goes through the same operations; only how many activation rows share a pass changes).
+Group-scaled int8 matrices decode through this module when RWKV_LITE_BATCH_KERNELS=1 (BATCH_KERNELS below):
+batches of 4-16 sequences run faster on CPUs with AVX-512 VNNI, single tokens a few percent slower
+(docs/performance.md has the measurements). The int4 variants are tested but not wired to the int4 scheme: their
+single-token case was slower than int4_kernels.gemv_i4.
 
 The arithmetic (15-bit activations per 64-column block, simd.quantize_activations; exact integer multiply-adds):
 for weight row r the columns are cut into units (the group for G = 32, the 64-column activation block for
