@@ -517,13 +517,13 @@ def _make_lanes_panel(scheme, group):
 
         def codegen(context, builder, sig, args):
             aty, dty, zty, xty, sty, mty, oty, cty = sig.args
-            args = [args[0], None, args[3], args[4], args[5], args[6], None, args[7], args[1], args[2]]
-            chunk = context.cast(builder, args[7], cty, types.intp)
-            dptr = context.make_array(dty)(context, builder, args[8]).data
-            zptr = context.make_array(zty)(context, builder, args[9]).data
-            darr = context.make_array(dty)(context, builder, args[8])
+            wide_arg, d_arg, nz_arg, x_arg, s_arg, m_arg, out_arg, chunk_arg = args
+            chunk = context.cast(builder, chunk_arg, cty, types.intp)
+            darr = context.make_array(dty)(context, builder, d_arg)
+            dptr = darr.data
+            zptr = context.make_array(zty)(context, builder, nz_arg).data
             ngroups = cgutils.unpack_tuple(builder, darr.shape)[0]
-            warr = context.make_array(aty)(context, builder, args[0])
+            warr = context.make_array(aty)(context, builder, wide_arg)
             cols = cgutils.unpack_tuple(builder, warr.shape)[1]
             wrows = [builder.bitcast(builder.gep(warr.data, [builder.mul(ir.Constant(I64, r), cols)]),
                                      I32.as_pointer()) for r in range(PANEL)]          # pairs of int16
@@ -532,8 +532,8 @@ def _make_lanes_panel(scheme, group):
                 arr = context.make_array(aryty)(context, builder, ary)
                 _, n, _ = cgutils.unpack_tuple(builder, arr.shape)
                 return builder.gep(arr.data, [builder.mul(chunk, builder.mul(n, ir.Constant(I64, L)))])
-            xbase, sbase, mbase = chunk_base(xty, args[2]), chunk_base(sty, args[3]), chunk_base(mty, args[4])
-            optr = context.make_array(oty)(context, builder, args[5]).data
+            xbase, sbase, mbase = chunk_base(xty, x_arg), chunk_base(sty, s_arg), chunk_base(mty, m_arg)
+            optr = context.make_array(oty)(context, builder, out_arg).data
 
             def lanes_at(base, index, ty):          # LANES values of row `index` of a chunk's table
                 return load_vec(builder, base, builder.mul(index, ir.Constant(I64, L)), vec(ty, L))
@@ -599,7 +599,7 @@ def _lanes_tables(X16, STEP, XSUM):
     for the steps and group sums; rows past B are zero."""
     B, cols = X16.shape
     chunks = (B + LANES - 1) // LANES
-    pairs = X16.view(np.int32) if cols % 2 == 0 else X16.view(np.int32)
+    pairs = X16.view(np.int32)                  # cols is a multiple of 64
     XT = np.zeros((chunks, cols // 2, LANES), np.int32)
     ST = np.zeros((chunks, STEP.shape[1], LANES), np.float32)
     MT = np.zeros((chunks, XSUM.shape[1], LANES), np.float32)
