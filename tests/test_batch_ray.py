@@ -5,7 +5,6 @@ when Ray is not installed (the `ray` extra)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
