@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import click
@@ -80,7 +80,8 @@ def generate(model, model_opt, prompt, prompt_file, prompt_ids, max_tokens, temp
                             "token ids with --prompt-ids (or convert it again with --vocab)")
     state = common.load_state_for(llm, state_in) if state_in is not None else None
 
-    gen = run_generate(llm, prompt_value, max_tokens=max_tokens, params=params, stop=stops, state=state)
+    params = replace(params, max_tokens=max_tokens, stop=tuple(stops))      # (so --json shows them)
+    gen = run_generate(llm, prompt_value, params=params, state=state)
     common.utf8_stdout()
     interrupted = False
     try:
@@ -102,7 +103,7 @@ def generate(model, model_opt, prompt, prompt_file, prompt_ids, max_tokens, temp
             "text": gen.text,
             "tokens": gen.tokens,
             "stop_reason": gen.stats.stop_reason,
-            "params": {**asdict(params), "banned_tokens": list(params.banned_tokens)},
+            "params": {**asdict(params), "banned_tokens": list(params.banned_tokens), "stop": list(params.stop)},
             "stats": common.stats_doc(gen.stats),
         })
     elif verbose:
