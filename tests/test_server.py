@@ -260,10 +260,11 @@ def test_soak_keeps_memory_flat(server):
 
 
 def test_cancelled_stream_frees_its_slot_and_full_queue_is_503():
-    s = LiveServer("--max-batch", "1", "--max-queue", "1")
+    s = LiveServer("--max-batch", "1", "--max-queue", "1", "--max-tokens", "10000000")
     try:
         client = s.client()
-        stream = client.completions.create(model=MODEL, prompt="And", max_tokens=2000, stream=True)
+        # so many tokens that the stream still holds its slot however fast the CPU is
+        stream = client.completions.create(model=MODEL, prompt="And", max_tokens=10000000, stream=True)
         next(iter(stream))                                  # running, holding the only slot
         waiting = ThreadPoolExecutor(1).submit(_greedy_completion, client, "God", 3)
         deadline = time.monotonic() + 30
@@ -280,10 +281,12 @@ def test_cancelled_stream_frees_its_slot_and_full_queue_is_503():
 
 
 def test_sigterm_ends_open_streams_cleanly():
-    s = LiveServer("--max-batch", "2", "--shutdown-timeout", "2")
+    # The demo model writes thousands of tokens a second on a fast CPU: ask for so many that the
+    # stream is certainly still open when SIGTERM arrives.
+    s = LiveServer("--max-batch", "2", "--shutdown-timeout", "2", "--max-tokens", "10000000")
     try:
         with httpx.stream("POST", s.base + "/v1/completions", timeout=60,
-                          json={"prompt": "And", "max_tokens": 2000, "stream": True}) as r:
+                          json={"prompt": "And", "max_tokens": 10000000, "stream": True}) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
             s.proc.send_signal(signal.SIGTERM)
