@@ -1,0 +1,133 @@
+"""Speed of two rwkv-lite source trees on the same model files, interleaved: the no-regression check of a refactor.
+
+    git worktree add /tmp/before <commit>
+    python bench/ab_versions.py /tmp/before . --models eagle-1b5-int8.st eagle-7b-int8.st --rounds 6
+
+Each tree gets one worker process per model (PYTHONPATH=<tree>, so that tree's `rwkv_lite` is imported; the
+worker prints which file it loaded). Workers stay up for the whole run: the model is loaded and the kernels
+compiled once, the page cache is warm. A round asks every worker in turn (the order reversed every other round)
+for --tokens single-token decode steps continuing one state and one --prompt-token prompt from a fresh state.
+Reported per model and tree: the median decode ms/token over all steps and prompt tokens/s over all rounds, and
+the median over rounds of the per-round ratio B / A (decode: > 1 means B is slower; prompt: > 1 means B is
+faster), which survives a load that drifts between rounds. The CPUs' busy share before each round is printed:
+trust a run only when it is low.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+_WORKER = r"""
+import json, os, sys, time
+import numpy as np
+import rwkv_lite
+from rwkv_lite.kernels.threads import set_threads
+threads = set_threads(int(sys.argv[2]) if sys.argv[2] != "0" else None)
+model = rwkv_lite.load(sys.argv[1])
+rng = np.random.default_rng(0)
+vocab = model.config.vocab_size if hasattr(model.config, "vocab_size") else model.config["vocab_size"]
+logits, state = model.forward([1])
+for _ in range(2):
+    logits, state = model.forward([int(np.argmax(logits))], state)
+model.forward(rng.integers(0, vocab, 16).tolist())
+print(json.dumps({"ready": rwkv_lite.__file__, "threads": threads}), flush=True)
+for line in sys.stdin:
+    tokens, prompt = json.loads(line)
+    steps = []
+    for _ in range(tokens):
+        t = time.perf_counter()
+        logits, state = model.forward([int(np.argmax(logits))], state)
+        steps.append(time.perf_counter() - t)
+    ids = rng.integers(0, vocab, prompt).tolist()
+    t = time.perf_counter()
+    model.forward(ids)
+    print(json.dumps({"steps": steps, "prompt_s": time.perf_counter() - t}), flush=True)
+"""
+
+
+def cpu_busy_share(interval: float = 0.5) -> float:
+    def snap():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v)
+    idle0, tot0 = snap()
+    time.sleep(interval)
+    idle1, tot1 = snap()
+    return 1.0 - (idle1 - idle0) / max(1, tot1 - tot0)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+class Worker:
+    def __init__(self, tree: str, model: str, threads: int):
+        env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
+        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER, model, str(threads)], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     cwd=os.path.abspath(tree))
+        hello = json.loads(self.proc.stdout.readline())
+        self.loaded_from = hello["ready"]
+        self.steps: list[float] = []
+        self.round_decode: list[float] = []
+        self.round_prompt: list[float] = []
+
+    def round(self, tokens: int, prompt: int) -> None:
+        self.proc.stdin.write(json.dumps([tokens, prompt]) + "\n")
+        self.proc.stdin.flush()
+        out = json.loads(self.proc.stdout.readline())
+        self.steps += out["steps"]
+        self.round_decode.append(statistics.median(out["steps"]))
+        self.round_prompt.append(prompt / out["prompt_s"])
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("tree_a", help="source tree A (the baseline), holding rwkv_lite/")
+    ap.add_argument("tree_b", help="source tree B (the change)")
+    ap.add_argument("--models", nargs="+", required=True)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--tokens", type=int, default=8, help="decode steps per worker per round")
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens per worker per round")
+    ap.add_argument("--threads", type=int, default=0, help="threads per worker (default: every core)")
+    args = ap.parse_args()
+
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} CPUs, NUMBA_CPU_NAME={os.environ.get('NUMBA_CPU_NAME', '(host)')}")
+    for model in args.models:
+        a, b = Worker(args.tree_a, model, args.threads), Worker(args.tree_b, model, args.threads)
+        print(f"{os.path.basename(model)}: A = {a.loaded_from}, B = {b.loaded_from}")
+        for i in range(args.rounds):
+            busy = cpu_busy_share()
+            for w in ((a, b) if i % 2 == 0 else (b, a)):
+                w.round(args.tokens, args.prompt)
+            print(f"  round {i + 1}/{args.rounds} (CPUs {busy:.0%} busy before, load {os.getloadavg()[0]:.2f}): "
+                  f"decode A {1e3 * a.round_decode[-1]:.1f} B {1e3 * b.round_decode[-1]:.1f} ms, "
+                  f"prompt A {a.round_prompt[-1]:.1f} B {b.round_prompt[-1]:.1f} tok/s", flush=True)
+        dec = statistics.median(y / x for x, y in zip(a.round_decode, b.round_decode))
+        pro = statistics.median(y / x for x, y in zip(a.round_prompt, b.round_prompt))
+        print(f"  decode ms/token: A {1e3 * statistics.median(a.steps):.1f}, B {1e3 * statistics.median(b.steps):.1f}; "
+              f"B/A per round (median) {dec:.3f}")
+        print(f"  prompt tok/s:    A {statistics.median(a.round_prompt):.1f}, "
+              f"B {statistics.median(b.round_prompt):.1f}; B/A per round (median) {pro:.3f}", flush=True)
+        a.close(), b.close()
+
+
+if __name__ == "__main__":
+    main()
