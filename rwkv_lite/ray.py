@@ -12,7 +12,7 @@ gave it, so actors do not fight over cores. The model file must be readable at t
 rwkv-lite installed there); generate_dataset checks both on every node before it builds the pipeline.
 
 `rwkv-lite batch ... --ray [ADDRESS]` runs a JSONL job this way (RayRunner): the driver reads and validates the
-input, keeps the resumable output (rwkv_lite/batch.py) and writes results in input order.
+input, keeps the resumable output (rwkv_lite/batch/output.py) and writes results in input order.
 """
 from __future__ import annotations
 

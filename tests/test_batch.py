@@ -1,4 +1,4 @@
-"""Offline batch jobs (rwkv_lite/batch.py, `rwkv-lite batch`) on the built-in demo model: every output line equals
+"""Offline batch jobs (rwkv_lite/batch/, `rwkv-lite batch`) on the built-in demo model: every output line equals
 the same prompt run alone through rwkv_lite.generate with the same options and seed, in input order; a job killed
 with SIGKILL and run again ends with exactly one line per input id; bad lines are reported with their line number
 and skipped (or fail the job with --strict); the output guards hold. Ray is not needed here (test_batch_ray.py)."""
