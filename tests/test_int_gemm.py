@@ -1,4 +1,4 @@
-"""kernels/int_gemm.py: the integer kernels of group-scaled int8 and int4 weights.
+"""kernels/int_gemm.py: the integer panel and lanes kernels of group-scaled int8 weights (RWKV_LITE_BATCH_KERNELS=1).
 
 Single-token decode is the B = 1 case of the panel kernel; batched decode runs the panel kernel (few rows) or the
 lanes kernel (rows in the vector lanes). Every output must be bit-identical across these paths, whatever B, the
@@ -12,17 +12,13 @@ import pytest
 from rwkv_lite.kernels import int_gemm
 from rwkv_lite.schemes import get_scheme, make_matrix
 
-CASES = [("int8", 32), ("int8", 64), ("int8", 128), ("int4", 32), ("int4", 64), ("int4", 128)]
+GROUPS = (32, 64, 128)
 
 
-def _matrix(name, group, R, C, seed):
+def _matrix(group, R, C, seed):
     w = np.random.default_rng(seed).standard_normal((R, C), dtype=np.float32) / np.sqrt(C)
-    scheme = get_scheme(name, group=group)
-    return make_matrix(name, scheme.params, scheme.quantize(w), (R, C))
-
-
-def _arrays(m):
-    return (m.q, m.scale) if m.scheme == "int8" else (m.packed, m.groups)
+    scheme = get_scheme("int8", group=group)
+    return make_matrix("int8", scheme.params, scheme.quantize(w), (R, C))
 
 
 def _padded(m, X):
@@ -31,23 +27,20 @@ def _padded(m, X):
     return Xp
 
 
-def _kernels(name):
-    if name == "int8":
-        return int_gemm.gemm_i8g, int_gemm.gemm_i8g_serial, int_gemm.lanes_i8g, int_gemm.lanes_i8g_serial
-    return int_gemm.gemm_i4, int_gemm.gemm_i4_serial, int_gemm.lanes_i4, int_gemm.lanes_i4_serial
+KERNELS = (int_gemm.gemm_i8g, int_gemm.gemm_i8g_serial, int_gemm.lanes_i8g, int_gemm.lanes_i8g_serial)
 
 
-@pytest.mark.parametrize("name, group", CASES)
+@pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("R, C", [(130, 520), (7, 200), (64, 1024), (1, 64)])
-def test_every_path_gives_the_single_row_result(name, group, R, C):
-    m = _matrix(name, group, R, C, seed=R + C)
-    panel, panel_serial, lanes, lanes_serial = _kernels(name)
+def test_every_path_gives_the_single_row_result(group, R, C):
+    m = _matrix(group, R, C, seed=R + C)
+    panel, panel_serial, lanes, lanes_serial = KERNELS
     rng = np.random.default_rng(1)
     X = rng.standard_normal((17, C), dtype=np.float32)
     X[0, :64] = 0.0                                   # an all-zero activation block (step 0)
     X[1] *= 1e-30                                     # tiny activations (subnormal products stay exact in int)
     Xp = _padded(m, X)
-    args = _arrays(m)
+    args = (m.q, m.scale)
     single = np.concatenate([panel_serial(*args, Xp[b:b + 1], m.block_source, group) for b in range(len(X))])
     for B in (1, 2, 3, 4, 5, 8, 9, 16, 17):
         for kernel in (panel, panel_serial, lanes, lanes_serial):
@@ -59,28 +52,27 @@ def test_every_path_gives_the_single_row_result(name, group, R, C):
     assert np.all(np.abs(single - ref) <= bound)
 
 
-@pytest.mark.parametrize("name, group", CASES)
-def test_many_matrices_in_one_launch_equal_each_alone(name, group):
-    ms = [_matrix(name, group, R, 256, seed=R) for R in (130, 64, 200)]
+@pytest.mark.parametrize("group", GROUPS)
+def test_many_matrices_in_one_launch_equal_each_alone(group):
+    ms = [_matrix(group, R, 256, seed=R) for R in (130, 64, 200)]
     rng = np.random.default_rng(2)
     X = rng.standard_normal((3, 256), dtype=np.float32)
     rows = np.array([m.shape[0] for m in ms], np.int64)
-    many = int_gemm.gemv_many_i8g if name == "int8" else int_gemm.gemv_many_i4
-    arrays = list(zip(*(_arrays(m) for m in ms)))
-    y = many(tuple(arrays[0]), tuple(arrays[1]), X, ms[0].block_source, group, rows)
-    single = _kernels(name)[1]
-    alone = np.concatenate([single(*_arrays(m), X[i:i + 1], m.block_source, group)[0] for i, m in enumerate(ms)])
+    y = int_gemm.gemv_many_i8g(tuple(m.q for m in ms), tuple(m.scale for m in ms), X, ms[0].block_source, group,
+                               rows)
+    alone = np.concatenate([int_gemm.gemm_i8g_serial(m.q, m.scale, X[i:i + 1], m.block_source, group)[0]
+                            for i, m in enumerate(ms)])
     np.testing.assert_array_equal(y, alone)
 
 
-@pytest.mark.parametrize("name, group", [("int8", 32), ("int4", 64)])
-def test_non_finite_activations_give_nan_for_their_row_only(name, group):
-    m = _matrix(name, group, 40, 256, seed=3)
+@pytest.mark.parametrize("group", [32, 64])
+def test_non_finite_activations_give_nan_for_their_row_only(group):
+    m = _matrix(group, 40, 256, seed=3)
     X = np.random.default_rng(4).standard_normal((9, 256), dtype=np.float32)
     X[2, 70] = np.inf
     X[5, 3] = np.nan
-    for kernel in _kernels(name):
-        Y = kernel(*_arrays(m), X, m.block_source, group)
+    for kernel in KERNELS:
+        Y = kernel(m.q, m.scale, X, m.block_source, group)
         assert np.isnan(Y[[2, 5]]).all()
         assert np.isfinite(np.delete(Y, [2, 5], axis=0)).all()
 
@@ -94,7 +86,7 @@ def test_matrices_with_batch_kernels_on_give_batched_rows_equal_single_tokens(gr
     from rwkv_lite.kernels import batched, linear
     monkeypatch.setattr(int_gemm, "BATCH_KERNELS", True)
     monkeypatch.setattr(batched, "PARALLEL_MIN_WORK", 1 if threads == "parallel" else 1 << 62)
-    m = _matrix("int8", group, 130, 520, seed=group)
+    m = _matrix(group, 130, 520, seed=group)
     m.parallel = threads == "parallel"
     rng = np.random.default_rng(5)
     X = rng.standard_normal((29, 520), dtype=np.float32)

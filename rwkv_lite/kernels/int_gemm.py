@@ -1,12 +1,25 @@
-"""Integer panel kernels for group-scaled int8 and int4 weights: Y = X W^T for B activation rows (B >= 1).
+"""Integer panel and lanes kernels for group-scaled int8 weights: Y = X W^T for B activation rows (B >= 1).
 
-One kernel serves both decode paths: the single-token GEMV is the B = 1 case and a batched step of B sequences
-the B > 1 case, so row b of a batched product equals the single-token product of that row bit for bit whatever B
-is (every output value goes through the same operations; only how many activation rows share a pass changes).
-Group-scaled int8 matrices decode through this module when RWKV_LITE_BATCH_KERNELS=1 (BATCH_KERNELS below):
-batches of 4-16 sequences run faster on CPUs with AVX-512 VNNI, single tokens a few percent slower
-(docs/performance.md has the measurements). The int4 variants are tested but not wired to the int4 scheme: their
-single-token case was slower than int4_kernels.gemv_i4.
+One kernel family serves both decode paths: the single-token GEMV is the B = 1 case and a batched step of B
+sequences the B > 1 case, so row b of a batched product equals the single-token product of that row bit for bit
+whatever B is (every output value goes through the same operations; only how many activation rows share a pass
+changes). Group-scaled int8 matrices decode through this module only when RWKV_LITE_BATCH_KERNELS=1
+(BATCH_KERNELS below, read by schemes/int8.py); by default they use kernels/int8_kernels.py (single token) and
+kernels/batched.py (batches), which are bit-identical to each other but not to these kernels (a different order
+of the float additions), so one process uses one family for all its group-int8 matrices.
+
+Why opt-in, not the default (one thread, interleaved A/B against the default kernels, EPYC Zen 4, weights
+streamed from memory; docs/performance.md): per activation row, batches of 16 cost 0.47-0.64x the default's
+(AVX-512 VNNI; AVX2 code 0.66-0.75x), but a single token costs 1.3-1.5x at 2048 x 2048 and 4096 x 4096 and
+~1.15x at 4096 x 14336 (AVX2 code 1.1-1.4x), and B = 4 1.1-1.25x with AVX-512. With one 2048 x 2048 matrix in
+cache the single token costs 1.07x, and 0.96x in a timing-only build without the scale transposition; from
+memory the gap widens: reading 8 rows at once (8 row streams, the next panel prefetched as this one is
+computed) streams more slowly than the default's one sequential row stream, and prefetching 2 or 4 panels
+ahead, per-row prefetches and L1 / L2 / non-temporal hints did not close it. Removing both costs would take a
+panel-major layout (the weights and scales of 8 rows interleaved), which the file format does not have.
+
+The int4 scheme keeps kernels/int4_kernels.py and batched.py: int4 variants of these kernels were written,
+measured (single token 0.99-1.4x the int4 GEMV's time, B = 16 only 1.2x faster) and deleted.
 
 The arithmetic (15-bit activations per 64-column block, simd.quantize_activations; exact integer multiply-adds):
 for weight row r the columns are cut into units (the group for G = 32, the 64-column activation block for
@@ -15,8 +28,8 @@ G = 64 and 128), and
     y[r] = fma(float(s_U), d[r, g(U)] * step[k(U)], ... fma(float(s_1), d[r, g(1)] * step[k(1)],
                                                          float(s_0) * (d[r, g(0)] * step[k(0)])))
 
-with s_u the exact integer dot product of unit u's weights and int16 activations, d the group scale and step
-the activation block's step; int4 adds its zero-point term  sum_g fma(-d_g z_g / 8, xsum_g, .)  at the end.
+with s_u the exact integer dot product of unit u's weights and int16 activations, d the fp16 group scale and step
+the activation block's step.
 
 Why this shape: a weight row's dot product is cheap integer work (vpmaddwd: 16 multiply-adds per 256-bit
 instruction), but the per-group float work (convert, scale, accumulate) costs as much again when it is done
@@ -24,7 +37,8 @@ per column lane. Here the lanes of the float vectors are 8 different weight rows
 sums of 8 rows are folded into one 8-lane vector (a short shuffle-and-add tree), then one conversion, one scale
 product and one FMA serve 8 rows x 32 (or 64) columns. The 8 rows' weights are loaded and widened once per unit
 and meet up to BATCH_TILE activation rows while they are in registers; the group scales of a panel are
-transposed to row-lanes once per panel.
+transposed to row-lanes once per panel (and the next panel's prefetched meanwhile). From LANES_MIN_ROWS
+activation rows on, the lanes kernel below puts 16 activation rows in the lanes instead.
 
 Generic LLVM vector IR only (no target intrinsic is named): x86 with AVX-512 VNNI / AVX-VNNI gets vpdpwssd
 from the multiply-add + add pattern, AVX2 vpmaddwd + vpaddd, other targets their own widening multiply-adds.
@@ -39,9 +53,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .int4_kernels import int4_scale
-from .simd import (F16, F32, I8, I16, I32, I64, INT4_BLOCK, ROW_BLOCK, fma, is_c_array, load_vec, pair_madd,
-                   prefetch_ptr, f16_to_f32, splat, splat_const, stack_activations, vec, block_table)
+from .simd import (F16, F32, I8, I16, I32, I64, ROW_BLOCK, block_table, f16_to_f32, fma, is_c_array, load_vec,
+                   pair_madd, prefetch_ptr, splat, splat_const, stack_activations, vec)
 
 # Whether group-scaled int8 matrices decode through these kernels (single tokens and batches alike), or through
 # kernels/int8_kernels.py and kernels/batched.py (the default). The two give slightly different float rounding, so
@@ -95,80 +108,50 @@ def _panel_rows(context, builder, aryty, ary, r0):
     return ptrs, ncols, arr.data
 
 
-def _make_panel(scheme, group, nb):
-    """Intrinsic (w, dT, nzT, step, xsum, x16, out, r0, b0): out[i, r] = row r0 + r of W times activation row
-    b0 + i, for r < PANEL and i < nb (module docstring).
-    w: int8 (R, Cp) (scheme 'int8') or packed uint8 (R, Cp/2) ('int4'); dT float32 (ngroups, PANEL): the panel's
-    group scales, row in the lane; nzT: int4's -d z / 8 likewise (ignored for int8); step (B, Cp/64), xsum
-    (B, Cp/G) and x16 (B, Cp) from simd.stack_activations; out float32 (>= nb, PANEL)."""
-    unit = 32 if group == 32 else 64              # columns per integer dot product
-    int4 = scheme == "int4"
-    wdtype = types.uint8 if int4 else types.int8
-    unit_bytes = unit // 2 if int4 else unit
+def _make_panel(group, nb):
+    """Intrinsic (w, dT, step, x16, out, r0, b0): out[i, r] = row r0 + r of W times activation row b0 + i, for
+    r < PANEL and i < nb (module docstring).
+    w: int8 (R, Cp); dT float32 (ngroups, PANEL): the panel's group scales, row in the lane (_panel_scales);
+    step (B, Cp/64) and x16 (B, Cp) from simd.stack_activations; out float32 (>= nb, PANEL)."""
+    unit = 32 if group == 32 else 64              # columns (= weight bytes) per integer dot product
 
-    def typer(typingctx, w, dT, nzT, step, xsum, x16, out, r0, b0):
-        if not (is_c_array(w, wdtype, 2) and is_c_array(dT, types.float32, 2) and is_c_array(nzT, types.float32, 2)
-                and is_c_array(step, types.float32, 2) and is_c_array(xsum, types.float32, 2)
-                and is_c_array(x16, types.int16, 2) and is_c_array(out, types.float32, 2)
+    def typer(typingctx, w, dT, step, x16, out, r0, b0):
+        if not (is_c_array(w, types.int8, 2) and is_c_array(dT, types.float32, 2)
+                and is_c_array(step, types.float32, 2) and is_c_array(x16, types.int16, 2)
+                and is_c_array(out, types.float32, 2)
                 and isinstance(r0, types.Integer) and isinstance(b0, types.Integer)):
             return None
 
         def codegen(context, builder, sig, args):
-            wty, dty, zty, sty, mty, xty, oty, r0ty, b0ty = sig.args
-            first_row = context.cast(builder, args[7], r0ty, types.intp)
-            first_b = context.cast(builder, args[8], b0ty, types.intp)
+            wty, dty, sty, xty, oty, r0ty, b0ty = sig.args
+            first_row = context.cast(builder, args[5], r0ty, types.intp)
+            first_b = context.cast(builder, args[6], b0ty, types.intp)
             wrows, row_bytes, wdata = _panel_rows(context, builder, wty, args[0], first_row)
             dptr = context.make_array(dty)(context, builder, args[1]).data
-            zptr = context.make_array(zty)(context, builder, args[2]).data
 
             def rows_of(aryty, ary):
                 arr = context.make_array(aryty)(context, builder, ary)
                 n = cgutils.unpack_tuple(builder, arr.shape)[1]
                 return [builder.gep(arr.data, [builder.mul(builder.add(first_b, ir.Constant(I64, i)), n)])
-                        for i in range(nb)], n
-            srows, _ = rows_of(sty, args[3])
-            mrows, ngroups = rows_of(mty, args[4])
-            xrows, _ = rows_of(xty, args[5])
-            optr = context.make_array(oty)(context, builder, args[6]).data
+                        for i in range(nb)]
+            srows = rows_of(sty, args[2])
+            xrows = rows_of(xty, args[3])
+            optr = context.make_array(oty)(context, builder, args[4]).data
             accs = [cgutils.alloca_once_value(builder, splat_const(F32, PANEL, 0.0)) for _ in range(nb)]
             # the next panel's bytes, PANEL rows further on, a unit's share per step: prefetched into L2 while this
             # panel is computed (never faults past the end)
             next_panel = builder.mul(builder.add(first_row, ir.Constant(I64, PANEL)), row_bytes)
-            nunits = builder.udiv(row_bytes, ir.Constant(I64, unit_bytes))
+            nunits = builder.udiv(row_bytes, ir.Constant(I64, unit))
             with cgutils.for_range(builder, nunits) as loop:
                 j = loop.index
-                ahead = builder.add(next_panel, builder.mul(j, ir.Constant(I64, PANEL * unit_bytes)))
-                for line in range(0, PANEL * unit_bytes, 64):
+                ahead = builder.add(next_panel, builder.mul(j, ir.Constant(I64, PANEL * unit)))
+                for line in range(0, PANEL * unit, 64):
                     prefetch_ptr(builder, builder.gep(wdata, [builder.add(ahead, ir.Constant(I64, line))]))
-                b0 = builder.mul(j, ir.Constant(I64, unit_bytes))
-                # x offsets of the unit's pieces of 16 columns, and the panel's weights for them widened to int16.
-                # int4: x is in block order, the low nibbles of a block's 32 bytes meet its first 32 values and
-                # the high nibbles the next 32 (int4 layout); unit j of G = 32 is bytes 16j..16j+15, the half
-                # j % 2 of block j // 2
-                if int4:
-                    if group == 32:
-                        first = builder.add(builder.mul(builder.lshr(j, ir.Constant(I64, 1)), ir.Constant(I64, INT4_BLOCK)),
-                                            builder.mul(builder.and_(j, ir.Constant(I64, 1)), ir.Constant(I64, 16)))
-                    else:
-                        first = builder.mul(j, ir.Constant(I64, INT4_BLOCK))
-                    offsets = []
-                    for p in range(unit_bytes // 16):
-                        offsets += [builder.add(first, ir.Constant(I64, 16 * p)),
-                                    builder.add(first, ir.Constant(I64, 32 + 16 * p))]
-                else:
-                    offsets = [builder.add(b0, ir.Constant(I64, 16 * p)) for p in range(unit_bytes // 16)]
-                weights = []
-                for r in range(PANEL):
-                    row = []
-                    for p in range(unit_bytes // 16):
-                        raw = load_vec(builder, wrows[r], builder.add(b0, ir.Constant(I64, 16 * p)), vec(I8, 16))
-                        if int4:
-                            wide = builder.zext(raw, vec(I16, 16))
-                            row += [builder.and_(wide, splat_const(I16, 16, 15)),
-                                    builder.lshr(wide, splat_const(I16, 16, 4))]
-                        else:
-                            row.append(builder.sext(raw, vec(I16, 16)))
-                    weights.append(row)
+                # the unit's pieces of 16 columns, and the panel's weights for them widened to int16
+                c0 = builder.mul(j, ir.Constant(I64, unit))
+                offsets = [builder.add(c0, ir.Constant(I64, 16 * p)) for p in range(unit // 16)]
+                weights = [[builder.sext(load_vec(builder, wrows[r], off, vec(I8, 16)), vec(I16, 16))
+                            for off in offsets] for r in range(PANEL)]
                 g = builder.lshr(j, ir.Constant(I64, 1)) if group == 128 else j
                 k = builder.lshr(j, ir.Constant(I64, 1)) if group == 32 else j
                 d = load_vec(builder, dptr, builder.mul(g, ir.Constant(I64, PANEL)), vec(F32, PANEL))
@@ -178,52 +161,47 @@ def _make_panel(scheme, group, nb):
                     sums = builder.sitofp(_row_sums(builder, parts), vec(F32, PANEL))
                     scale = builder.fmul(d, splat(builder, builder.load(builder.gep(srows[i], [k])), PANEL))
                     builder.store(fma(builder, sums, scale, builder.load(accs[i])), accs[i])
-            results = [builder.load(a) for a in accs]
-            if int4:                                # zero points: sum over groups of -d z / 8 * xsum, row in the lane
-                zslots = [cgutils.alloca_once_value(builder, splat_const(F32, PANEL, 0.0)) for _ in range(nb)]
-                with cgutils.for_range(builder, ngroups) as loop:
-                    g = loop.index
-                    nz = load_vec(builder, zptr, builder.mul(g, ir.Constant(I64, PANEL)), vec(F32, PANEL))
-                    for i in range(nb):
-                        xs_g = splat(builder, builder.load(builder.gep(mrows[i], [g])), PANEL)
-                        builder.store(fma(builder, nz, xs_g, builder.load(zslots[i])), zslots[i])
-                results = [builder.fadd(res, builder.load(z)) for res, z in zip(results, zslots)]
             for i in range(nb):
                 ptr = builder.gep(optr, [ir.Constant(I64, i * PANEL)])
-                builder.store(results[i], builder.bitcast(ptr, vec(F32, PANEL).as_pointer()), align=4)
+                builder.store(builder.load(accs[i]), builder.bitcast(ptr, vec(F32, PANEL).as_pointer()), align=4)
             return context.get_dummy_value()
-        return types.void(w, dT, nzT, step, xsum, x16, out, r0, b0), codegen
+        return types.void(w, dT, step, x16, out, r0, b0), codegen
     return intrinsic(typer)
 
 
-_PANELS = {(scheme, group, nb): _make_panel(scheme, group, nb)
-           for scheme in ("int8", "int4") for group in (32, 64, 128) for nb in range(1, BATCH_TILE + 1)}
-_p8_32_1, _p8_32_2, _p8_32_3, _p8_32_4 = (_PANELS["int8", 32, n] for n in range(1, 5))
-_p8_64_1, _p8_64_2, _p8_64_3, _p8_64_4 = (_PANELS["int8", 64, n] for n in range(1, 5))
-_p8_128_1, _p8_128_2, _p8_128_3, _p8_128_4 = (_PANELS["int8", 128, n] for n in range(1, 5))
-_p4_32_1, _p4_32_2, _p4_32_3, _p4_32_4 = (_PANELS["int4", 32, n] for n in range(1, 5))
-_p4_64_1, _p4_64_2, _p4_64_3, _p4_64_4 = (_PANELS["int4", 64, n] for n in range(1, 5))
-_p4_128_1, _p4_128_2, _p4_128_3, _p4_128_4 = (_PANELS["int4", 128, n] for n in range(1, 5))
+_p32_1, _p32_2, _p32_3, _p32_4 = (_make_panel(32, n) for n in range(1, BATCH_TILE + 1))
+_p64_1, _p64_2, _p64_3, _p64_4 = (_make_panel(64, n) for n in range(1, BATCH_TILE + 1))
+_p128_1, _p128_2, _p128_3, _p128_4 = (_make_panel(128, n) for n in range(1, BATCH_TILE + 1))
 
 
-def _make_scale_transpose(scheme):
-    """Intrinsic (words uint16 (R, ngroups), r0, dT, nzT): for the groups in whole chunks of 8, dT[g, r] = the
-    scale of row r0 + r, group g, as float32 (int8: fp16 bits; int4: the group word's scale) and, for int4,
-    nzT[g, r] = -d z / 8 (exact: d has 5 significant bits, z 7). The caller does the last ngroups % 8 groups."""
-    int4 = scheme == "int4"
+def _make_scale_transpose():
+    """Intrinsic (words uint16 (R, ngroups), r0, dT): for the groups in whole chunks of 8, dT[g, r] = the fp16
+    scale of row r0 + r, group g, as float32. The caller does the last ngroups % 8 groups.
+    It also prefetches the next panel's scales (rows r0 + PANEL .. r0 + 2 PANEL - 1, contiguous) into L2, as the
+    panel kernel does the next panel's weights: without it the first loads of every panel's scales waited for
+    memory. Interleaved A/B, one thread, weights from memory, loaded EPYC Zen 4, single token relative to the
+    default kernel: 2048 x 2048 1.43-1.59x without, 1.26-1.51x with; 4096 x 4096 1.53x / 1.30x; 4096 x 14336 no
+    clear change (1.16x / 1.15x); results bit-identical."""
 
-    def typer(typingctx, words, r0, dT, nzT):
+    def typer(typingctx, words, r0, dT):
         if not (is_c_array(words, types.uint16, 2) and isinstance(r0, types.Integer)
-                and is_c_array(dT, types.float32, 2) and is_c_array(nzT, types.float32, 2)):
+                and is_c_array(dT, types.float32, 2)):
             return None
 
         def codegen(context, builder, sig, args):
-            wty, rty, dty, zty = sig.args
+            wty, rty, dty = sig.args
             rows, ngroups, _ = _panel_rows(context, builder, wty, args[0], context.cast(builder, args[1], rty,
                                                                                         types.intp))
             dptr = context.make_array(dty)(context, builder, args[2]).data
-            zptr = context.make_array(zty)(context, builder, args[3]).data
-            n = PANEL
+            # the next panel's scales: PANEL rows of ngroups words, one prefetch per 64-byte line (32 words)
+            warr = context.make_array(wty)(context, builder, args[0])
+            first = builder.mul(builder.add(context.cast(builder, args[1], rty, types.intp), ir.Constant(I64, PANEL)),
+                                ngroups)
+            nlines = builder.udiv(builder.add(builder.mul(ngroups, ir.Constant(I64, PANEL)), ir.Constant(I64, 31)),
+                                  ir.Constant(I64, 32))
+            with cgutils.for_range(builder, nlines) as line:
+                at = builder.add(first, builder.mul(line.index, ir.Constant(I64, 32)))
+                prefetch_ptr(builder, builder.gep(warr.data, [at]))
             with cgutils.for_range(builder, builder.udiv(ngroups, ir.Constant(I64, 8))) as loop:
                 g0 = builder.mul(loop.index, ir.Constant(I64, 8))
                 # 8 rows x 8 groups of 16-bit words, transposed in three rounds of interleaving (the
@@ -246,146 +224,71 @@ def _make_scale_transpose(scheme):
                                 _shuffle(builder, w32[i], w32[4 + i], [4, 5, 6, 7, 12, 13, 14, 15])]
                 for gg, words in enumerate(columns):      # group g0 + gg, the 8 rows in order
                     out_at = builder.mul(builder.add(g0, ir.Constant(I64, gg)), ir.Constant(I64, PANEL))
-                    if int4:
-                        u = builder.zext(words, vec(I32, n))
-                        expo = builder.add(builder.and_(builder.lshr(u, splat_const(I32, n, 4)), splat_const(I32, n, 31)),
-                                           splat_const(I32, n, 103))
-                        bits = builder.or_(builder.shl(expo, splat_const(I32, n, 23)),
-                                           builder.shl(builder.and_(u, splat_const(I32, n, 15)), splat_const(I32, n, 19)))
-                        d = builder.bitcast(bits, vec(F32, n))
-                        z = builder.fmul(builder.uitofp(builder.lshr(u, splat_const(I32, n, 9)), vec(F32, n)),
-                                         splat_const(F32, n, 0.125))
-                        nz = builder.fneg(builder.fmul(d, z))
-                        builder.store(nz, builder.bitcast(builder.gep(zptr, [out_at]), vec(F32, n).as_pointer()),
-                                      align=4)
-                    else:
-                        d = builder.fpext(builder.bitcast(words, vec(F16, n)), vec(F32, n))
-                    builder.store(d, builder.bitcast(builder.gep(dptr, [out_at]), vec(F32, n).as_pointer()), align=4)
+                    d = builder.fpext(builder.bitcast(words, vec(F16, PANEL)), vec(F32, PANEL))
+                    builder.store(d, builder.bitcast(builder.gep(dptr, [out_at]), vec(F32, PANEL).as_pointer()),
+                                  align=4)
             return context.get_dummy_value()
-        return types.void(words, r0, dT, nzT), codegen
+        return types.void(words, r0, dT), codegen
     return intrinsic(typer)
 
 
-_transpose_f16 = _make_scale_transpose("int8")
-_transpose_i4 = _make_scale_transpose("int4")
+_transpose_scales = _make_scale_transpose()
 
 
 @njit(cache=True, nogil=True)
-def _panel_scales8(words, p, dT, nzT):
+def _panel_scales(words, p, dT):
     """dT for the panel starting at row p: the fp16 group scales, row in the lane."""
     R, ngroups = words.shape
-    _transpose_f16(words, p, dT, nzT)
+    _transpose_scales(words, p, dT)
     for g in range(ngroups - ngroups % 8, ngroups):          # the last groups, one at a time
         for r in range(PANEL):
             dT[g, r] = f16_to_f32(words[min(p + r, R - 1), g])
 
 
 @njit(cache=True, nogil=True)
-def _panel_scales4(words, p, dT, nzT):
-    """dT and nzT for the panel starting at row p: int4 group scales and -d z / 8, row in the lane."""
-    R, ngroups = words.shape
-    _transpose_i4(words, p, dT, nzT)
-    for g in range(ngroups - ngroups % 8, ngroups):
-        for r in range(PANEL):
-            u = words[min(p + r, R - 1), g]
-            d = int4_scale(u)
-            dT[g, r] = d
-            nzT[g, r] = -(d * (np.float32(np.int32(u) >> 9) * np.float32(0.125)))
-
-
-# one runner per scheme: each names its scheme's specialised intrinsics once (group size, activation rows)
-@njit(cache=True, nogil=True)
-def _run_panel8(group, nb, w, dT, nzT, STEP, XSUM, X16, out, p, b):
+def _run_panel(group, nb, w, dT, STEP, X16, out, p, b):
+    """The panel intrinsic specialised for the group size and nb activation rows."""
     if group == 32:
         if nb == 4:
-            _p8_32_4(w, dT, nzT, STEP, XSUM, X16, out, p, b)
+            _p32_4(w, dT, STEP, X16, out, p, b)
         elif nb == 3:
-            _p8_32_3(w, dT, nzT, STEP, XSUM, X16, out, p, b)
+            _p32_3(w, dT, STEP, X16, out, p, b)
         elif nb == 2:
-            _p8_32_2(w, dT, nzT, STEP, XSUM, X16, out, p, b)
+            _p32_2(w, dT, STEP, X16, out, p, b)
         else:
-            _p8_32_1(w, dT, nzT, STEP, XSUM, X16, out, p, b)
+            _p32_1(w, dT, STEP, X16, out, p, b)
     elif group == 64:
         if nb == 4:
-            _p8_64_4(w, dT, nzT, STEP, XSUM, X16, out, p, b)
+            _p64_4(w, dT, STEP, X16, out, p, b)
         elif nb == 3:
-            _p8_64_3(w, dT, nzT, STEP, XSUM, X16, out, p, b)
+            _p64_3(w, dT, STEP, X16, out, p, b)
         elif nb == 2:
-            _p8_64_2(w, dT, nzT, STEP, XSUM, X16, out, p, b)
+            _p64_2(w, dT, STEP, X16, out, p, b)
         else:
-            _p8_64_1(w, dT, nzT, STEP, XSUM, X16, out, p, b)
+            _p64_1(w, dT, STEP, X16, out, p, b)
     else:
         if nb == 4:
-            _p8_128_4(w, dT, nzT, STEP, XSUM, X16, out, p, b)
+            _p128_4(w, dT, STEP, X16, out, p, b)
         elif nb == 3:
-            _p8_128_3(w, dT, nzT, STEP, XSUM, X16, out, p, b)
+            _p128_3(w, dT, STEP, X16, out, p, b)
         elif nb == 2:
-            _p8_128_2(w, dT, nzT, STEP, XSUM, X16, out, p, b)
+            _p128_2(w, dT, STEP, X16, out, p, b)
         else:
-            _p8_128_1(w, dT, nzT, STEP, XSUM, X16, out, p, b)
+            _p128_1(w, dT, STEP, X16, out, p, b)
 
 
 @njit(cache=True, nogil=True)
-def _run_panel4(group, nb, w, dT, nzT, STEP, XSUM, X16, out, p, b):
-    if group == 32:
-        if nb == 4:
-            _p4_32_4(w, dT, nzT, STEP, XSUM, X16, out, p, b)
-        elif nb == 3:
-            _p4_32_3(w, dT, nzT, STEP, XSUM, X16, out, p, b)
-        elif nb == 2:
-            _p4_32_2(w, dT, nzT, STEP, XSUM, X16, out, p, b)
-        else:
-            _p4_32_1(w, dT, nzT, STEP, XSUM, X16, out, p, b)
-    elif group == 64:
-        if nb == 4:
-            _p4_64_4(w, dT, nzT, STEP, XSUM, X16, out, p, b)
-        elif nb == 3:
-            _p4_64_3(w, dT, nzT, STEP, XSUM, X16, out, p, b)
-        elif nb == 2:
-            _p4_64_2(w, dT, nzT, STEP, XSUM, X16, out, p, b)
-        else:
-            _p4_64_1(w, dT, nzT, STEP, XSUM, X16, out, p, b)
-    else:
-        if nb == 4:
-            _p4_128_4(w, dT, nzT, STEP, XSUM, X16, out, p, b)
-        elif nb == 3:
-            _p4_128_3(w, dT, nzT, STEP, XSUM, X16, out, p, b)
-        elif nb == 2:
-            _p4_128_2(w, dT, nzT, STEP, XSUM, X16, out, p, b)
-        else:
-            _p4_128_1(w, dT, nzT, STEP, XSUM, X16, out, p, b)
-
-
-@njit(cache=True, nogil=True)
-def _rows8(group, w, words, X16, STEP, XSUM, Y, col0, r0, r1):
-    """Y[b, col0 + r] = row r of W times activation row b, for r0 <= r < r1 and every b (group-scaled int8)."""
+def _rows(group, w, words, X16, STEP, Y, col0, r0, r1):
+    """Y[b, col0 + r] = row r of W times activation row b, for r0 <= r < r1 and every b."""
     B, R = X16.shape[0], w.shape[0]
     dT = np.empty((words.shape[1], PANEL), np.float32)
     out = np.empty((BATCH_TILE, PANEL), np.float32)
     for p in range(r0, r1, PANEL):
-        _panel_scales8(words, p, dT, dT)
+        _panel_scales(words, p, dT)
         n = min(PANEL, R - p, r1 - p)
         for b in range(0, B, BATCH_TILE):
             nb = min(BATCH_TILE, B - b)
-            _run_panel8(group, nb, w, dT, dT, STEP, XSUM, X16, out, p, b)
-            for i in range(nb):
-                for r in range(n):
-                    Y[b + i, col0 + p + r] = out[i, r]
-
-
-@njit(cache=True, nogil=True)
-def _rows4(group, w, words, X16, STEP, XSUM, Y, col0, r0, r1):
-    """As _rows8 for int4."""
-    B, R = X16.shape[0], w.shape[0]
-    dT = np.empty((words.shape[1], PANEL), np.float32)
-    nzT = np.empty((words.shape[1], PANEL), np.float32)
-    out = np.empty((BATCH_TILE, PANEL), np.float32)
-    for p in range(r0, r1, PANEL):
-        _panel_scales4(words, p, dT, nzT)
-        n = min(PANEL, R - p, r1 - p)
-        for b in range(0, B, BATCH_TILE):
-            nb = min(BATCH_TILE, B - b)
-            _run_panel4(group, nb, w, dT, nzT, STEP, XSUM, X16, out, p, b)
+            _run_panel(group, nb, w, dT, STEP, X16, out, p, b)
             for i in range(nb):
                 for r in range(n):
                     Y[b + i, col0 + p + r] = out[i, r]
@@ -396,75 +299,37 @@ def gemm_i8g(q, scale, X, src, group):
     """Y (B, R) = X W^T for group-scaled int8: q int8 (R, Cp), scale fp16 bits (R, Cp/G), X float32 (B, Cp)
     zero-padded, src = arange(Cp). Row blocks split over Numba's threads."""
     R = q.shape[0]
-    X16, STEP, XSUM = stack_activations(X, src, group)
+    X16, STEP, _ = stack_activations(X, src, group)
     Y = np.empty((X.shape[0], R), np.float32)
     for t in prange((R + ROW_BLOCK - 1) // ROW_BLOCK):
-        _rows8(group, q, scale, X16, STEP, XSUM, Y, 0, t * ROW_BLOCK, min(R, (t + 1) * ROW_BLOCK))
+        _rows(group, q, scale, X16, STEP, Y, 0, t * ROW_BLOCK, min(R, (t + 1) * ROW_BLOCK))
     return Y
 
 
 @njit(cache=True, nogil=True)
 def gemm_i8g_serial(q, scale, X, src, group):
-    X16, STEP, XSUM = stack_activations(X, src, group)
+    X16, STEP, _ = stack_activations(X, src, group)
     Y = np.empty((X.shape[0], q.shape[0]), np.float32)
-    _rows8(group, q, scale, X16, STEP, XSUM, Y, 0, 0, q.shape[0])
-    return Y
-
-
-@njit(cache=True, parallel=True, nogil=True)
-def gemm_i4(packed, groups, X, src, group):
-    """Y (B, R) = X W^T for int4: packed uint8 (R, Cp/2), group words (R, Cp/G), X float32 (B, Cp) zero-padded,
-    src the block order of columns (int4 layout)."""
-    R = packed.shape[0]
-    X16, STEP, XSUM = stack_activations(X, src, group)
-    Y = np.empty((X.shape[0], R), np.float32)
-    for t in prange((R + ROW_BLOCK - 1) // ROW_BLOCK):
-        _rows4(group, packed, groups, X16, STEP, XSUM, Y, 0, t * ROW_BLOCK, min(R, (t + 1) * ROW_BLOCK))
-    return Y
-
-
-@njit(cache=True, nogil=True)
-def gemm_i4_serial(packed, groups, X, src, group):
-    X16, STEP, XSUM = stack_activations(X, src, group)
-    Y = np.empty((X.shape[0], packed.shape[0]), np.float32)
-    _rows4(group, packed, groups, X16, STEP, XSUM, Y, 0, 0, packed.shape[0])
+    _rows(group, q, scale, X16, STEP, Y, 0, 0, q.shape[0])
     return Y
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Several activation rows: lanes = activation rows. A panel's weights are widened to int16 once (a scratch row
-# per weight row, in the activations' column order); then each weight column pair is broadcast (a plain load on
-# x86) against a vector holding that column pair of LANES activation rows, so the integer dot products need no
-# horizontal sums and no shuffles per activation row. Per (weight row, activation row) the float operations are
-# those of the panel kernel above, in the same order, so results are bit-identical to it.
+# per weight row), then each weight column pair is broadcast (a plain load on x86) against a vector holding that
+# column pair of LANES activation rows, so the integer dot products need no horizontal sums and no shuffles per
+# activation row. Per (weight row, activation row) the float operations are those of the panel kernel above, in
+# the same order, so results are bit-identical to it.
 
 LANES = 16           # activation rows per vector (int32 lanes of a 512-bit register, two 256-bit ones)
 
 
-def _unit_offsets(builder, int4, group, j, unit_bytes):
-    """Column offsets (activation order) of unit j's runs of 16 columns."""
-    if int4:
-        if group == 32:
-            first = builder.add(builder.mul(builder.lshr(j, ir.Constant(I64, 1)), ir.Constant(I64, INT4_BLOCK)),
-                                builder.mul(builder.and_(j, ir.Constant(I64, 1)), ir.Constant(I64, 16)))
-        else:
-            first = builder.mul(j, ir.Constant(I64, INT4_BLOCK))
-        offsets = []
-        for p in range(unit_bytes // 16):
-            offsets += [builder.add(first, ir.Constant(I64, 16 * p)), builder.add(first, ir.Constant(I64, 32 + 16 * p))]
-        return offsets
-    c0 = builder.mul(j, ir.Constant(I64, unit_bytes))
-    return [builder.add(c0, ir.Constant(I64, 16 * p)) for p in range(unit_bytes // 16)]
-
-
-def _make_widen(scheme):
-    """Intrinsic (w, r0, wide): wide[r, :] = row r0 + r of W as int16 in activation column order (int4: nibbles in
-    block order), for r < PANEL (rows past the end: the last row)."""
-    int4 = scheme == "int4"
-    wdtype = types.uint8 if int4 else types.int8
+def _make_widen():
+    """Intrinsic (w, r0, wide): wide[r, :] = row r0 + r of W as int16, for r < PANEL (rows past the end: the last
+    row)."""
 
     def typer(typingctx, w, r0, wide):
-        if not (is_c_array(w, wdtype, 2) and isinstance(r0, types.Integer) and is_c_array(wide, types.int16, 2)):
+        if not (is_c_array(w, types.int8, 2) and isinstance(r0, types.Integer) and is_c_array(wide, types.int16, 2)):
             return None
 
         def codegen(context, builder, sig, args):
@@ -478,51 +343,35 @@ def _make_widen(scheme):
                 for r in range(PANEL):
                     raw = load_vec(builder, rows[r], b0, vec(I8, 32))
                     orow = builder.gep(oarr.data, [builder.mul(ir.Constant(I64, r), width)])
-                    if int4:
-                        wide = builder.zext(raw, vec(I16, 32))
-                        c0 = builder.mul(b0, ir.Constant(I64, 2))
-                        runs = [(builder.and_(wide, splat_const(I16, 32, 15)), c0),
-                                (builder.lshr(wide, splat_const(I16, 32, 4)), builder.add(c0, ir.Constant(I64, 32)))]
-                    else:
-                        runs = [(builder.sext(raw, vec(I16, 32)), b0)]
-                    for v, col in runs:
-                        builder.store(v, builder.bitcast(builder.gep(orow, [col]), vec(I16, 32).as_pointer()), align=2)
+                    builder.store(builder.sext(raw, vec(I16, 32)),
+                                  builder.bitcast(builder.gep(orow, [b0]), vec(I16, 32).as_pointer()), align=2)
             return context.get_dummy_value()
         return types.void(w, r0, wide), codegen
     return intrinsic(typer)
 
 
-_widen_i8 = _make_widen("int8")
-_widen_i4 = _make_widen("int4")
+_widen = _make_widen()
 
 
-def _make_lanes_panel(scheme, group):
-    """Intrinsic (wide, dT, nzT, XT, ST, MT, out, c): out[r, l] = row r of the panel times activation row
-    c * LANES + l, for r < PANEL, l < LANES. wide: the panel's widened weights (_make_widen); dT, nzT: its group
-    scales and int4's -d z / 8, row in the lane (_panel_scales8/4); XT int32 (chunks, Cp/2, LANES):
-    activation column pairs, rows in the lanes; ST (chunks, Cp/64, LANES) steps; MT (chunks, ngroups, LANES)
-    int4's group sums of x."""
+def _make_lanes_panel(group):
+    """Intrinsic (wide, dT, XT, ST, out, c): out[r, l] = row r of the panel times activation row c * LANES + l,
+    for r < PANEL, l < LANES. wide: the panel's widened weights (_make_widen); dT: its group scales, row in the
+    lane (_panel_scales); XT int32 (chunks, Cp/2, LANES): activation column pairs, rows in the lanes; ST (chunks,
+    Cp/64, LANES) steps."""
     unit = 32 if group == 32 else 64
-    int4 = scheme == "int4"
-    unit_bytes = unit // 2 if int4 else unit
     L = LANES
 
-    def typer(typingctx, wide, dT, nzT, XT, ST, MT, out, c):
+    def typer(typingctx, wide, dT, XT, ST, out, c):
         if not (is_c_array(wide, types.int16, 2) and is_c_array(dT, types.float32, 2)
-                and is_c_array(nzT, types.float32, 2)
                 and is_c_array(XT, types.int32, 3) and is_c_array(ST, types.float32, 3)
-                and is_c_array(MT, types.float32, 3) and is_c_array(out, types.float32, 2)
-                and isinstance(c, types.Integer)):
+                and is_c_array(out, types.float32, 2) and isinstance(c, types.Integer)):
             return None
 
         def codegen(context, builder, sig, args):
-            aty, dty, zty, xty, sty, mty, oty, cty = sig.args
-            wide_arg, d_arg, nz_arg, x_arg, s_arg, m_arg, out_arg, chunk_arg = args
+            aty, dty, xty, sty, oty, cty = sig.args
+            wide_arg, d_arg, x_arg, s_arg, out_arg, chunk_arg = args
             chunk = context.cast(builder, chunk_arg, cty, types.intp)
-            darr = context.make_array(dty)(context, builder, d_arg)
-            dptr = darr.data
-            zptr = context.make_array(zty)(context, builder, nz_arg).data
-            ngroups = cgutils.unpack_tuple(builder, darr.shape)[0]
+            dptr = context.make_array(dty)(context, builder, d_arg).data
             warr = context.make_array(aty)(context, builder, wide_arg)
             cols = cgutils.unpack_tuple(builder, warr.shape)[1]
             wrows = [builder.bitcast(builder.gep(warr.data, [builder.mul(ir.Constant(I64, r), cols)]),
@@ -532,13 +381,13 @@ def _make_lanes_panel(scheme, group):
                 arr = context.make_array(aryty)(context, builder, ary)
                 _, n, _ = cgutils.unpack_tuple(builder, arr.shape)
                 return builder.gep(arr.data, [builder.mul(chunk, builder.mul(n, ir.Constant(I64, L)))])
-            xbase, sbase, mbase = chunk_base(xty, x_arg), chunk_base(sty, s_arg), chunk_base(mty, m_arg)
+            xbase, sbase = chunk_base(xty, x_arg), chunk_base(sty, s_arg)
             optr = context.make_array(oty)(context, builder, out_arg).data
 
             def lanes_at(base, index, ty):          # LANES values of row `index` of a chunk's table
                 return load_vec(builder, base, builder.mul(index, ir.Constant(I64, L)), vec(ty, L))
 
-            def panel_value(ptr, g, r):            # dT / nzT entry of group g, panel row r, in every lane
+            def panel_value(ptr, g, r):            # dT entry of group g, panel row r, in every lane
                 index = builder.add(builder.mul(g, ir.Constant(I64, PANEL)), ir.Constant(I64, r))
                 return splat(builder, builder.load(builder.gep(ptr, [index])), L)
 
@@ -547,11 +396,11 @@ def _make_lanes_panel(scheme, group):
             nunits = builder.udiv(cols, ir.Constant(I64, unit))
             with cgutils.for_range(builder, nunits) as loop:
                 j = loop.index
-                sums = sum_slots
-                for slot in sums:
+                for slot in sum_slots:
                     builder.store(splat_const(I32, L, 0), slot)
-                for off in _unit_offsets(builder, int4, group, j, unit_bytes):
-                    pair0 = builder.lshr(off, ir.Constant(I64, 1))
+                c0 = builder.mul(j, ir.Constant(I64, unit))
+                for p in range(unit // 16):
+                    pair0 = builder.lshr(builder.add(c0, ir.Constant(I64, 16 * p)), ir.Constant(I64, 1))
                     # a loop over the run's 8 column pairs, two per step: each row's sum is one chain of
                     # multiply-adds and the 8 rows' chains interleave (unrolled, LLVM ordered the work row by row:
                     # one dependent chain at a time, and spilled the activation vectors)
@@ -563,7 +412,8 @@ def _make_lanes_panel(scheme, group):
                             for r in range(PANEL):
                                 wpair = builder.load(builder.gep(wrows[r], [pair]))
                                 wv = builder.bitcast(splat(builder, wpair, L), vec(I16, 2 * L))
-                                builder.store(builder.add(builder.load(sums[r]), pair_madd(builder, wv, xv)), sums[r])
+                                builder.store(builder.add(builder.load(sum_slots[r]), pair_madd(builder, wv, xv)),
+                                              sum_slots[r])
                 sums = [builder.load(slot) for slot in sum_slots]
                 g = builder.lshr(j, ir.Constant(I64, 1)) if group == 128 else j
                 k = builder.lshr(j, ir.Constant(I64, 1)) if group == 32 else j
@@ -572,88 +422,52 @@ def _make_lanes_panel(scheme, group):
                     scale = builder.fmul(panel_value(dptr, g, r), steps)
                     part = builder.sitofp(sums[r], vec(F32, L))
                     builder.store(fma(builder, part, scale, builder.load(accs[r])), accs[r])
-            results = [builder.load(a) for a in accs]
-            if int4:
-                zslots = [cgutils.alloca_once_value(builder, splat_const(F32, L, 0.0)) for _ in range(PANEL)]
-                with cgutils.for_range(builder, ngroups) as loop:
-                    g = loop.index
-                    xs_g = lanes_at(mbase, g, F32)
-                    for r in range(PANEL):
-                        builder.store(fma(builder, panel_value(zptr, g, r), xs_g, builder.load(zslots[r])), zslots[r])
-                results = [builder.fadd(res, builder.load(z)) for res, z in zip(results, zslots)]
             for r in range(PANEL):
                 ptr = builder.gep(optr, [ir.Constant(I64, r * L)])
-                builder.store(results[r], builder.bitcast(ptr, vec(F32, L).as_pointer()), align=4)
+                builder.store(builder.load(accs[r]), builder.bitcast(ptr, vec(F32, L).as_pointer()), align=4)
             return context.get_dummy_value()
-        return types.void(wide, dT, nzT, XT, ST, MT, out, c), codegen
+        return types.void(wide, dT, XT, ST, out, c), codegen
     return intrinsic(typer)
 
 
-_lanes8_32, _lanes8_64, _lanes8_128 = (_make_lanes_panel("int8", g) for g in (32, 64, 128))
-_lanes4_32, _lanes4_64, _lanes4_128 = (_make_lanes_panel("int4", g) for g in (32, 64, 128))
+_lanes32, _lanes64, _lanes128 = (_make_lanes_panel(g) for g in (32, 64, 128))
 
 
 @njit(cache=True, nogil=True)
-def _lanes_tables(X16, STEP, XSUM):
-    """The activations with rows in the lanes: XT int32 (chunks, Cp/2, LANES) column pairs, ST and MT likewise
-    for the steps and group sums; rows past B are zero."""
+def _lanes_tables(X16, STEP):
+    """The activations with rows in the lanes: XT int32 (chunks, Cp/2, LANES) column pairs and ST likewise for the
+    steps; rows past B are zero."""
     B, cols = X16.shape
     chunks = (B + LANES - 1) // LANES
     pairs = X16.view(np.int32)                  # cols is a multiple of 64
     XT = np.zeros((chunks, cols // 2, LANES), np.int32)
     ST = np.zeros((chunks, STEP.shape[1], LANES), np.float32)
-    MT = np.zeros((chunks, XSUM.shape[1], LANES), np.float32)
     for b in range(B):
         c, l = b // LANES, b % LANES
         for p in range(cols // 2):
             XT[c, p, l] = pairs[b, p]
         for k in range(STEP.shape[1]):
             ST[c, k, l] = STEP[b, k]
-        for g in range(XSUM.shape[1]):
-            MT[c, g, l] = XSUM[b, g]
-    return XT, ST, MT
+    return XT, ST
 
 
 @njit(cache=True, nogil=True)
-def _lane_rows8(group, q, scale, XT, ST, MT, B, Y, r0, r1):
+def _lane_rows(group, q, scale, XT, ST, B, Y, r0, r1):
     wide = np.empty((PANEL, q.shape[1]), np.int16)
     dT = np.empty((scale.shape[1], PANEL), np.float32)
     out = np.empty((PANEL, LANES), np.float32)
     R = q.shape[0]
     for p in range(r0, r1, PANEL):
-        _widen_i8(q, p, wide)
-        _panel_scales8(scale, p, dT, dT)
+        _widen(q, p, wide)
+        _panel_scales(scale, p, dT)
         n = min(PANEL, R - p, r1 - p)
         for c in range(XT.shape[0]):
             if group == 32:
-                _lanes8_32(wide, dT, dT, XT, ST, MT, out, c)
+                _lanes32(wide, dT, XT, ST, out, c)
             elif group == 64:
-                _lanes8_64(wide, dT, dT, XT, ST, MT, out, c)
+                _lanes64(wide, dT, XT, ST, out, c)
             else:
-                _lanes8_128(wide, dT, dT, XT, ST, MT, out, c)
-            for r in range(n):
-                for l in range(min(LANES, B - c * LANES)):
-                    Y[c * LANES + l, p + r] = out[r, l]
-
-
-@njit(cache=True, nogil=True)
-def _lane_rows4(group, packed, groups, XT, ST, MT, B, Y, r0, r1):
-    wide = np.empty((PANEL, packed.shape[1] * 2), np.int16)
-    dT = np.empty((groups.shape[1], PANEL), np.float32)
-    nzT = np.empty((groups.shape[1], PANEL), np.float32)
-    out = np.empty((PANEL, LANES), np.float32)
-    R = packed.shape[0]
-    for p in range(r0, r1, PANEL):
-        _widen_i4(packed, p, wide)
-        _panel_scales4(groups, p, dT, nzT)
-        n = min(PANEL, R - p, r1 - p)
-        for c in range(XT.shape[0]):
-            if group == 32:
-                _lanes4_32(wide, dT, nzT, XT, ST, MT, out, c)
-            elif group == 64:
-                _lanes4_64(wide, dT, nzT, XT, ST, MT, out, c)
-            else:
-                _lanes4_128(wide, dT, nzT, XT, ST, MT, out, c)
+                _lanes128(wide, dT, XT, ST, out, c)
             for r in range(n):
                 for l in range(min(LANES, B - c * LANES)):
                     Y[c * LANES + l, p + r] = out[r, l]
@@ -662,74 +476,42 @@ def _lane_rows4(group, packed, groups, XT, ST, MT, B, Y, r0, r1):
 @njit(cache=True, parallel=True, nogil=True)
 def lanes_i8g(q, scale, X, src, group):
     R = q.shape[0]
-    X16, STEP, XSUM = stack_activations(X, src, group)
-    XT, ST, MT = _lanes_tables(X16, STEP, XSUM)
+    X16, STEP, _ = stack_activations(X, src, group)
+    XT, ST = _lanes_tables(X16, STEP)
     Y = np.empty((X.shape[0], R), np.float32)
     for t in prange((R + ROW_BLOCK - 1) // ROW_BLOCK):
-        _lane_rows8(group, q, scale, XT, ST, MT, X.shape[0], Y, t * ROW_BLOCK, min(R, (t + 1) * ROW_BLOCK))
+        _lane_rows(group, q, scale, XT, ST, X.shape[0], Y, t * ROW_BLOCK, min(R, (t + 1) * ROW_BLOCK))
     return Y
 
 
 @njit(cache=True, nogil=True)
 def lanes_i8g_serial(q, scale, X, src, group):
-    X16, STEP, XSUM = stack_activations(X, src, group)
-    XT, ST, MT = _lanes_tables(X16, STEP, XSUM)
+    X16, STEP, _ = stack_activations(X, src, group)
+    XT, ST = _lanes_tables(X16, STEP)
     Y = np.empty((X.shape[0], q.shape[0]), np.float32)
-    _lane_rows8(group, q, scale, XT, ST, MT, X.shape[0], Y, 0, q.shape[0])
-    return Y
-
-
-@njit(cache=True, parallel=True, nogil=True)
-def lanes_i4(packed, groups, X, src, group):
-    R = packed.shape[0]
-    X16, STEP, XSUM = stack_activations(X, src, group)
-    XT, ST, MT = _lanes_tables(X16, STEP, XSUM)
-    Y = np.empty((X.shape[0], R), np.float32)
-    for t in prange((R + ROW_BLOCK - 1) // ROW_BLOCK):
-        _lane_rows4(group, packed, groups, XT, ST, MT, X.shape[0], Y, t * ROW_BLOCK, min(R, (t + 1) * ROW_BLOCK))
-    return Y
-
-
-@njit(cache=True, nogil=True)
-def lanes_i4_serial(packed, groups, X, src, group):
-    X16, STEP, XSUM = stack_activations(X, src, group)
-    XT, ST, MT = _lanes_tables(X16, STEP, XSUM)
-    Y = np.empty((X.shape[0], packed.shape[0]), np.float32)
-    _lane_rows4(group, packed, groups, XT, ST, MT, X.shape[0], Y, 0, packed.shape[0])
+    _lane_rows(group, q, scale, XT, ST, X.shape[0], Y, 0, q.shape[0])
     return Y
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Single-token products of several matrices in one parallel launch (a layer's projections): y_m = W_m x_m, each
-# row computed as by gemm_i8g / gemm_i4 with B = 1.
+# row computed as by gemm_i8g with B = 1.
 
 @njit(cache=True, parallel=True, nogil=True)
 def gemv_many_i8g(qs, scales, X, src, group, rows):
     """qs, scales: tuples of n group-scaled int8 matrices of one width; X float32 (n, Cp) -> y float32 (sum of
     rows): y[offsets[m]:offsets[m+1]] = W_m X[m]."""
-    X16, STEP, XSUM = stack_activations(X, src, group)
+    X16, STEP, _ = stack_activations(X, src, group)
     table, offsets = block_table(rows)
     Y = np.empty((1, offsets[-1]), np.float32)
     for t in prange(table.shape[0]):
         m, r0, r1 = table[t, 0], table[t, 1], table[t, 2]
-        _rows8(group, qs[m], scales[m], X16[m:m + 1], STEP[m:m + 1], XSUM[m:m + 1], Y, offsets[m], r0, r1)
-    return Y[0]
-
-
-@njit(cache=True, parallel=True, nogil=True)
-def gemv_many_i4(packeds, groupss, X, src, group, rows):
-    """int4 matrices of one group size and width in one launch (as gemv_many_i8g)."""
-    X16, STEP, XSUM = stack_activations(X, src, group)
-    table, offsets = block_table(rows)
-    Y = np.empty((1, offsets[-1]), np.float32)
-    for t in prange(table.shape[0]):
-        m, r0, r1 = table[t, 0], table[t, 1], table[t, 2]
-        _rows4(group, packeds[m], groupss[m], X16[m:m + 1], STEP[m:m + 1], XSUM[m:m + 1], Y, offsets[m], r0, r1)
+        _rows(group, qs[m], scales[m], X16[m:m + 1], STEP[m:m + 1], Y, offsets[m], r0, r1)
     return Y[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Entry points for the storage schemes (rwkv_lite/schemes/int8.py, int4.py)
+# Entry points for the storage scheme (rwkv_lite/schemes/int8.py)
 
 # Activation rows go to the lanes kernel in whole chunks of LANES, and a last chunk of at least LANES_MIN_ROWS rows
 # too; the rest take the panel kernel. Measured (2048 x 2048, group 32, one thread, 2-core EPYC): per row the
@@ -759,20 +541,3 @@ def rows_i8g(q, scale, X, src, group, parallel=True):
     if n == X.shape[0]:
         return Y
     return np.concatenate([Y, panel(q, scale, X[n:], src, group)])
-
-
-def gemv_i4(packed, groups, x, src, group, parallel=True):
-    """y (R,) = W x for one activation vector x float32 (Cp,), zero-padded."""
-    return (gemm_i4 if parallel else gemm_i4_serial)(packed, groups, x[None, :], src, group)[0]
-
-
-def rows_i4(packed, groups, X, src, group, parallel=True):
-    """Y (B, R) = X W^T; row b equal to gemv_i4(X[b]) bit for bit."""
-    n = _lanes_rows(X.shape[0])
-    panel = gemm_i4 if parallel else gemm_i4_serial
-    if n == 0:
-        return panel(packed, groups, X, src, group)
-    Y = (lanes_i4 if parallel else lanes_i4_serial)(packed, groups, X[:n], src, group)
-    if n == X.shape[0]:
-        return Y
-    return np.concatenate([Y, panel(packed, groups, X[n:], src, group)])

@@ -13,9 +13,11 @@
          tiny 5v2 model mean KL 2.46e-4 (G = 32) against 3.3e-4 (one scale per row), and its kernel (int16
          activations) decodes faster from memory despite the extra 0.5 bit.
 
-Kernels: kernels/int8_kernels.py, and for decode of group-scaled matrices with RWKV_LITE_BATCH_KERNELS=1
-kernels/int_gemm.py (single-token and batched decode from one kernel: faster batches, slightly slower single
-tokens; see docs/performance.md).
+Kernels: kernels/int8_kernels.py (single token) and kernels/batched.py (batched decode), bit-identical to each
+other. With RWKV_LITE_BATCH_KERNELS=1 group-scaled matrices decode through kernels/int_gemm.py instead (single
+tokens and batches from one kernel family, bit-identical to each other): batches of 16 faster (1.3-2x per row),
+single tokens slower (1.1-1.5x on an EPYC Zen 4 core, weights from memory), which is why it is not the default;
+its module docstring and docs/performance.md have the measurements.
 """
 from __future__ import annotations
 
