@@ -15,7 +15,8 @@ One generation step (generate.py drives it):
            temperature reshapes the kept probabilities: q ∝ p ** (1 / T)   (T = 0: greedy argmax)
            draw one id from q
 
-Choices (and where they differ from the reference `rwkv.utils.PIPELINE`, docs/rwkv-reference.md section 7):
+Choices (and where they differ from `rwkv.utils.PIPELINE` of the reference `rwkv` package; tests/test_sampling.py
+checks the parity):
 
 * Order: truncation first (at temperature 1), temperature last -- the reference's order. Users' RWKV settings
   keep their meaning, and raising the temperature spreads the choice over the plausible tokens without ever

@@ -2,7 +2,7 @@
 
 The un-stabilised form is wkv_t = (sum_{s<t} e^{(t-1-s)w + k_s} v_s + e^{u + k_t} v_t) / (same without v), with w =
 -exp(time_decay) < 0 and u = time_first. Its running numerator and denominator overflow float32, so the state
-keeps them scaled by e^{-p}: a = num e^{-p}, b = den e^{-p}, p = the running maximum exponent (reference doc 4.1).
+keeps them scaled by e^{-p}: a = num e^{-p}, b = den e^{-p}, p = the running maximum exponent.
 For each token t and channel c (old state on the right-hand side):
 
     output:  q  = max(p, u + k)      e1 = exp(p - q)       e2 = exp(u + k - q)

@@ -1,6 +1,6 @@
 """WKV recurrence of RWKV-5 (5.0, 5.1, 5.2) and RWKV-6: per head h, a (N x N) state S[h, i=key, j=value].
 
-For each token t (reference doc section 4.3), using the OLD state:
+For each token t, using the OLD state:
     o[t, h, j]  = sum_i r[t,h,i] * (u[h,i] * k[t,h,i] * v[t,h,j] + S[h,i,j])
     S[h, i, j] <- k[t,h,i] * v[t,h,j] + w[h,i] * S[h,i,j]
 RWKV-6 passes a per-token decay w[t] (data dependent); RWKV-5 one decay for all tokens.

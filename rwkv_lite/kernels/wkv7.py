@@ -1,6 +1,6 @@
 """WKV recurrence of RWKV-7 ("Goose"): the generalised delta rule, per head h an (N x N) state S[h, i=value, j=key].
 
-For each token t (reference doc section 4.5), with per-channel decay w, and vectors a, b of the head:
+For each token t, with per-channel decay w, and vectors a, b of the head:
 
     S <- S diag(w) + (S a) b^T + v k^T          i.e. S[i,j] <- S[i,j] w_j + (sum_m S[i,m] a_m) b_j + v_i k_j
     o  = S r                                    (the NEW state: o_i = sum_j S[i,j] r_j)

@@ -1,8 +1,9 @@
-"""The RWKV "World" tokenizer: greedy longest match over UTF-8 bytes (reference doc section 6).
+"""The RWKV "World" tokenizer: greedy longest match over UTF-8 bytes.
 
 Vocabulary file: one token per line, ``<id> <python str or bytes literal> <byte length>``, ids 1..N in order;
 id 0 is end-of-text and is not in the file. Encoding walks a byte trie from each position as deep as the input
-allows and emits the deepest token seen, exactly like the reference ``rwkv.rwkv_tokenizer.TRIE_TOKENIZER``.
+allows and emits the deepest token seen, exactly like the reference ``rwkv.rwkv_tokenizer.TRIE_TOKENIZER``
+(tests/test_tokenizer_reference.py compares the ids).
 
 The trie is stored as a "double array" so that a small Numba kernel walks it with one table read per byte:
     slots[s] = (check, base, token, -)     int32, one 16-byte row per trie node; the root is slot 0
