@@ -104,6 +104,23 @@ def test_perplexity_default_limit_on_a_long_text(tiny):
     assert "the default limit" in result.stderr
 
 
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")         # utime + stime
+
+
+def _wait_for_cpu_seconds(pid: int, seconds: float, deadline_s: float = 120.0) -> None:
+    """Wait until the process has computed for `seconds` more CPU seconds: progress that a loaded machine
+    (a test run under `nice`, other jobs on the cores) cannot fake the way wall-clock time can."""
+    if not os.path.exists(f"/proc/{pid}/stat"):
+        time.sleep(4 * seconds)
+        return
+    start, deadline = _cpu_seconds(pid), time.monotonic() + deadline_s
+    while _cpu_seconds(pid) - start < seconds and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def test_perplexity_ctrl_c_prints_the_partial_score(tiny):
     """A real process and a real SIGINT while it scores a 4.4 MB text: the score so far, exit code 130."""
     book = shared_file("text", "kjv-bible.txt")
@@ -115,7 +132,7 @@ def test_perplexity_ctrl_c_prints_the_partial_score(tiny):
         while b"scoring" not in line:                 # "scoring 4,404,412 tokens..." once the model is loaded
             line = proc.stderr.readline()
             assert line, "the process ended before scoring"
-        time.sleep(4)                                 # a few chunks (the whole text would take minutes)
+        _wait_for_cpu_seconds(proc.pid, 3.0)          # a few chunks (the whole text would take minutes)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
