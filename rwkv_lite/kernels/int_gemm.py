@@ -8,15 +8,15 @@ changes). Group-scaled int8 matrices decode through this module only when RWKV_L
 kernels/batched.py (batches), which are bit-identical to each other but not to these kernels (a different order
 of the float additions), so one process uses one family for all its group-int8 matrices.
 
-Why opt-in, not the default (one thread, interleaved A/B against the default kernels, EPYC Zen 4, weights
-streamed from memory; docs/performance.md): per activation row, batches of 16 cost 0.47-0.64x the default's
-(AVX-512 VNNI; AVX2 code 0.66-0.75x), but a single token costs 1.3-1.5x at 2048 x 2048 and 4096 x 4096 and
-~1.15x at 4096 x 14336 (AVX2 code 1.1-1.4x), and B = 4 1.1-1.25x with AVX-512. With one 2048 x 2048 matrix in
-cache the single token costs 1.07x, and 0.96x in a timing-only build without the scale transposition; from
-memory the gap widens: reading 8 rows at once (8 row streams, the next panel prefetched as this one is
-computed) streams more slowly than the default's one sequential row stream, and prefetching 2 or 4 panels
-ahead, per-row prefetches and L1 / L2 / non-temporal hints did not close it. Removing both costs would take a
-panel-major layout (the weights and scales of 8 rows interleaved), which the file format does not have.
+Why opt-in, not the default (one thread, interleaved A/B against the default kernels, EPYC Zen 4, weights streamed
+from memory, two runs; docs/performance.md): per activation row, batches of 16 cost 0.45-0.66x the default's
+(AVX-512 VNNI; AVX2 code 0.66-0.75x), but a single token costs 1.2-1.5x at 2048 x 2048 and 4096 x 4096 and ~1.15x at
+4096 x 14336 (AVX2 code 1.06-1.4x), and B = 4 1.03-1.26x with AVX-512 (AVX2 code 0.82-1.23x). With one 2048 x 2048
+matrix in cache the single token costs 1.07x, and 0.96x in a timing-only build without the scale transposition;
+from memory the gap widens: reading 8 rows at once (8 row streams, the next panel prefetched as this one is
+computed) streams more slowly than the default's one sequential row stream, and prefetching 2 or 4 panels ahead,
+per-row prefetches and L1 / L2 / non-temporal hints did not close it. Removing both costs would take a panel-major
+layout (the weights and scales of 8 rows interleaved), which the file format does not have.
 
 The int4 scheme keeps kernels/int4_kernels.py and batched.py: int4 variants of these kernels were written,
 measured (single token 0.99-1.4x the int4 GEMV's time, B = 16 only 1.2x faster) and deleted.

@@ -15,8 +15,8 @@
 
 Kernels: kernels/int8_kernels.py (single token) and kernels/batched.py (batched decode), bit-identical to each
 other. With RWKV_LITE_BATCH_KERNELS=1 group-scaled matrices decode through kernels/int_gemm.py instead (single
-tokens and batches from one kernel family, bit-identical to each other): batches of 16 faster (1.3-2x per row),
-single tokens slower (1.1-1.5x on an EPYC Zen 4 core, weights from memory), which is why it is not the default;
+tokens and batches from one kernel family, bit-identical to each other): batches of 16 faster (1.3-2.2x per row),
+single tokens slower (1.05-1.5x on an EPYC Zen 4 core, weights from memory), which is why it is not the default;
 its module docstring and docs/performance.md have the measurements.
 """
 from __future__ import annotations
