@@ -110,7 +110,7 @@ def foreign_cpu_seconds() -> float:
 # --quality: round-trip error of the schemes against ggml-style baselines
 
 def read_rwkv_cpp_matrices(path: Path) -> dict:
-    """The 2-D 'blocks.*' float32 matrices of an rwkv.cpp FP32 model file (format: docs/rwkv-reference.md s8)."""
+    """The 2-D 'blocks.*' float32 matrices of an rwkv.cpp FP32 model file (read by rwkv_lite/quantize/readers/rwkv_cpp.py)."""
     data = path.read_bytes()
     if struct.unpack_from("<i", data, 0)[0] != 0x67676D66:
         raise SystemExit(f"{path}: not an rwkv.cpp model file")

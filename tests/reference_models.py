@@ -10,7 +10,7 @@ computed once (with torch) and committed under `tests/fixtures/reference/<spec n
                                 "the engine computes something else"
     token_sequence(spec)        the fixed token ids the fixtures were computed on
 
-Key names and shapes follow ../shared/docs/rwkv-reference.md section 1. The key ORDER matters to the reference: its
+Key names and shapes are BlinkDL's (those the reference `rwkv` package loads). The key ORDER matters to the reference: its
 v4-v6 class detects the version by walking keys in order (5.2 is recognised only from a 2-D `att.time_decay` seen
 after some `ln_x`, i.e. from layer 1 on), so the keys come in the order BlinkDL's training code registers them:
 emb, then per block ln1, ln2, (ln0 in block 0), att parameters, att sub-modules, ffn; then ln_out, head.

@@ -215,7 +215,7 @@ def test_reads_module_state_dict_parameters_and_wrapped_checkpoints(tmp_path):
 
 # --- rwkv.cpp ---------------------------------------------------------------------------------------------------
 
-TINY = {  # name: (n_embed, n_layer, tensor count, parameter count) from the reference doc's table
+TINY = {  # name: (n_embed, n_layer, tensor count, parameter count) of the rwkv.cpp tiny fixtures
     "4v0-660K": (128, 4, 78, 661_504), "5v1-730K": (64, 12, 246, 680_640), "5v2-730K": (64, 12, 270, 731_904),
     "7v0-834K": (64, 12, 339, 829_888),
 }
@@ -282,7 +282,7 @@ def _f16(raw: bytes) -> np.float32:
 
 
 def ggml_block_values(kind: str, raw: bytes) -> list[np.float32]:
-    """One ggml block of 32 values, dequantized value by value from the layout in the reference doc."""
+    """One ggml block of 32 values, dequantized value by value from ggml's block layout."""
     out = [np.float32(0)] * 32
     if kind == "q8_0":
         d = _f16(raw[0:2])
@@ -385,7 +385,7 @@ def test_rwkv_cpp_writer_round_trip_and_tokenizer_beside(tmp_path):
 
 # --- HF folders and names -------------------------------------------------------------------------------------
 
-HF_EXPECTED = {   # BlinkDL -> HF, as HF's conversion script names them (reference doc section 1.2)
+HF_EXPECTED = {   # BlinkDL -> HF, as HF's conversion script names them (HF's conversion script for RWKV)
     "emb.weight": "rwkv.embeddings.weight",
     "blocks.0.ln0.bias": "rwkv.blocks.0.pre_ln.bias",
     "blocks.1.ln2.weight": "rwkv.blocks.1.ln2.weight",

@@ -223,7 +223,7 @@ def test_split_sequence_matches_reference(case, model_for):
 
 @pytest.mark.parametrize("spec", rm.SPECS, ids=lambda s: s.name)
 def test_final_state_matches_reference(spec, model_for):
-    """After the serial run our state equals the reference's (same layout: reference doc section 3)."""
+    """After the serial run our state equals the reference's (same layout: the reference's per-layer state list)."""
     fx = load_fixture(spec)
     model = model_for(spec, "pth")
     _, state = run_serial(model, fx["tokens"])

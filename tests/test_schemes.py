@@ -25,7 +25,7 @@ def weights(shape, seed=0):
 
 
 def tiny_matrices():
-    """The 2-D block matrices of the real tiny v5.2 model (rwkv.cpp FP32 file; format in rwkv-reference.md s8)."""
+    """The 2-D block matrices of the real tiny v5.2 model (rwkv.cpp FP32 file; read by rwkv_lite/quantize/readers/rwkv_cpp.py)."""
     data = shared_file("rwkv-cpp-tiny", "tiny-rwkv-5v2-730K-FP32.bin").read_bytes()
     assert struct.unpack_from("<i", data, 0)[0] == 0x67676D66
     off, out = 24, {}

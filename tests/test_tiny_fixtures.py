@@ -3,8 +3,8 @@
 Budgets from ../shared/fixtures/README.md: |sum(logits - expected)| <= 1.05 x budget (FP32 0.001; FP16 per file),
 and for FP32 also max |diff| <= 1e-4. Every version: 4v0 (RWKV-4), 5v1 (the reference's v5.0), 5v2, 7v0. The v6
 model exists here only ggml-quantized (Q5_0, Q5_1; the reader dequantizes it), so its logits differ from the FP32
-expectation by the quantization error and are checked loosely (reference doc section 9: an independent engine got
-max |diff| 0.16 / 0.076 for Q5_0 / Q5_1)."""
+expectation by the quantization error and are checked loosely (an independent engine got max |diff|
+0.16 / 0.076 for Q5_0 / Q5_1)."""
 import numpy as np
 import pytest
 

@@ -1,4 +1,4 @@
-"""Tokenizers: World (exact ids from docs/rwkv-reference.md section 6), HF tokenizer.json wrapper, byte tokenizer,
+"""Tokenizers: World (exact ids from the reference package's tokenizer), HF tokenizer.json wrapper, byte tokenizer,
 StreamDecoder, the factories, and World vocabulary file validation. Parity with the live reference and the
 committed multilingual corpus is in test_tokenizer_reference.py."""
 from __future__ import annotations
@@ -33,7 +33,7 @@ def hf() -> HFTokenizer:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# World tokenizer: the reference doc's examples (computed there with the reference tokenizer)
+# World tokenizer: examples whose ids were computed with the reference package's tokenizer
 
 DOC_EXAMPLES = [
     ("Hello world", [33155, 40213]),

@@ -3,7 +3,7 @@
 - detection: the version comes from tensor names and shapes (BlinkDL and rwkv.cpp layouts), recorded in the file;
 - layouts: the random reference models of tests/reference_models.py, written as BlinkDL .safetensors, Hugging Face
   folders (RWKV-4 as transformers' RwkvForCausalLM names it, RWKV-6 as its HF port) and rwkv.cpp .bin files (with
-  the transforms rwkv.cpp's converter applies, reference doc section 8), give the reference's logits (committed
+  the transforms rwkv.cpp's converter applies), give the reference's logits (committed
   fixtures, max |diff| <= 1e-4 x max(1, max |ref|)). The .pth layout of every version is tests/test_reference_parity.py;
 - state: for every version, feeding tokens one at a time, all at once, in uneven pieces, through the model's
   internal chunking, or through a saved-and-reloaded state gives the same logits and state;
@@ -40,7 +40,7 @@ def convert(src, dst, quant="fp32"):
 
 
 def to_rwkv_cpp(sd: dict, spec: rm.ModelSpec) -> dict:
-    """A BlinkDL state dict as rwkv.cpp's converter writes it (reference doc section 8)."""
+    """A BlinkDL state dict as rwkv.cpp's converter writes it."""
     H = spec.n_head
     out = {}
     for name, a in sd.items():
@@ -243,7 +243,7 @@ def test_saved_state_resumes_exactly(name, model_of, tmp_path):
 
 
 def test_state_layouts():
-    """The state arrays per version: the reference's per-layer lists (doc section 3), stacked over layers."""
+    """The state arrays per version: the reference's per-layer lists, stacked over layers."""
     shapes = {}
     for name in ONE_SPEC_PER_VERSION:
         spec = rm.SPECS_BY_NAME[name]

@@ -3,7 +3,7 @@
 
 This is a tools-only script: it needs PyTorch, which rwkv-lite itself never imports at run time.
 
-The model is exactly the RWKV-5.2 ("Eagle", x052) of ../shared/docs/rwkv-reference.md sections 1, 4.2 and 4.3, with the
+The model is exactly the RWKV-5.2 ("Eagle", x052) of the reference `rwkv` package (its x052 time mix and channel mix), with the
 BlinkDL parameter names and shapes, so the saved ``<out>.pth`` loads in the reference ``rwkv`` pip package and in
 rwkv-lite's normal converter.  Vocabulary = the 256 byte values (token id = byte value).
 
@@ -74,7 +74,7 @@ class ModelConfig:
 
 
 def wkv5_sequential(r, k, v, log_w, u, state):
-    """The reference recurrence of section 4.3, one token at a time (slow; for checking).
+    """The reference recurrence (RWKV-5.2 WKV), one token at a time (slow; for checking).
 
     r, k, v: (B, T, H, N); log_w = log(decay) = -exp(time_decay), u = time_faaaa: (H, N);
     state S: (B, H, N, N) with S[b, h, i=key, j=value].  Returns (out (B, T, H, N), new state).
@@ -143,14 +143,14 @@ def token_shift(x, prev):
 
 
 class TimeMix(nn.Module):
-    """RWKV-5.2 attention replacement (section 4.3).  Attribute names are the BlinkDL key names."""
+    """RWKV-5.2 attention replacement.  Attribute names are the BlinkDL key names."""
 
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
         self.cfg = cfg
         # Parameters first, then sub-modules: this is the BlinkDL key order (state_dict lists a module's own
-        # parameters before its children's).  The reference's version detection depends on it (section 1.1).
+        # parameters before its children's).  The reference's version detection depends on it.
         self.time_mix_k = nn.Parameter(torch.empty(1, 1, C))
         self.time_mix_v = nn.Parameter(torch.empty(1, 1, C))
         self.time_mix_r = nn.Parameter(torch.empty(1, 1, C))
@@ -189,7 +189,7 @@ class TimeMix(nn.Module):
 
 
 class ChannelMix(nn.Module):
-    """RWKV-4/5 feed-forward (section 4.2): sigmoid(W_r x_r) * W_v relu(W_k x_k)^2."""
+    """RWKV-4/5 feed-forward: sigmoid(W_r x_r) * W_v relu(W_k x_k)^2."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -235,7 +235,7 @@ class RWKV5(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         assert cfg.n_embd % cfg.head_size == 0, "n_embd must be a multiple of head_size"
-        # The reference detects v5.2 only from a 2-D time_decay seen after some ln_x key (section 1.1): that
+        # The reference detects v5.2 only from a 2-D time_decay seen after some ln_x key: that
         # needs at least 2 layers.
         assert cfg.n_layer >= 2, "the reference package misreads a 1-layer v5.2 model; use n_layer >= 2"
         self.cfg = cfg
@@ -246,7 +246,7 @@ class RWKV5(nn.Module):
         self.init_weights()
 
     def zero_state(self, batch: int, device=None):
-        """Per layer (att_x (B, C), S (B, H, N, N), ffn_x (B, C)), all zeros, float32 (section 3)."""
+        """Per layer (att_x (B, C), S (B, H, N, N), ffn_x (B, C)), all zeros, float32 (the reference's state layout)."""
         cfg = self.cfg
         device = device or self.head.weight.device
         z = lambda *shape: torch.zeros(*shape, device=device, dtype=torch.float32)  # noqa: E731
