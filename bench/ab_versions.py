@@ -9,8 +9,10 @@ compiled once, the page cache is warm. A round asks every worker in turn (the or
 for --tokens single-token decode steps continuing one state and one --prompt-token prompt from a fresh state.
 Reported per model and tree: the median decode ms/token over all steps and prompt tokens/s over all rounds, and
 the median over rounds of the per-round ratio B / A (decode: > 1 means B is slower; prompt: > 1 means B is
-faster), which survives a load that drifts between rounds. The CPUs' busy share before each round is printed:
-trust a run only when it is low.
+faster), which survives a load that drifts between rounds, and the same for the process's CPU time per token
+(with --threads 1 that is the work itself, nearly independent of other processes' load; with more threads it
+includes the pool's spinning). The CPUs' busy share before each round is printed: trust wall-clock figures only
+when it is low.
 """
 from __future__ import annotations
 
@@ -38,15 +40,17 @@ model.forward(rng.integers(0, vocab, 16).tolist())
 print(json.dumps({"ready": rwkv_lite.__file__, "threads": threads}), flush=True)
 for line in sys.stdin:
     tokens, prompt = json.loads(line)
-    steps = []
+    steps, cpu = [], []
     for _ in range(tokens):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         logits, state = model.forward([int(np.argmax(logits))], state)
         steps.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
     ids = rng.integers(0, vocab, prompt).tolist()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     model.forward(ids)
-    print(json.dumps({"steps": steps, "prompt_s": time.perf_counter() - t}), flush=True)
+    print(json.dumps({"steps": steps, "cpu": cpu, "prompt_s": time.perf_counter() - t,
+                      "prompt_cpu": time.process_time() - c}), flush=True)
 """
 
 
@@ -84,6 +88,8 @@ class Worker:
         self.steps: list[float] = []
         self.round_decode: list[float] = []
         self.round_prompt: list[float] = []
+        self.round_decode_cpu: list[float] = []
+        self.round_prompt_cpu: list[float] = []
 
     def round(self, tokens: int, prompt: int) -> None:
         self.proc.stdin.write(json.dumps([tokens, prompt]) + "\n")
@@ -92,6 +98,8 @@ class Worker:
         self.steps += out["steps"]
         self.round_decode.append(statistics.median(out["steps"]))
         self.round_prompt.append(prompt / out["prompt_s"])
+        self.round_decode_cpu.append(statistics.median(out["cpu"]))
+        self.round_prompt_cpu.append(out["prompt_cpu"] / prompt)
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -126,6 +134,13 @@ def main() -> None:
               f"B/A per round (median) {dec:.3f}")
         print(f"  prompt tok/s:    A {statistics.median(a.round_prompt):.1f}, "
               f"B {statistics.median(b.round_prompt):.1f}; B/A per round (median) {pro:.3f}", flush=True)
+        dc = statistics.median(y / x for x, y in zip(a.round_decode_cpu, b.round_decode_cpu))
+        pc = statistics.median(y / x for x, y in zip(a.round_prompt_cpu, b.round_prompt_cpu))
+        print(f"  CPU time (all of the process's threads; with --threads 1 the work itself, whatever the load): "
+              f"decode A {1e3 * statistics.median(a.round_decode_cpu):.1f} B "
+              f"{1e3 * statistics.median(b.round_decode_cpu):.1f} ms/token, B/A {dc:.3f}; prompt A "
+              f"{1e3 * statistics.median(a.round_prompt_cpu):.1f} B {1e3 * statistics.median(b.round_prompt_cpu):.1f} "
+              f"ms/token, B/A {pc:.3f}", flush=True)
         a.close(), b.close()
 
 
