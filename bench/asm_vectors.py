@@ -4,15 +4,21 @@
     python bench/asm_vectors.py                                   # this machine
     NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=-avx512f python bench/asm_vectors.py   # AVX2 code generation
 
+With --mnemonics it also counts the instructions that decide a decode kernel's cost per weight byte (widening
+loads, integer multiply-adds, VNNI dot products, int->float conversions, FMAs, prefetches) in each kernel, to
+set beside `objdump -d` of a peer's dot-product routine.
+
 Kernels loaded from a cache carry no assembly, so this compiles everything afresh in a temporary cache folder.
 An AVX2 build must show no zmm. NUMBA_CPU_NAME=haswell alone is not enough on an AVX-512 host: Numba then keeps
 the host's CPU features (AVX-512 included) and zmm code is still emitted; NUMBA_CPU_FEATURES must be set too.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import tempfile
+from collections import Counter
 
 os.environ["RWKV_LITE_CACHE_DIR"] = tempfile.mkdtemp(prefix="rwkv-lite-asm-")   # before any kernel is loaded
 
@@ -22,12 +28,30 @@ from rwkv_lite.kernels import fp_kernels, int4_kernels, int8_kernels, linear, lo
 from rwkv_lite.schemes import get_scheme, make_matrix  # noqa: E402
 
 
+MNEMONICS = ("vpmovsxbw", "vpmovzxbw", "vpmovsxbd", "vpmaddwd", "vpmaddubsw", "vpdpbusd", "vpdpwssd",
+             "vcvtdq2ps", "vcvtph2ps", "vfmadd", "vpaddd", "vpand", "vpsrlw", "prefetch")
+
+
 def registers(dispatcher) -> dict:
     text = "\n".join(dispatcher.inspect_asm().values())
     return {kind: len(re.findall(rf"%{kind}\d+", text)) for kind in ("zmm", "ymm", "xmm")}
 
 
+def mnemonics(dispatcher) -> Counter:
+    text = "\n".join(dispatcher.inspect_asm().values())
+    found = Counter()
+    for line in text.splitlines():
+        op = line.strip().split(None, 1)[0] if line.strip() else ""
+        for m in MNEMONICS:
+            if op.startswith(m):
+                found[m] += 1
+    return found
+
+
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mnemonics", action="store_true", help="also count the decode-relevant instructions")
+    args = ap.parse_args()
     rng = np.random.default_rng(0)
     w = rng.standard_normal((256, 512)).astype(np.float32)
     x = rng.standard_normal(512).astype(np.float32)
@@ -55,6 +79,9 @@ def main():
                         ("wkv7", wkv7._wkv7_serial)]:
         counts = registers(disp)
         print(f"{label:<28} {counts['zmm']:6d} {counts['ymm']:6d} {counts['xmm']:6d}")
+        if args.mnemonics:
+            found = mnemonics(disp)
+            print(" " * 4 + ", ".join(f"{m} {found[m]}" for m in MNEMONICS if found[m]))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ Per engine and round:
 Reported: the median over rounds per engine, and per case the median over rounds of the per-round ratio
 rwkv-lite / peer (decode: < 1 means rwkv-lite is faster; prompt: > 1 means rwkv-lite is faster).
 Before every round: the 1-minute load average, the CPUs' busy share, numpy's fp32 GEMV bandwidth (the decode
-floor's denominator) and fp32 GEMM GFLOP/s, both in a child process on --threads threads.
+floor's denominator) and fp32 GEMM GFLOP/s, both in a child process on --threads threads. At the end, per case:
+rwkv-lite's weight bytes read per decode step (`rwkv_lite.benchmark.bytes_read_per_token`), its floor (those
+bytes / the round's GEMV bandwidth) and the median over rounds of decode time / floor.
 
 On a shared machine the figures are only as good as the window: every round prints the CPUs' busy share seen
 just before it (other processes' load), and --quiet-wait S waits up to S seconds for a quieter moment.
@@ -52,7 +54,7 @@ except ImportError:                                               # run from a c
     sys.path.insert(0, os.path.dirname(_HERE))
 from compare_decode import cpu_busy_share, cpu_model, wait_for_quiet   # noqa: E402
 
-from rwkv_lite.benchmark import memory_bandwidth                # noqa: E402
+from rwkv_lite.benchmark import bytes_read_per_token, memory_bandwidth   # noqa: E402
 
 
 # ---------------------------------------------------------------- probes (each in a child process)
@@ -94,6 +96,7 @@ class LiteEngine:
         self.threads = set_threads(threads)
         self.model = rwkv_lite.load(path)
         self.vocab = self.model.config["vocab_size"]
+        self.bytes_per_token = bytes_read_per_token(self.model)
         self.tokens, self.prompt = tokens, prompt
         self.rng = np.random.default_rng(0)
         self.logits, self.state = self.model.forward([1])
@@ -114,7 +117,7 @@ class LiteEngine:
         prompt_s = time.perf_counter() - t
         return {"decode_ms": 1e3 * statistics.fmean(times), "decode_median_ms": 1e3 * statistics.median(times),
                 "decode_min_ms": 1e3 * min(times), "decode_max_ms": 1e3 * max(times),
-                "prompt_tok_s": self.prompt / prompt_s}
+                "prompt_tok_s": self.prompt / prompt_s, "bytes_per_token": self.bytes_per_token}
 
 
 class RwkvCppEngine:
@@ -368,6 +371,19 @@ def main():
             summary.append(row)
             print(f"| {c['label']} | {e.name}, {e.file} | {row['decode_ms']:.1f} ({min(dec):.1f}-{max(dec):.1f})"
                   f"{extra} | {row['prompt_tok_s']:.1f} | {dr} | {pr} |")
+    if probes and "bandwidth_gb_s" in probes[0]:
+        print("\nrwkv-lite decode against its bandwidth floor (weight bytes one decode step reads / the GEMV probe's "
+              "bandwidth of the same round; ratio: median over rounds of decode ms / floor ms):")
+        for c in cases:
+            lite = c["results"]["rwkv-lite " + c["engines"][0].file]
+            nbytes = lite[0]["bytes_per_token"]
+            floors = [1e3 * nbytes / (p["bandwidth_gb_s"] * 1e9) for p in probes]
+            ratio = med(r["decode_ms"] / f for r, f in zip(lite, floors))
+            print(f"  {c['label']}: {nbytes / 1e9:.3f} GB/token, floor {med(floors):.1f} ms "
+                  f"({min(floors):.1f}-{max(floors):.1f}), decode / floor {ratio:.2f}x")
+            for row in summary:
+                if row["case"] == c["label"] and row["engine"] == "rwkv-lite":
+                    row.update(bytes_per_token=nbytes, floor_ms=med(floors), decode_over_floor=ratio)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"cpu": cpu_model(), "threads": args.threads, "env": env, "probes": probes,
