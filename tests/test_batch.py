@@ -250,8 +250,11 @@ def test_resume_after_sigkill_gives_one_line_per_id(model, tmp_path):
     text of an uninterrupted run, and the lines done before the kill not recomputed."""
     if not hasattr(signal, "SIGKILL"):
         pytest.skip("no SIGKILL on this platform")
+    # long enough lines that the job is still running when the test sees its first lines, however fast the
+    # machine (results are written every 0.5 s: with 16-20 tokens a line a fast CI machine ran the whole job
+    # before its first write)
     n = 24
-    rows = [{"id": f"p{i}", "prompt": PROMPTS[i % len(PROMPTS)] + f" {i}", "max_tokens": 16 + i % 5}
+    rows = [{"id": f"p{i}", "prompt": PROMPTS[i % len(PROMPTS)] + f" {i}", "max_tokens": 200 + i % 5}
             for i in range(n)]
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.jsonl"
