@@ -1,10 +1,13 @@
 """Where one decode token's time goes: the GEMVs per matrix shape against everything else.
 
-    python bench/profile_decode.py MODEL [--tokens 32]
+    python bench/profile_decode.py MODEL [--tokens 32] [--prompt 128]
 
 Times `model.forward([t], state)` (median over --tokens calls after 2 warm-up calls), then again with every
 Matrix call timed, and prints milliseconds per token per matrix shape and the rest (norms, mixes, WKV, state
-copy, Python). Used for the decode profile in docs/performance.md.
+copy, Python). With --prompt N it then does the same for sequence mode: `model.forward(ids)` over N random
+tokens from a fresh state (median of 3 after one warm-up), the matrix products (dequantised tiles times the
+activations, or the scheme's own kernel) against the rest, per prompt. Weight bytes read per decode step are
+printed too (rwkv_lite.benchmark.bytes_read_per_token). Used for the profiles in docs/performance.md.
 """
 from __future__ import annotations
 
@@ -22,8 +25,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=0, help="also profile sequence mode over this many tokens")
     args = ap.parse_args()
     model = rwkv_lite.load(args.model)
+    from rwkv_lite.benchmark import bytes_read_per_token
+    print(f"weights read per decode step: {bytes_read_per_token(model) / 1e9:.3f} GB")
     state, token = model.new_state(), [123 % model.config["vocab_size"]]
     for _ in range(2):
         _, state = model.forward(token, state)
@@ -71,6 +77,35 @@ def main():
         print(f"  {key:<48} {calls[key] // args.tokens:4d} calls/token {1e3 * per_token:8.2f} ms/token")
     print(f"  {'GEMVs (all of the above)':<48} {'':15} {1e3 * gemv:8.2f} ms/token")
     print(f"  {'everything else':<48} {'':15} {1e3 * (total - gemv):8.2f} ms/token")
+
+    if args.prompt:
+        rng = np.random.default_rng(0)
+        ids = [rng.integers(1, model.config["vocab_size"], size=args.prompt).tolist() for _ in range(4)]
+        model.forward(ids[0])
+        times = []
+        for seq in ids[1:]:
+            t = time.perf_counter()
+            model.forward(seq)
+            times.append(time.perf_counter() - t)
+        print(f"\nprompt of {args.prompt} tokens: median {np.median(times):.3f} s "
+              f"({args.prompt / np.median(times):.1f} tokens/s)")
+        spent.clear()
+        calls.clear()
+        linear.Matrix.__call__ = timed_call
+        common.gemv_many = timed_many
+        try:
+            t0 = time.perf_counter()
+            model.forward(ids[1])
+            total = time.perf_counter() - t0
+        finally:
+            linear.Matrix.__call__, common.gemv_many = original_call, original_many
+        print(f"instrumented: {total:.3f} s")
+        gemm = 0.0
+        for key, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
+            gemm += seconds
+            print(f"  {key:<48} {calls[key]:4d} calls {1e3 * seconds:9.1f} ms")
+        print(f"  {'matrix products (all of the above)':<48} {'':10} {1e3 * gemm:9.1f} ms")
+        print(f"  {'everything else':<48} {'':10} {1e3 * (total - gemm):9.1f} ms")
 
 
 if __name__ == "__main__":
