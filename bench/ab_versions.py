@@ -24,6 +24,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare_decode import cpu_busy_share, cpu_model  # noqa: E402
+
 _WORKER = r"""
 import json, os, sys, time
 import numpy as np
@@ -52,29 +55,6 @@ for line in sys.stdin:
     print(json.dumps({"steps": steps, "cpu": cpu, "prompt_s": time.perf_counter() - t,
                       "prompt_cpu": time.process_time() - c}), flush=True)
 """
-
-
-def cpu_busy_share(interval: float = 0.5) -> float:
-    def snap():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return v[3] + v[4], sum(v)
-    idle0, tot0 = snap()
-    time.sleep(interval)
-    idle1, tot1 = snap()
-    return 1.0 - (idle1 - idle0) / max(1, tot1 - tot0)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
 
 
 class Worker:
