@@ -42,6 +42,7 @@ from numba.extending import intrinsic
 from rwkv_lite.kernels.simd import (F16, F32, I8, I16, I32, I64, fma, load_vec, prefetch_ptr, splat, splat_const,
                                     vec, is_c_array, FASTMATH)
 from rwkv_lite.kernels.simd import PREFETCH_BYTES as PACKAGE_PREFETCH_BYTES
+from rwkv_lite.kernels.simd import pair_madd
 
 PANEL = 16          # weight rows per panel = int32 lanes of one 512-bit vector
 G = 32              # columns per scale group (weights and activations)
@@ -107,16 +108,6 @@ def dpbusd(builder, acc, a_u8, b_s8):
     prod = builder.mul(builder.zext(a_u8, wide), builder.sext(b_s8, wide))
     q = [builder.shuffle_vector(prod, prod, ir.Constant(vec(I32, n), list(range(j, 4 * n, 4)))) for j in range(4)]
     return builder.add(acc, builder.add(builder.add(q[0], q[1]), builder.add(q[2], q[3])))
-
-
-def _pair_madd(builder, a, b):
-    """<2n x i16> x <2n x i16> -> <n x i32> sums of adjacent products (the pmaddwd shape, as simd.pair_madd)."""
-    n = a.type.count
-    wide = vec(I32, n)
-    prod = builder.mul(builder.sext(a, wide), builder.sext(b, wide))
-    even = builder.shuffle_vector(prod, prod, ir.Constant(vec(I32, n // 2), list(range(0, n, 2))))
-    odd = builder.shuffle_vector(prod, prod, ir.Constant(vec(I32, n // 2), list(range(1, n, 2))))
-    return builder.add(even, odd)
 
 
 def _make_panel(generic, single=False):
@@ -189,7 +180,7 @@ def _make_panel(generic, single=False):
                         for k in range(8):
                             xv = builder.load(builder.gep(xrow64, [ir.Constant(I64, k)]), align=8)
                             xb = builder.bitcast(splat(builder, xv, 16), vec(I16, 64))
-                            parts.append(_pair_madd(builder, w[k], xb))      # <32 x i32>: 2 lanes per row
+                            parts.append(pair_madd(builder, w[k], xb))      # <32 x i32>: 2 lanes per row
                         while len(parts) > 1:
                             parts = [builder.add(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
                         acc = parts[0]
