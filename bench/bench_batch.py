@@ -2,14 +2,13 @@
 single-stream decode (Model.forward one token at a time), measured in one run, interleaved.
 
     python bench/bench_batch.py MODEL [MODEL ...] [--batches 4 8 16] [--rounds 5] [--steps 4] [--profile] [--kernel]
-                                [--batch-kernels off|on|both]
 
 Each round times, for every model: `--steps` single-stream tokens, then `--steps` batched steps for every B; the
 rounds interleave so that load from other processes hits all variants alike. Prints the median per variant, the
 spread (min-max over rounds), the ratio aggregate/single from the medians, and the load average. `--profile`
-also splits one batched step's time into matrix products (kernels/batched.py) and everything else.
-`--batch-kernels both` measures every model twice per round, with group-scaled int8 matrices on their default
-kernels and on kernels/int_gemm.py (what RWKV_LITE_BATCH_KERNELS=1 selects), interleaved; `on` only the latter.
+also splits one batched step's time into matrix products and everything else. A file's int8/int4 matrices run the
+kernels of their layout: row-major (files from before the panel layout) or p16 (kernels/panel.py); `--kernel`
+times both layouts' products alone.
 For AVX2 code generation run it with NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=-avx512f OPENBLAS_CORETYPE=Haswell
 (NUMBA_CPU_NAME alone still emits AVX-512 code on an AVX-512 host: bench/asm_vectors.py) and a separate
 NUMBA_CACHE_DIR, so the AVX-512 cache is not reused.
@@ -83,18 +82,19 @@ def profile_step(model, B, token):
 
 
 def kernel_cap(batches, rounds):
-    """Per-row cost of the batched products (kernels/batched.py; group-scaled int8: kernels/int_gemm.py) on
-    2048 x 2048 matrices: if a row costs nearly as much at B = 16 (weights in cache) as at B = 1 (weights from
+    """Per-row cost of the batched products of both layouts (row-major: kernels/batched.py; p16: kernels/panel.py)
+    on 2048 x 2048 matrices: if a row costs nearly as much at B = 16 (weights in cache) as at B = 1 (weights from
     memory), the kernel is bound by instructions, not bytes."""
     from rwkv_lite.kernels.batched import matmul_rows
     from rwkv_lite.schemes import get_scheme, make_matrix
     rng = np.random.default_rng(0)
     print("\nkernel: 2048 x 2048 products, 48 distinct matrices (weights from memory each call)")
-    print("  scheme   B    us per call (median)   us per row   weights/s per row (G)")
-    for name in ("int8", "int4"):
-        scheme = get_scheme(name, group=32)
+    print("  scheme         B    us per call (median)   us per row   weights/s per row (G)")
+    for name, layout in (("int8", "rows"), ("int8", "p16"), ("int4", "rows"), ("int4", "p16")):
+        scheme = get_scheme(name, group=32, layout=layout)
         w = rng.standard_normal((2048, 2048), dtype=np.float32) / 45
         parts = scheme.quantize(w)
+        label = f"{name} {layout}"
         mats = [make_matrix(name, scheme.params, {k: v.copy() for k, v in parts.items()}, (2048, 2048))
                 for _ in range(48)]
         for B in [1] + list(batches):
@@ -107,7 +107,7 @@ def kernel_cap(batches, rounds):
                     matmul_rows(m, X)
                 times.append((time.perf_counter() - t) / len(mats))
             per_call = float(np.median(times))
-            print(f"  {name:<8} {B:<4} {1e6 * per_call:12.0f}          {1e6 * per_call / B:10.0f}"
+            print(f"  {label:<14} {B:<4} {1e6 * per_call:12.0f}          {1e6 * per_call / B:10.0f}"
                   f"   {2048 * 2048 / (per_call / B) / 1e9:10.2f}")
 
 
@@ -119,23 +119,17 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=4, help="timed calls per variant per round (median)")
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--batch-kernels", choices=("off", "on", "both"), default="off",
-                    help="group-int8 decode kernels: the default ones, kernels/int_gemm.py, or both interleaved")
     ap.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                     help="before measuring, wait up to this long for the 1-minute load average to fall below 1")
     args = ap.parse_args()
     if args.kernel:
         kernel_cap(args.batches, args.rounds)
     print(f"CPU: {cpu_name()}, {os.cpu_count()} logical cores; NUMBA_CPU_NAME={os.environ.get('NUMBA_CPU_NAME', '')}")
-    from rwkv_lite.kernels import int_gemm
-    modes = {"off": [False], "on": [True], "both": [False, True]}[args.batch_kernels]
-    loaded = [(path, rwkv_lite.load(path)) for path in args.models]
-    models = [(path, model, mode) for path, model in loaded for mode in modes]
+    models = [(path, rwkv_lite.load(path), "") for path in args.models]
     token = 123
     results = defaultdict(list)          # (path, mode, B) -> per-round seconds per step (B = 0: single stream)
     states = {}
     for path, model, mode in models:     # warm-up: compile, page in the weights
-        int_gemm.BATCH_KERNELS = mode
         _, s = model.forward([token])
         single_token_seconds(model, s, token, 2)
         for B in args.batches:
@@ -148,7 +142,6 @@ def main():
     load_before = os.getloadavg()
     for _ in range(args.rounds):
         for path, model, mode in models:
-            int_gemm.BATCH_KERNELS = mode
             sec, states[path, mode, 0] = single_token_seconds(model, states[path, mode, 0], token, args.steps)
             results[path, mode, 0].append(sec)
             for B in args.batches:
@@ -157,11 +150,9 @@ def main():
     load_after = os.getloadavg()
     print(f"load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f}")
     for path, model, mode in models:
-        int_gemm.BATCH_KERNELS = mode
         single = np.median(results[path, mode, 0])
         spread = f"{1e3 * min(results[path, mode, 0]):.0f}-{1e3 * max(results[path, mode, 0]):.0f}"
-        label = " (int8: kernels/int_gemm.py)" if mode else ""
-        print(f"\n{path}{label}: single stream {1e3 * single:.1f} ms/token ({spread}), {1 / single:.2f} tokens/s")
+        print(f"\n{path}: single stream {1e3 * single:.1f} ms/token ({spread}), {1 / single:.2f} tokens/s")
         print("  B   ms/step (min-max)        aggregate tokens/s   ratio vs single")
         for B in args.batches:
             step = np.median(results[path, mode, B])

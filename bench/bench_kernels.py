@@ -3,7 +3,7 @@
     python bench/bench_kernels.py                      # 8 matrices of 14336 x 4096, 2 threads, 7 rounds
     python bench/bench_kernels.py --threads 1 --schemes int8,int4 --seq 0
     python bench/bench_kernels.py --quality            # round-trip error of each scheme vs ggml Q4_0/Q8_0
-    python bench/bench_kernels.py --int8g-ab --rows 2048 --cols 2048 --mats 16 --rounds 21 --batches 1 4 8 16
+    python bench/bench_kernels.py --layout-ab --rows 2048 --cols 2048 --mats 24 --rounds 9 --batches 1 4 8 16 64
 
 Decode: every round calls each scheme's GEMV once on each of the --mats matrices (cycled, so no matrix stays in
 cache: 8 int4 matrices are 235 MB) and records the mean time per matrix; schemes are interleaved within a round
@@ -17,12 +17,12 @@ tokens/s that rate implies for the matrices alone.
 Weights are random (speed does not depend on values); the Matrix objects are the real ones from
 rwkv_lite.kernels.linear, so Python call overhead is included.
 
---int8g-ab: the two kernel families of group-scaled int8 decode, interleaved in one process on ONE thread (the
-serial kernels): the default (int8_kernels.gemv_i8g for B = 1, batched.gemm_i8g for B > 1) against
-kernels/int_gemm.py (what RWKV_LITE_BATCH_KERNELS=1 selects: panel kernel, lanes kernel from 12 rows). Timed with
-the thread's CPU time (time.thread_time), so other processes' CPU use does not count (their memory traffic
-still does); reported per B: the median us per call and per activation row, and the median and quartiles of the
-per-round ratio int_gemm / default. Use enough --mats that the weights do not stay in cache.
+--layout-ab: the two layouts of int8 and int4 matrices, interleaved in one process on --threads threads: row-major
+(files from before the panel layout: int8_kernels / int4_kernels for one token, batched.py for B > 1, tile
+dequantisation + BLAS for B >= 32, a prompt) against p16 (kernels/panel.py for everything). Each round calls every
+variant on each of the --mats matrices (a copy each, so the weights come from memory), alternating the order; reported
+per B: the median us per call and per activation row, and the median and quartiles of the per-round ratio
+row-major / p16 (above 1: p16 faster). Random weights, quantized once and copied.
 """
 from __future__ import annotations
 
@@ -183,42 +183,43 @@ def quality(tiny_path: Path) -> None:
         print(f"  {label:32s} {bits:9.3f}  " + "  ".join(cells))
 
 
-def int8g_ab(args) -> None:
-    """--int8g-ab (module docstring)."""
-    from rwkv_lite.kernels import batched, int8_kernels, int_gemm
-    R, C, G = args.rows, args.cols, args.group
+def layout_ab(args) -> None:
+    """--layout-ab (module docstring)."""
+    R, C = args.rows, args.cols
     rng = np.random.default_rng(0)
-    mats = [make(f"int8:{G}", R, C, G, rng) for _ in range(args.mats)]
-    src = mats[0].block_source
-    variants = {
-        "default": lambda m, X: (int8_kernels.gemv_i8g_serial(m.q, m.scale, X[0], src, G)[None] if len(X) == 1
-                                 else batched.gemm_i8g_serial(m.q, m.scale, X, src, G)),
-        "int_gemm": lambda m, X: (int_gemm.gemv_i8g(m.q, m.scale, X[0], src, G, False)[None] if len(X) == 1
-                                  else int_gemm.rows_i8g(m.q, m.scale, X, src, G, False)),
-    }
-    mib = sum(m.q.nbytes + m.scale.nbytes for m in mats) / 2**20
-    print(f"group-int8 decode kernels, {R} x {C}, group {G}, {args.mats} matrices cycled ({mib:.0f} MiB), one "
-          f"thread, thread CPU time, {args.rounds} rounds interleaved")
-    for B in args.batches:
-        X = rng.standard_normal((B, C), dtype=np.float32)
-        want = variants["int_gemm"](mats[0], X)
-        for b in range(B):                           # the kernels' contract: a batch row equals its single token
-            assert np.array_equal(want[b], variants["int_gemm"](mats[0], X[b:b + 1])[0])
-        variants["default"](mats[0], X)
-        times = {n: [] for n in variants}
-        for rnd in range(args.rounds):
-            for n in (list(variants) if rnd % 2 == 0 else list(variants)[::-1]):
-                f = variants[n]
-                t0 = time.thread_time()
-                for m in mats:
-                    f(m, X)
-                times[n].append((time.thread_time() - t0) / len(mats))
-        ratios = sorted(a / b for a, b in zip(times["int_gemm"], times["default"]))
-        q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
-        cells = "  ".join(f"{n} {1e6 * statistics.median(t):8.0f} us/call {1e6 * statistics.median(t) / B:7.0f} "
-                          f"us/row" for n, t in times.items())
-        print(f"  B = {B:2d}  {cells}  int_gemm/default {statistics.median(ratios):.3f} [{q1:.3f}..{q3:.3f}]  "
-              f"load {os.getloadavg()[0]:.1f}")
+    threads = set_threads(args.threads)
+    W = rng.standard_normal((R, C), dtype=np.float32) / np.sqrt(C)
+    for name in ("int8", "int4"):
+        variants = {}
+        for layout in ("rows", "p16"):
+            scheme = get_scheme(name, group=32, layout=layout)
+            parts = scheme.quantize(W)
+            variants[layout] = [scheme.matrix({k: v.copy() for k, v in parts.items()}, (R, C))
+                                for _ in range(args.mats)]
+        mib = sum(a.nbytes for m in variants["p16"] for a in m._arrays()) / 2**20
+        print(f"{name} {R} x {C}, {args.mats} matrices per layout ({mib:.0f} MiB), {threads} threads, "
+              f"{args.rounds} rounds interleaved")
+        for B in args.batches:
+            X = rng.standard_normal((B, C), dtype=np.float32)
+
+            def call(m):
+                return m(X[0]) if B == 1 else (m(X) if B >= 32 else m._matmul_rows(X, True))
+            for ms in variants.values():
+                call(ms[0])
+            times = {n: [] for n in variants}
+            for rnd in range(args.rounds):
+                for n in (list(variants) if rnd % 2 == 0 else list(variants)[::-1]):
+                    t0 = time.perf_counter()
+                    for m in variants[n]:
+                        call(m)
+                    times[n].append((time.perf_counter() - t0) / args.mats)
+            ratios = sorted(a / b for a, b in zip(times["rows"], times["p16"]))
+            q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+            cells = "  ".join(f"{n} {1e6 * statistics.median(t):8.0f} us/call {1e6 * statistics.median(t) / B:7.1f} "
+                              f"us/row" for n, t in times.items())
+            what = "prompt" if B >= 32 else "B"
+            print(f"  {what} = {B:3d}  {cells}  rows/p16 {statistics.median(ratios):.2f} [{q1:.2f}..{q3:.2f}]  "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
 
 
 def fmt_range(values, scale):
@@ -233,7 +234,7 @@ def main(argv=None):
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--mats", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--group", type=int, default=32, help="int4 group size (and int8's for --int8g-ab)")
+    ap.add_argument("--group", type=int, default=32, help="int4 group size")
     ap.add_argument("--schemes", default="fp32,fp16,int8,int4",
                     help="comma-separated: fp32, fp32-numba, fp16, int8, int8:G (G=0: per row), int4, int4:G")
     ap.add_argument("--seq", type=int, default=128, help="tokens for the sequence-mode test (0: skip)")
@@ -244,14 +245,15 @@ def main(argv=None):
                     / "fixtures" / "rwkv-cpp-tiny" / "tiny-rwkv-5v2-730K-FP32.bin")
     ap.add_argument("--max-foreign", type=float, default=0.05,
                     help="drop rounds during which other processes used more than this share of the CPUs")
-    ap.add_argument("--int8g-ab", action="store_true",
-                    help="A/B the group-int8 decode kernels (default vs kernels/int_gemm.py) and exit")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16], help="activation rows for --int8g-ab")
+    ap.add_argument("--layout-ab", action="store_true",
+                    help="A/B the row-major and p16 layouts of int8 and int4 (module docstring) and exit")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16, 64],
+                    help="activation rows for --layout-ab (32 and more: a prompt)")
     args = ap.parse_args(argv)
     if args.quality:
         return quality(args.tiny)
-    if args.int8g_ab:
-        return int8g_ab(args)
+    if args.layout_ab:
+        return layout_ab(args)
 
     threads = set_threads(args.threads)
     R, C = args.rows, args.cols

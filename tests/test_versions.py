@@ -293,11 +293,13 @@ def test_reference_fixtures_cover_every_version():
     assert versions == {"4", "5.0", "5.1", "5.2", "6", "7"}
 
 
-# Decode GEMVs round each 64-column block of the activations to 15 bits (kernels/simd.py: quantize_activations)
-# while sequence mode multiplies dequantised float32 weights, so quantized files differ between the two modes by
-# that rounding, amplified by the random weights: measured max diff / max|logits| over 40 tokens 3.7e-5 (v4 int8)
-# to 1.4e-4 (v6 int4), 6.5e-4 for v7 int4; a wrong kernel, layout or state hand-over differs by O(1).
-QUANTIZED_SERIAL_VS_SEQUENCE_TOL = 1.5e-3
+# int8/int4 matrices (panel layout) run the same integer kernels in both modes, bit for bit; the modes differ in
+# the float work around them (RWKV-6/7: LoRAs through BLAS vs Numba), by ~1e-7. That is enough to move an
+# activation across a rounding boundary: one 15-bit step for int8, one 8-bit step (1/254 of its group's largest
+# value) for int4, amplified by the random weights. Measured max diff / max|logits| over 40 tokens: v4 and v5.x 0
+# (identical), v6 6.3e-5 (int8) / 1.4e-7 (int4), v7 1.1e-4 / 4.7e-3; a wrong kernel, layout or state hand-over
+# differs by O(1).
+QUANTIZED_SERIAL_VS_SEQUENCE_TOL = {"int8": 1.5e-3, "int4": 1e-2}
 
 
 @pytest.mark.parametrize("name", ONE_SPEC_PER_VERSION)
@@ -309,7 +311,8 @@ def test_quantized_sequence_mode_equals_serial_mode(name, quant, model_of):
     sequence, sequence_state = _feed(model, [tokens])
     scale = max(1.0, np.abs(serial).max())
     err = np.abs(sequence - serial).max()
-    assert err <= QUANTIZED_SERIAL_VS_SEQUENCE_TOL * scale, f"{name} {quant}: max diff {err:.3e} (scale {scale:.1f})"
+    tol = QUANTIZED_SERIAL_VS_SEQUENCE_TOL[quant]
+    assert err <= tol * scale, f"{name} {quant}: max diff {err:.3e} (scale {scale:.1f})"
     for k, arr in serial_state.arrays.items():
         s_err = np.abs(sequence_state.arrays[k] - arr).max()
-        assert s_err <= QUANTIZED_SERIAL_VS_SEQUENCE_TOL * max(1.0, np.abs(arr).max()), f"{name} {quant} state {k}"
+        assert s_err <= tol * max(1.0, np.abs(arr).max()), f"{name} {quant} state {k}"

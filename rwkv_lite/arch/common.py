@@ -121,11 +121,13 @@ class PlannedTensor:
 
     role: 'matrix' (a linear layer's weight: quantizable), 'embedding' (rows looked up by token) or 'vector'
     (small float32 parameters: mixes, norms, decays). `rows(a, b)` returns rows a..b (first axis) in float32, so
-    that big matrices stream in blocks."""
+    that big matrices stream in blocks. `stored`: for a tensor that is already quantized (an rwkv-lite int8/int4
+    file as the source), (scheme, its stored arrays): the converter re-lays them out, never rounds again."""
     name: str
     shape: tuple[int, ...]
     role: str
     rows: Callable[[int, int], np.ndarray]
+    stored: tuple | None = None
 
 
 def whole(ref, transform=None) -> Callable[[int, int], np.ndarray]:

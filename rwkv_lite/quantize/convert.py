@@ -23,7 +23,8 @@ from ..progress import Progress
 from .lora import merge_adapter, open_adapter
 from .names import canonical_names
 from .readers import open_checkpoint
-from ..schemes import get_scheme
+from ..schemes import SchemeError, get_scheme
+from ..schemes.panel import relayout
 
 QUANTS = ("fp32", "fp16", "int8", "int4")
 ROW_BLOCK_BYTES = 64 << 20          # float32 bytes of source rows converted at once
@@ -39,10 +40,18 @@ def storage_plan(quant: str, group: int | None = None, head: str | None = None) 
     """
     if quant not in QUANTS:
         raise ValueError(f"unknown quantization {quant!r} (choose from {', '.join(QUANTS)})")
-    params = {"group": group} if (quant == "int4" and group) else {}
-    matrix = get_scheme(quant, **params)
+    matrix = _matrix_scheme(quant, group if quant == "int4" else None)
     embedding = {"int8": get_scheme("fp16"), "int4": get_scheme("int8")}.get(quant, matrix)
-    return {"matrix": matrix, "embedding": embedding, "head": get_scheme(head) if head else matrix}
+    return {"matrix": matrix, "embedding": embedding, "head": _matrix_scheme(head) if head else matrix}
+
+
+def _matrix_scheme(quant: str, group: int | None = None):
+    """The scheme of a weight matrix: int8 and int4 (group 32) in the panel layout that the integer kernels read
+    (schemes/panel.py); other int4 group sizes row-major."""
+    params = {"group": group} if group else {}
+    if quant in ("int8", "int4") and params.get("group", 32) == 32:
+        params["layout"] = "p16"
+    return get_scheme(quant, **params)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "fp16", *, vocab: str | os.PathLike | None = None,
@@ -95,8 +104,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "fp16",
             prov.pop("calibration", None)
             if calib is not None:
                 prov["calibration"] = {"file": Path(calibration).name, **calib.source}
-            return _write_model(dst, source.config, source.planned, tok_kind, tok_bytes, {**prov, **(provenance or {})},
-                                schemes, calib, progress)
+            if any(t.stored is not None for t in source.planned) and calib is not None:
+                raise FormatError(f"{src}: calibration needs float weights; this file is already quantized")
+            try:
+                return _write_model(dst, source.config, source.planned, tok_kind, tok_bytes,
+                                    {**prov, **(provenance or {})}, schemes, calib, progress)
+            except SchemeError as e:
+                raise FormatError(f"{src}: {e}") from None
 
     with open_checkpoint(src) as ckpt, (open_adapter(lora) if lora is not None else nullcontext()) as adapter:
         base = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
@@ -149,6 +163,10 @@ def _write_model(dst: Path, cfg: dict, planned, tokenizer_kind: str, tok_bytes: 
         else:
             scheme = schemes["head"] if t.name == "head.weight" else schemes[t.role]
             parts = scheme.parts(t.shape)
+            if t.stored is not None and (t.stored[0].name != scheme.name or t.stored[0].group != scheme.group):
+                raise SchemeError(f"tensor {t.name!r} is stored as {t.stored[0].name} {t.stored[0].params}; an "
+                                  f"already quantized file converts only to its own quantization (here "
+                                  f"{scheme.name}), never rounded twice: convert the original checkpoint instead")
         scheme_of[t.name] = (scheme, parts)
         tensors_meta[t.name] = {"scheme": scheme.name, "params": scheme.params, "shape": list(t.shape),
                                 "role": t.role}
@@ -164,6 +182,12 @@ def _write_model(dst: Path, cfg: dict, planned, tokenizer_kind: str, tok_bytes: 
     with ModelWriter(dst, metadata, arrays) as writer:
         for done, t in enumerate(planned, 1):
             scheme, parts = scheme_of[t.name]
+            if t.stored is not None:                    # an already quantized tensor: re-laid-out, not rounded
+                for suffix, arr in relayout(*t.stored, scheme).items():
+                    writer.append(t.name + suffix, arr)
+                if progress is not None:
+                    progress(done, len(planned), t.name)
+                continue
             hessian = (calib.hessian(t.name, t.shape[1])
                        if calib is not None and scheme.name == "int4" and t.role == "matrix" else None)
             if hessian is not None:
@@ -198,7 +222,8 @@ def refuse_overwriting_an_input(dst: Path, inputs) -> None:
 def _write_tensor(writer: ModelWriter, t, scheme, parts) -> None:
     n_rows = t.shape[0] if t.shape else 1
     row_floats = int(np.prod(t.shape[1:], dtype=np.int64)) if len(t.shape) > 1 else 1
-    block = max(1, ROW_BLOCK_BYTES // (4 * max(1, row_floats)))
+    step = scheme.row_step if t.role != "vector" else 1     # panel layouts quantize whole panels of rows
+    block = max(step, ROW_BLOCK_BYTES // (4 * max(1, row_floats)) // step * step)
     for a in range(0, n_rows, block):
         b = min(n_rows, a + block)
         rows = t.rows(a, b)

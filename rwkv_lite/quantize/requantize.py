@@ -2,8 +2,13 @@
 
 Such a file already holds the tensors after the version's load-time transforms (arch/*.plan), under their final
 names and with their roles recorded, so re-quantizing is only the storage step: every tensor is offered to the
-writer as a PlannedTensor that reads rows of the stored array. Files whose matrices are already int8/int4 are
-refused: quantizing dequantized weights again adds a second rounding error on top of the first.
+writer as a PlannedTensor that reads rows of the stored array.
+
+An int8/int4 file is a source only for its own quantization (`convert old-int4.safetensors new.safetensors --quant
+int4`): its quantized tensors are carried over as stored, re-laid-out where the converter now writes another
+layout (schemes/panel.py), so a file made by an earlier rwkv-lite gets today's layout without its original
+checkpoint and without a second rounding. Quantizing dequantized weights into another scheme is refused: the
+second rounding error would add to the first.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from ..format import FORMAT_NAME, TOKENIZER_ARRAY, ModelFile, read_header, read_
 from ..schemes import get_scheme
 
 FLOAT_SCHEMES = ("fp32", "fp16")
+QUANTIZED_SCHEMES = ("int8", "int4")
 ROLES = ("matrix", "embedding", "vector")
 
 
@@ -66,13 +72,22 @@ class RwkvLiteSource:
             scheme, role = record.get("scheme"), record.get("role")
             if role not in ROLES:
                 raise FormatError(f"{self.path}: tensor {name!r} has an unknown role {role!r}")
-            if scheme not in FLOAT_SCHEMES:
-                raise FormatError(
-                    f"{self.path}: tensor {name!r} is stored as {scheme}; an already quantized file cannot be "
-                    f"quantized again (the second rounding adds to the first): convert the original checkpoint, "
-                    f"or an fp32/fp16 rwkv-lite file")
-            array = arrays.get(name)
             shape = tuple(record["shape"])
+            if scheme in QUANTIZED_SCHEMES:
+                try:
+                    stored = get_scheme(scheme, **dict(record.get("params") or {}))
+                    parts = {s: arrays[name + s] for s in stored.parts(shape) if name + s in arrays}
+                    stored.open(name, arrays, shape)                  # checks every part's dtype and shape
+                except FormatError as e:
+                    raise FormatError(f"{self.path}: tensor {name!r}: {e}") from None
+                used.update(name + s for s in parts)
+                planned.append(PlannedTensor(name, shape, role, _already_quantized(self.path, name, scheme),
+                                             stored=(stored, parts)))
+                continue
+            if scheme not in FLOAT_SCHEMES:
+                raise FormatError(f"{self.path}: tensor {name!r} is stored as {scheme!r}, which this rwkv-lite "
+                                  f"cannot convert")
+            array = arrays.get(name)
             if array is None or tuple(array.shape) != shape:
                 raise FormatError(f"{self.path}: tensor {name!r}: its array is missing or not of shape {list(shape)}")
             get_scheme(scheme)                          # (fp32/fp16 take no parameters)
@@ -106,4 +121,12 @@ def _rows_of(array: np.ndarray):
         if array.ndim == 0:
             return array.reshape(1).astype(np.float32)
         return np.ascontiguousarray(array[a:b], dtype=np.float32)
+    return rows
+
+
+def _already_quantized(path: Path, name: str, scheme: str):
+    def rows(a: int, b: int) -> np.ndarray:
+        raise FormatError(f"{path}: tensor {name!r} is stored as {scheme}; an already quantized file cannot be "
+                          f"quantized again (the second rounding adds to the first): convert the original "
+                          f"checkpoint, or an fp32/fp16 rwkv-lite file")
     return rows

@@ -24,6 +24,9 @@ class Scheme:
     """One storage scheme with its parameters. Each subclass's module docstring describes its layout."""
 
     name = "?"
+    # Rows per first-axis entry of the parts: quantizing rows a..b gives entries a/row_step.. of the parts when a is
+    # a multiple of row_step (16 for the panel layout of schemes/panel.py), so the converter's row blocks are.
+    row_step = 1
 
     def __init__(self):
         self.params = {}                 # JSON-serialisable; stored per tensor in the file's metadata

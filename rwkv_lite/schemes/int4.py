@@ -18,7 +18,11 @@ column's inputs from calibration; GPTQ in the converter goes further on the same
 scale), with about 30% less squared error than Q4_0 on real and Gaussian weights (bench/bench_kernels.py
 --quality) and 30% lower mean KL on the tiny 5v2 model.
 
-Kernels: kernels/int4_kernels.py (``int4_scale``/``int4_zero`` decode a group word).
+params {'group': 32, 'layout': 'p16'}: the same values in the panel layout of schemes/panel.py (the converter's
+default): every product runs the integer kernels of kernels/panel.py, with activations rounded to 8 bits per 32
+columns (free for 4-bit weights: mean KL +0.3-1.3% on the tiny real models).
+
+Kernels (row-major layout): kernels/int4_kernels.py (``int4_scale``/``int4_zero`` decode a group word).
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from ..kernels import batched, int4_kernels
 from ..kernels.int4_kernels import int4_scale
 from ..kernels.linear import Matrix, padded_columns
 from ..kernels.simd import INT4_BLOCK, INT4_GROUPS, aligned
+from . import panel
 from .base import Scheme, SchemeError, group_param, matrix_shape
 
 GROUPS = INT4_GROUPS
@@ -216,18 +221,25 @@ def _importance(importance, C: int) -> np.ndarray:
 class Int4(Scheme):
     name = "int4"
 
-    def __init__(self, group=32):
+    def __init__(self, group=32, layout="rows"):
         super().__init__()
         self.group = group_param("int4", group, GROUPS)
-        self.params = {"group": self.group}
+        self.layout = panel.layout_param("int4", layout, self.group)
+        self.params = {"group": self.group, **({"layout": layout} if layout != "rows" else {})}
+        self.row_step = panel.ROW_STEP if self.layout == "p16" else 1
 
     def padded_cols(self, cols: int) -> int:
+        if self.layout == "p16":
+            return panel.padded_cols(cols)
         step = max(self.group, INT4_BLOCK)
         return -(-cols // step) * step
 
     def parts(self, shape):
         R, C = matrix_shape(shape)
         Cp = self.padded_cols(C)
+        if self.layout == "p16":
+            P = panel.panels(R)
+            return {"": (np.dtype(np.uint8), (P, Cp * 8)), ".groups": (np.dtype(np.uint16), (P, Cp // 2))}
         return {"": (np.dtype(np.uint8), (R, Cp // 2)), ".groups": (np.dtype(np.uint16), (R, Cp // self.group))}
 
     def quantize(self, rows, importance=None):
@@ -239,10 +251,16 @@ class Int4(Scheme):
         packed = np.empty((R, Cp // 2), np.uint8)
         words = np.empty((R, Cp // self.group), np.uint16)
         _quantize_int4(rows, _importance(importance, C), self.group, packed, words)
+        if self.layout == "p16":
+            return panel.pack_int4(_levels(packed, self.group), words)
         return {"": packed, ".groups": words}
 
-    def dequantize(self, parts, cols=None):
-        """float32 (R, cols); cols defaults to the padded width (pass the logical C to drop the padding)."""
+    def dequantize(self, parts, cols=None, rows=None):
+        """float32 (R, cols); cols defaults to the padded width (pass the logical C to drop the padding), and for
+        the p16 layout R to the padded row count (pass the logical R)."""
+        if self.layout == "p16":
+            levels, words = panel.unpack_int4(parts, rows or parts[""].shape[0] * panel.ROW_STEP)
+            parts = Int4(self.group).pack(levels, words)
         packed, words = parts[""], parts[".groups"]
         out = np.empty((packed.shape[0], cols or packed.shape[1] * 2), np.float32)
         _dequantize_int4(packed, words, self.group, out)
@@ -254,10 +272,18 @@ class Int4(Scheme):
         R, Cp = levels.shape
         G, half = self.group, self.group // 2
         grouped = levels.reshape(R, Cp // G, G)
+        if self.layout == "p16":
+            return panel.pack_int4(np.ascontiguousarray(levels, np.uint8), np.ascontiguousarray(words, np.uint16))
         packed = (grouped[:, :, :half] | (grouped[:, :, half:] << 4)).reshape(R, Cp // 2)
         return {"": np.ascontiguousarray(packed, np.uint8), ".groups": np.ascontiguousarray(words, np.uint16)}
 
     def _matrix(self, parts, shape):
+        if self.layout == "p16":
+            wp = self._part(parts, "", np.uint8, 2)
+            words = self._part(parts, ".groups", np.uint16, 2)
+            R, padded = panel.check_shape(self.name, wp, words, shape, 8)
+            return panel.PanelMatrix("int4", wp, words, (R, self._logical_cols(padded, panel.GROUP, shape)),
+                                     self.params, lambda ids: _p16_rows(wp, words, ids))
         packed = self._part(parts, "", np.uint8, 2)
         groups = self._part(parts, ".groups", np.uint16, 2)
         R, padded = packed.shape[0], packed.shape[1] * 2
@@ -266,6 +292,20 @@ class Int4(Scheme):
             raise SchemeError(f"int4 matrix: packed {packed.shape} and groups {groups.shape} do not fit group "
                               f"{self.group}")
         return Int4Matrix(packed, groups, self.group, (R, self._logical_cols(padded, step, shape)), self.params)
+
+
+def _levels(packed: np.ndarray, group: int) -> np.ndarray:
+    """Row-major packed nibbles (R, Cp / 2) -> levels (R, Cp) uint8 in column order."""
+    R, half_cols = packed.shape
+    g = packed.reshape(R, -1, group // 2)
+    return np.concatenate([g & 15, g >> 4], axis=2).reshape(R, half_cols * 2)
+
+
+def _p16_rows(wp, words, ids) -> np.ndarray:
+    """Rows `ids` of a p16 int4 matrix, dequantised (float32, padded width)."""
+    levels, w = panel.gather_rows(wp, words, ids)
+    d, z = scale_and_zero(w)
+    return (levels.astype(np.float32) - np.repeat(z, panel.GROUP, axis=1)) * np.repeat(d, panel.GROUP, axis=1)
 
 
 def scale_and_zero(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -13,20 +13,22 @@
          tiny 5v2 model mean KL 2.46e-4 (G = 32) against 3.3e-4 (one scale per row), and its kernel (int16
          activations) decodes faster from memory despite the extra 0.5 bit.
 
-Kernels: kernels/int8_kernels.py (single token) and kernels/batched.py (batched decode), bit-identical to each
-other. With RWKV_LITE_BATCH_KERNELS=1 group-scaled matrices decode through kernels/int_gemm.py instead (single
-tokens and batches from one kernel family, bit-identical to each other): batches of 16 faster (1.3-2.2x per row),
-single tokens slower (1.05-1.5x on an EPYC Zen 4 core, weights from memory), which is why it is not the default;
-its module docstring and docs/performance.md have the measurements.
+  params {'group': 32, 'layout': 'p16'}: the same values in the panel layout of schemes/panel.py (the
+         converter's default): every product runs the integer kernels of kernels/panel.py, with activations rounded
+         to 15 bits per 32 columns (as two 8-bit digits).
+
+Kernels (row-major layout): kernels/int8_kernels.py (single token) and kernels/batched.py (batched decode),
+bit-identical to each other; p16: kernels/panel.py.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 
-from ..kernels import batched, int8_kernels, int_gemm
+from ..kernels import batched, int8_kernels
 from ..kernels.linear import Matrix, padded_columns
 from ..kernels.simd import INT4_BLOCK, INT4_GROUPS, aligned, f16_to_f32, f32_to_f16
+from . import panel
 from .base import Scheme, SchemeError, group_param, matrix_shape
 
 GROUPS = (0,) + INT4_GROUPS               # 0: one scale per row
@@ -70,8 +72,6 @@ class Int8GroupMatrix(Matrix):
             xp = aligned(np.zeros(self.padded_cols, np.float32))
             xp[: x.shape[0]] = x
             x = xp
-        if int_gemm.BATCH_KERNELS:
-            return int_gemm.gemv_i8g(self.q, self.scale, x, self.block_source, self.group, self.parallel)
         kernel = int8_kernels.gemv_i8g if self.parallel else int8_kernels.gemv_i8g_serial
         return kernel(self.q, self.scale, x, self.block_source, self.group)
 
@@ -79,14 +79,11 @@ class Int8GroupMatrix(Matrix):
     def _gemv_many(matrices, X):
         first = matrices[0]
         rows = np.array([m.shape[0] for m in matrices], np.int64)
-        many = int_gemm.gemv_many_i8g if int_gemm.BATCH_KERNELS else int8_kernels.gemv_i8g_many
-        return many(tuple(m.q for m in matrices), tuple(m.scale for m in matrices), X, first.block_source,
-                    first.group, rows)
+        return int8_kernels.gemv_i8g_many(tuple(m.q for m in matrices), tuple(m.scale for m in matrices), X,
+                                          first.block_source, first.group, rows)
 
     def _matmul_rows(self, X, parallel):
         X = padded_columns(X, self.padded_cols)
-        if int_gemm.BATCH_KERNELS:
-            return int_gemm.rows_i8g(self.q, self.scale, X, self.block_source, self.group, parallel)
         kernel = batched.gemm_i8g if parallel else batched.gemm_i8g_serial
         return kernel(self.q, self.scale, X, self.block_source, self.group)
 
@@ -144,14 +141,18 @@ def _quantize_int8_groups(rows, group, ratios, q, scale):
 class Int8(Scheme):
     name = "int8"
 
-    def __init__(self, group=32):
+    def __init__(self, group=32, layout="rows"):
         super().__init__()
         self.group = group_param("int8", group, GROUPS)
-        self.params = {"group": self.group}
+        self.layout = panel.layout_param("int8", layout, self.group)
+        self.params = {"group": self.group, **({"layout": layout} if layout != "rows" else {})}
+        self.row_step = panel.ROW_STEP if self.layout == "p16" else 1
 
     def padded_cols(self, cols: int) -> int:
         if not self.group:
             return cols
+        if self.layout == "p16":
+            return panel.padded_cols(cols)
         step = max(self.group, INT4_BLOCK)
         return -(-cols // step) * step
 
@@ -160,6 +161,10 @@ class Int8(Scheme):
         if not self.group:
             return {"": (np.dtype(np.int8), (R, C)), ".scale": (np.dtype(np.float32), (R,))}
         Cp = self.padded_cols(C)
+        if self.layout == "p16":
+            P = panel.panels(R)
+            return {"": (np.dtype(np.uint8), (P, Cp * panel.ROW_STEP)),
+                    ".scale": (np.dtype(np.float16), (P, Cp // self.group * panel.ROW_STEP))}
         return {"": (np.dtype(np.int8), (R, Cp)), ".scale": (np.dtype(np.float16), (R, Cp // self.group))}
 
     def quantize(self, rows):
@@ -174,16 +179,28 @@ class Int8(Scheme):
         q = np.empty((R, Cp), np.int8)
         scale = np.empty((R, Cp // self.group), np.uint16)
         _quantize_int8_groups(rows, self.group, CLIP_RATIOS, q, scale)
+        if self.layout == "p16":
+            return panel.pack_int8(q, scale)
         return {"": q, ".scale": scale.view(np.float16)}
 
-    def dequantize(self, parts, cols=None):
-        q, scale = parts[""], parts[".scale"]
+    def dequantize(self, parts, cols=None, rows=None):
+        """float32 (rows, cols): the padded width and (p16) row count unless the logical ones are given."""
+        if self.layout == "p16":
+            q, scale = panel.unpack_int8(parts, rows or parts[""].shape[0] * panel.ROW_STEP)
+        else:
+            q, scale = parts[""], parts[".scale"]
         if not self.group:
             return q.astype(np.float32) * scale[:, None]
         w = q.astype(np.float32) * np.repeat(scale.astype(np.float32), self.group, axis=1)
         return w[:, : cols or q.shape[1]]
 
     def _matrix(self, parts, shape):
+        if self.layout == "p16":
+            wp = self._part(parts, "", np.uint8, 2)
+            scale = self._part(parts, ".scale", np.float16, 2).view(np.uint16)
+            R, padded = panel.check_shape(self.name, wp, scale, shape, 16)
+            return panel.PanelMatrix("int8", wp, scale, (R, self._logical_cols(padded, panel.GROUP, shape)),
+                                     self.params, lambda ids: self._rows_of(wp, scale, ids))
         q = self._part(parts, "", np.int8, 2)
         if not self.group:
             scale = self._part(parts, ".scale", np.float32, 1)
@@ -196,3 +213,10 @@ class Int8(Scheme):
         if padded % step or scale.shape != (R, padded // self.group):
             raise SchemeError(f"int8 matrix: q {q.shape} and scales {scale.shape} do not fit group {self.group}")
         return Int8GroupMatrix(q, scale, self.group, (R, self._logical_cols(padded, step, shape)), self.params)
+
+    def _rows_of(self, wp, scale, ids):
+        """Rows `ids` of a p16 matrix, dequantised (float32, padded width)."""
+        u, words = panel.gather_rows(wp, scale, ids)
+        d = words.view(np.float16).astype(np.float32)
+        return (u.astype(np.float32) - 128) * np.repeat(d, self.group, axis=1)
+

@@ -1,0 +1,164 @@
+"""The panel-layout (p16) integer kernels: exact against a float64 evaluation of the same rounded activations,
+bit-identical between one token, batches, prompts, thread counts and instruction-set paths."""
+import numba
+import numpy as np
+import pytest
+from llvmlite import binding as llvm_binding
+from numba import njit
+
+import rwkv_lite
+from conftest import shared_file
+from rwkv_lite.kernels import panel
+from rwkv_lite.schemes import get_scheme
+
+
+def _matrix(kind, R, C, seed=0):
+    rng = np.random.default_rng(seed)
+    W = (rng.standard_normal((R, C)) * rng.uniform(0.2, 3, (R, 1))).astype(np.float32)
+    scheme = get_scheme(kind, group=32, layout="p16")
+    return scheme, scheme.matrix(scheme.quantize(W), (R, C))
+
+
+def _reference(kind, scheme, m, X):
+    """float64: the stored weights times the kernel's own rounded activations."""
+    R, C = m.shape
+    Cp = m.padded_cols
+    W = scheme.dequantize({"": m.wp, ".scale" if kind == "int8" else ".groups":
+                           m.words.view(np.float16) if kind == "int8" else m.words}, rows=R).astype(np.float64)
+    digits = 2 if kind == "int8" else 1
+    xq, xs, xsum = panel.quantize_rows(X, Cp, digits)
+    q = xq.astype(np.int64)
+    levels = q[:, :, :32] * 128 + q[:, :, 32:] if digits == 2 else q          # (groups, B, 32)
+    np.testing.assert_array_equal(levels.sum(-1), xsum)
+    Xr = (levels * xs[:, :, None].astype(np.float64)).transpose(1, 0, 2).reshape(X.shape[0], Cp)
+    return Xr @ W.T
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("shape", [(64, 64), (40, 100), (257, 96), (48, 2048)])
+def test_panel_matches_float64_and_batches_are_bit_identical(kind, shape):
+    scheme, m = _matrix(kind, *shape)
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((70, shape[1])).astype(np.float32)       # 70 rows: more than one 64-row tile
+    X[3] *= 1e-3
+    X[5, :7] = 0
+    Y = m(X)
+    ref = _reference(kind, scheme, m, X)
+    np.testing.assert_allclose(Y, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+    for b in (0, 3, 5, 63, 64, 69):
+        np.testing.assert_array_equal(m(X[b]), Y[b])
+    for B in (2, 7, 29):
+        np.testing.assert_array_equal(m._matmul_rows(X[:B], parallel=True), Y[:B])
+        np.testing.assert_array_equal(m._matmul_rows(X[:B], parallel=False), Y[:B])
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_panel_results_do_not_depend_on_the_thread_count(kind):
+    _, m = _matrix(kind, 1024, 512, seed=2)
+    X = np.random.default_rng(3).standard_normal((9, 512)).astype(np.float32)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = m(X), m(X[0])
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        many = m(X), m(X[0])
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_array_equal(one[0], many[0])
+    np.testing.assert_array_equal(one[1], many[1])
+    np.testing.assert_array_equal(one[1], one[0][0])
+
+
+def test_two_digit_activations_keep_15_bits_and_the_sign():
+    rng = np.random.default_rng(4)
+    X = (rng.standard_normal((3, 96)) * np.array([[1], [1e-20], [5e3]])).astype(np.float32)
+    xq, xs, xsum = panel.quantize_rows(X, 96, 2)
+    hi, lo = xq[:, :, :32].astype(np.int64), xq[:, :, 32:].astype(np.int64)
+    assert np.abs(hi).max() <= 127 and np.abs(lo).max() <= 127
+    assert ((hi == 0) | (lo == 0) | (np.sign(hi) == np.sign(lo))).all()
+    approx = ((hi * 128 + lo) * xs[:, :, None]).transpose(1, 0, 2).reshape(3, 96)
+    amax = np.abs(X).reshape(3, 3, 32).max(-1).repeat(32, axis=1)
+    assert (np.abs(approx - X) <= amax / 16256 * 0.5001).all()
+
+
+def test_nan_and_inf_activations_give_nan_zeros_give_zero():
+    _, m = _matrix("int4", 32, 64)
+    x = np.zeros(64, np.float32)
+    assert (m(x) == 0).all()
+    x[40] = np.nan
+    assert np.isnan(m(x)).all()
+    x[40] = np.inf
+    assert np.isnan(m(x)).all()
+    x[40] = 1e-38                                       # a group too small to scale: flushed to zero
+    assert (m(x) == 0).all()
+
+
+def _host_isas():
+    feats = {k for k, v in llvm_binding.get_host_cpu_features().items() if v}
+    isas = ["generic"]
+    if "avx2" in feats:
+        isas.append("avx2")
+    if "avxvnni" in feats or {"avx512vnni", "avx512vl"} <= feats:
+        isas.append("vnni256")
+    if {"avx512vnni", "avx512f", "avx512bw"} <= feats:
+        isas.append("vnni512")
+    return isas
+
+
+def _driver(kind, isa, single):
+    kernel = panel.make_panel_kernel("i8" if kind == "int8" else "i4", single, isa=isa)
+
+    @njit
+    def run(wp, wd, xq, xs, xsum, Y, acc):
+        for b in range(xq.shape[1]) if single else range(1):
+            for p in range(wp.shape[0]):
+                if single:
+                    kernel(wp, wd, p, xq, xs, xsum, b, b + 1, acc, Y)
+                else:
+                    kernel(wp, wd, p, xq, xs, xsum, 0, xq.shape[1], acc, Y)
+    return run
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("isa", _host_isas())
+def test_every_instruction_set_path_gives_the_same_bits(kind, isa):
+    _, m = _matrix(kind, 48, 160, seed=5)
+    X = np.random.default_rng(6).standard_normal((5, 160)).astype(np.float32)
+    expect = m(X)
+    xq, xs, xsum = panel.quantize_rows(X, m.padded_cols, 2 if kind == "int8" else 1)
+    acc = panel._aligned_scratch(5)
+    for single in (True, False):
+        Y = np.full((5, m.npanels * 16), np.nan, np.float32)
+        _driver(kind, isa, single)(m.wp, m.words, xq, xs, xsum, Y, acc)
+        np.testing.assert_array_equal(Y[:, :48], expect, err_msg=f"{isa} single={single}")
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_a_row_major_file_converts_to_p16_without_rounding_again(tmp_path, monkeypatch, quant):
+    """Files from before the panel layout: `convert old new --quant Q` re-lays their matrices out; the result is
+    the file a fresh conversion of the checkpoint writes (same stored values, same logits)."""
+    from rwkv_lite.errors import FormatError
+    from rwkv_lite.format import read_model_file
+    from rwkv_lite.quantize import convert as convert_module
+    src = shared_file("rwkv-cpp-tiny", "tiny-rwkv-5v2-730K-FP32.bin")
+    fresh = rwkv_lite.convert(src, tmp_path / "fresh.st", quant)
+    monkeypatch.setattr(convert_module, "_matrix_scheme",
+                        lambda q, group=None: get_scheme(q, **({"group": group} if group else {})))
+    old = rwkv_lite.convert(src, tmp_path / "old.st", quant)
+    monkeypatch.undo()
+    new = rwkv_lite.convert(old, tmp_path / "new.st", quant)
+    f_old, f_new, f_fresh = read_model_file(old), read_model_file(new), read_model_file(fresh)
+    try:
+        layouts = {rec["params"].get("layout") for rec in f_new.tensors.values() if rec["role"] == "matrix"}
+        assert layouts == {"p16"}
+        assert {rec["params"].get("layout") for rec in f_old.tensors.values()} == {None}
+        for name in f_fresh.arrays:
+            np.testing.assert_array_equal(f_new.arrays[name], f_fresh.arrays[name], err_msg=name)
+    finally:
+        for f in (f_old, f_new, f_fresh):
+            f.close()
+    ids = list(b"In the beginning")
+    np.testing.assert_array_equal(rwkv_lite.load(new).forward(ids)[0], rwkv_lite.load(fresh).forward(ids)[0])
+    other = "int4" if quant == "int8" else "int8"
+    with pytest.raises(FormatError, match="old.st: tensor .* already quantized file converts only"):
+        rwkv_lite.convert(old, tmp_path / "x.st", other)
