@@ -299,7 +299,8 @@ def test_reference_fixtures_cover_every_version():
 # value) for int4, amplified by the random weights. Measured max diff / max|logits| over 40 tokens: v4 and v5.x 0
 # (identical), v6 6.3e-5 (int8) / 1.4e-7 (int4), v7 1.1e-4 / 4.7e-3; a wrong kernel, layout or state hand-over
 # differs by O(1).
-QUANTIZED_SERIAL_VS_SEQUENCE_TOL = {"int8": 1.5e-3, "int4": 1e-2}
+# (Float files' batched rows run the GEMV's own row dots: tests/test_batched_decode.py uses the int8 bound for them.)
+QUANTIZED_SERIAL_VS_SEQUENCE_TOL = {"int8": 1.5e-3, "int4": 1e-2, "fp16": 1.5e-3, "fp32": 1.5e-3}
 
 
 @pytest.mark.parametrize("name", ONE_SPEC_PER_VERSION)
