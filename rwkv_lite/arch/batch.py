@@ -37,3 +37,17 @@ def store_rows(states, key: str, l: int, X) -> None:
     """Write row b of X into sequence b's state array `key` at layer l."""
     for s, x in zip(states, X):
         s[key][l] = x
+
+
+def row_addresses(states, key: str, l: int) -> np.ndarray:
+    """int64 addresses of every sequence's state array `key` at layer l, for the kernels that update all B
+    sequences' states in one launch (kernels/wkv5.py, wkv7.py: *_rows). The arrays must be C-contiguous float32
+    of one shape (new_state makes them so); they stay owned by `states`, which outlive the call."""
+    first = states[0][key]
+    out = np.empty(len(states), np.int64)
+    for b, s in enumerate(states):
+        arr = s[key]
+        if arr.dtype != np.float32 or not arr.flags.c_contiguous or arr.shape != first.shape:
+            raise ValueError(f"state array {key!r} of sequence {b} is not a C-contiguous float32 {first.shape} array")
+        out[b] = arr.__array_interface__["data"][0] + l * arr.strides[0]
+    return out

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import FormatError
-from ..kernels.wkv5 import wkv5
+from ..kernels.wkv5 import wkv5, wkv5_rows
 from . import common
-from .batch import linear_rows, previous_rows, store_rows
+from .batch import linear_rows, previous_rows, row_addresses, store_rows
 from .common import (Planner, group_norm, layer_count, linear, linear_many, relu_square, shifted, sigmoid, silu,
                      token_mix)
 
@@ -214,8 +214,7 @@ def time_mix_batch(L: Layer, a, states, l, run):
     xk, xv, xr = token_mix(a, p, L.mix_k), token_mix(a, p, L.mix_v), token_mix(a, p, L.mix_r)
     r, k, v = linear_rows(L.W_r, xr, obs), linear_rows(L.W_k, xk, obs), linear_rows(L.W_v, xv, obs)
     o = np.empty_like(r)
-    for b, s in enumerate(states):
-        wkv5(r[b:b + 1], k[b:b + 1], v[b:b + 1], L.decay, L.bonus, s["wkv"][l], o[b:b + 1])
+    wkv5_rows(r, k, v, L.decay, L.bonus, row_addresses(states, "wkv", l), o)
     y = group_norm(o, cfg.n_head, L.ln_x_w, L.ln_x_b, cfg.ln_x_eps)
     if L.has_gate:
         y = y * silu(linear_rows(L.W_g, token_mix(a, p, L.mix_g), obs))

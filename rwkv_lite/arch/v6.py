@@ -27,10 +27,10 @@ import numpy as np
 
 from ..errors import FormatError
 from ..kernels.batched import lowrank_down_rows, lowrank_up_rows
-from ..kernels.wkv5 import wkv6
+from ..kernels.wkv5 import wkv6, wkv6_rows
 from ..kernels import pointwise
 from . import common
-from .batch import linear_rows, per_row, store_rows
+from .batch import linear_rows, previous_rows, row_addresses, store_rows
 from .common import Planner, group_norm, layer_count, linear, linear_many, lora_down, lora_up, relu_square, sigmoid, silu
 
 VERSIONS = ("6",)
@@ -241,22 +241,20 @@ def forward(W: common.Weights, tokens: np.ndarray, state: dict, all_logits: bool
 def time_mix_batch(L: Layer, a, states, l, run):
     """time_mix for B sequences at one token each: row b of `a` belongs to states[b]."""
     cfg, obs = run.cfg, run.observer
-    (x,) = per_row(lambda b, s: pointwise.shift_mixes(a[b:b + 1], s["att_x"][l], L.maa_x_stack), states)
+    previous = previous_rows(states, "att_x", l)
+    (x,) = pointwise.shift_mixes_rows(a, previous, L.maa_x_stack)
     (z,) = lowrank_down_rows((x,), (L.maa_w1,))
     D = L.maa_w1.shape[1] // 5
     z = np.tanh(z)
     extra = lowrank_up_rows([z[:, f * D:(f + 1) * D] for f in range(5)], L.maa_up)        # (5, B, C)
-    xw, xk, xv, xr, xg = per_row(lambda b, s: pointwise.shift_mixes(a[b:b + 1], s["att_x"][l], L.maa_stack,
-                                                                    extra[:, b:b + 1]), states)
+    xw, xk, xv, xr, xg = pointwise.shift_mixes_rows(a, previous, L.maa_stack, extra)
     r, k, v, g = (linear_rows(W, x, obs) for W, x in ((L.W_r, xr), (L.W_k, xk), (L.W_v, xv), (L.W_g, xg)))
     g = silu(g)
     (h,) = lowrank_down_rows((xw,), (L.decay_w1,))
     (u,) = lowrank_up_rows((np.tanh(h),), (L.decay_w2,))
     w = pointwise.rwkv6_decay(L.time_decay, u)
     o = np.empty_like(r)
-    for b, s in enumerate(states):
-        one = slice(b, b + 1)
-        wkv6(r[one], k[one], v[one], w[one], L.bonus, s["wkv"][l], o[one])
+    wkv6_rows(r, k, v, w, L.bonus, row_addresses(states, "wkv", l), o)
     y = group_norm(o, cfg.n_head, L.ln_x_w, L.ln_x_b, cfg.ln_x_eps) * g
     store_rows(states, "att_x", l, a)
     return linear_rows(L.W_o, y, obs)
@@ -264,7 +262,7 @@ def time_mix_batch(L: Layer, a, states, l, run):
 
 def channel_mix_batch(L: Layer, b, states, l, run):
     obs = run.observer
-    xk, xr = per_row(lambda i, s: pointwise.shift_mixes(b[i:i + 1], s["ffn_x"][l], L.ffn_mixes), states)
+    xk, xr = pointwise.shift_mixes_rows(b, previous_rows(states, "ffn_x", l), L.ffn_mixes)
     k, r = linear_rows(L.F_k, xk, obs), linear_rows(L.F_r, xr, obs)
     store_rows(states, "ffn_x", l, b)
     return sigmoid(r) * linear_rows(L.F_v, relu_square(k), obs)

@@ -31,10 +31,10 @@ import numpy as np
 
 from ..errors import FormatError
 from ..kernels.batched import lowrank_down_rows, lowrank_up_rows
-from ..kernels.wkv7 import wkv7
+from ..kernels.wkv7 import wkv7, wkv7_rows
 from ..kernels import pointwise
 from . import common
-from .batch import linear_rows, per_row, store_rows
+from .batch import linear_rows, per_row, previous_rows, row_addresses, store_rows
 from .common import (Planner, PlannedTensor, layer_count, layer_norm, linear, linear_many, lora_down, lora_up,
                      relu_square, sigmoid)
 
@@ -338,8 +338,7 @@ def forward(W: common.Weights, tokens: np.ndarray, state: dict, all_logits: bool
 def time_mix_batch(L: Layer, a, states, l, run):
     """time_mix for B sequences at one token each: row b of `a` belongs to states[b]."""
     H, obs = run.cfg.n_head, run.observer
-    xr, xw, xk, xv, xa, xg = per_row(lambda b, s: pointwise.shift_mixes(a[b:b + 1], s["att_x"][l], L.mixes),
-                                     states)
+    xr, xw, xk, xv, xa, xg = pointwise.shift_mixes_rows(a, previous_rows(states, "att_x", l), L.mixes)
     r, k, v = linear_rows(L.W_r, xr, obs), linear_rows(L.W_k, xk, obs), linear_rows(L.W_v, xv, obs)
     if L.has_value_residual:
         u_w, u_a, u_v, gate = _loras(L, (xw, xa, xv, xg))
@@ -351,9 +350,7 @@ def time_mix_batch(L: Layer, a, states, l, run):
         k, v, run.v_first, u_w, u_a, u_v, L.w0, L.a0, v0, L.k_k, L.k_a, H, L.has_value_residual, DECAY_SCALE,
         NORM_FLOOR)
     o = np.empty_like(r)
-    for b, s in enumerate(states):
-        one = slice(b, b + 1)
-        wkv7(r[one], w[one], k[one], v[one], neg_kappa[one], kappa_alpha[one], s["wkv"][l], o[one])
+    wkv7_rows(r, w, k, v, neg_kappa, kappa_alpha, row_addresses(states, "wkv", l), H, o)
     y = pointwise.rwkv7_output(o, r, k, v, L.r_k, gate, L.ln_x_w, L.ln_x_b, H, float(run.cfg.ln_x_eps))
     store_rows(states, "att_x", l, a)
     return linear_rows(L.W_o, y, obs)
@@ -367,7 +364,7 @@ def _loras(L: Layer, xs):
 
 def channel_mix_batch(L: Layer, b, states, l, run):
     obs, tokens = run.observer, run.tokens
-    (xk,) = per_row(lambda i, s: pointwise.shift_mixes(b[i:i + 1], s["ffn_x"][l], L.ffn_mixes), states)
+    (xk,) = pointwise.shift_mixes_rows(b, previous_rows(states, "ffn_x", l), L.ffn_mixes)
     hidden = relu_square(linear_rows(L.F_k, xk, obs))
     if L.s_emb is not None:                      # DeepEmbed: row i scaled by its own token's table
         (scale,) = per_row(lambda i, s: (deep_embed_scale(L, b[i:i + 1], tokens[i:i + 1]),), states)

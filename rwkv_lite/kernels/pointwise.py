@@ -129,6 +129,25 @@ def shift_mixes(a, previous_row, mus, extra=None):
 
 
 @njit(cache=True)
+def shift_mixes_rows(a, previous, mus, extra=None):
+    """shift_mixes for B sequences at one token each: row b of `a` (B, C) shifts against its own previous row
+    previous[b] -> (n, B, C); per element the same arithmetic as shift_mixes on that one row."""
+    B, C = a.shape
+    n = mus.shape[0]
+    out = np.empty((n, B, C), np.float32)
+    for b in range(B):
+        for c in range(C):
+            d = previous[b, c] - a[b, c]
+            if extra is None:
+                for f in range(n):
+                    out[f, b, c] = a[b, c] + d * mus[f, c]
+            else:
+                for f in range(n):
+                    out[f, b, c] = a[b, c] + d * (mus[f, c] + extra[f, b, c])
+    return out
+
+
+@njit(cache=True)
 def rwkv6_decay(time_decay, u):
     """w = exp(-exp(time_decay + u)): RWKV-6's per-token decay from the decay LoRA's output u (T, C)."""
     T, C = u.shape

@@ -163,6 +163,19 @@ def bits_to_f32(typingctx, bits):
     return types.float32(bits), codegen
 
 
+@intrinsic
+def f32_pointer(typingctx, address):
+    """The int64 `address` as a float32 pointer, for numba.carray: lets one kernel launch update arrays that live
+    in separate objects (each batched sequence's own state; see row_addresses in arch/batch.py). The caller keeps
+    the arrays alive and guarantees their shape."""
+    if address != types.int64:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+    return types.CPointer(types.float32)(address), codegen
+
+
 ALIGN = 64        # bytes: one cache line, one zmm register
 
 

@@ -7,7 +7,9 @@ RWKV-6 passes a per-token decay w[t] (data dependent); RWKV-5 one decay for all 
 Heads are independent, so they run in parallel; tokens run in order inside each head.
 """
 import numpy as np
-from numba import njit, prange
+from numba import carray, njit, prange
+
+from .simd import f32_pointer
 
 # Below this many state updates per call (T * H * N * N) a parallel launch costs more than it saves (and on a busy
 # machine much more): such calls run on one thread.
@@ -64,3 +66,24 @@ def wkv5(r, k, v, w, u, state, out):
 def wkv6(r, k, v, w, u, state, out):
     """As wkv5 but with a decay per token: w (T, H*N) float32."""
     _run(r, k, v, w, True, u, state, out)
+
+
+@njit(cache=True, parallel=True)
+def _rows(r, k, v, w, w_per_token, u, states, out):
+    B, (H, N) = r.shape[0], u.shape
+    for i in prange(B * H):
+        b, h = i // H, i % H
+        s = carray(f32_pointer(states[b]), (H, N, N))
+        wb = w[b:b + 1] if w_per_token else w
+        _head(r[b:b + 1], k[b:b + 1], v[b:b + 1], wb, w_per_token, u, s[h], out[b:b + 1], h)
+
+
+def wkv5_rows(r, k, v, w, u, states, out):
+    """B sequences at one token each, one launch: row b of r, k, v, out (B, H*N) with the (H, N, N) float32 state at
+    address states[b] (arch/batch.py: row_addresses). Each (row, head) is the single-token computation."""
+    _rows(r, k, v, w, False, u, states, out)
+
+
+def wkv6_rows(r, k, v, w, u, states, out):
+    """As wkv5_rows with a decay per row: w (B, H*N)."""
+    _rows(r, k, v, w, True, u, states, out)

@@ -13,7 +13,9 @@ the summation order changes the result by ~3e-7 relative).
 Heads are independent and run in parallel; tokens run in order inside each head.
 """
 import numpy as np
-from numba import njit, prange
+from numba import carray, njit, prange
+
+from .simd import f32_pointer
 
 # Below this many state updates per call (T * H * N * N) one thread is faster than a parallel launch (the same
 # rule as kernels/wkv5.py).
@@ -61,3 +63,20 @@ def wkv7(r, w, k, v, a, b, state, out):
         _wkv7_parallel(r, w, k, v, a, b, state, out)
     else:
         _wkv7_serial(r, w, k, v, a, b, state, out)
+
+
+@njit(cache=True, parallel=True)
+def _rows(r, w, k, v, a, b, states, H, out):
+    B, N = r.shape[0], r.shape[1] // H
+    for i in prange(B * H):
+        row, h = i // H, i % H
+        s = carray(f32_pointer(states[row]), (H, N, N))
+        one = slice(row, row + 1)
+        _wkv7_head(h, r[one], w[one], k[one], v[one], a[one], b[one], s, out[one])
+
+
+def wkv7_rows(r, w, k, v, a, b, states, heads, out):
+    """B sequences at one token each, one launch: row b of r, w, k, v, a, b, out (B, H*N) with the (H, N, N)
+    float32 state at address states[b] (arch/batch.py: row_addresses). Each (row, head) is the single-token
+    computation."""
+    _rows(r, w, k, v, a, b, states, heads, out)
