@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 
 @njit(cache=True)
@@ -158,7 +158,52 @@ def rwkv6_decay(time_decay, u):
     return out
 
 
+# Rows (tokens or sequences) from which the row-wise RWKV-7 kernels below run in parallel (one row: the pool's
+# wake-up costs more than the work).
+PARALLEL_MIN_ROWS = 4
+
+
 @njit(cache=True)
+def _rwkv7_wkv_inputs_row(t, k, v, v_first, u_w, u_a, u_v, w0, a0, v0, k_k, k_a, n_head, value_residual,
+                          decay_scale, norm_floor, w, kt, vt, neg, b):
+    C = k.shape[1]
+    N = C // n_head
+    one = np.float32(1.0)
+    kk = np.empty(N, np.float32)
+    for h in range(n_head):
+        c0 = h * N
+        sq = 0.0
+        for j in range(N):
+            x = k[t, c0 + j] * k_k[c0 + j]
+            kk[j] = x
+            sq += np.float64(x) * x
+        norm = max(np.float32(np.sqrt(sq)), norm_floor)
+        for j in range(N):
+            c = c0 + j
+            w[t, c] = np.exp(decay_scale * (one / (one + np.exp(-(w0[c] + u_w[t, c])))))
+            alpha = one / (one + np.exp(-(a0[c] + u_a[t, c])))
+            kappa = kk[j] / norm
+            neg[t, c] = -kappa
+            b[t, c] = kappa * alpha
+            kt[t, c] = k[t, c] * (one + (alpha - one) * k_a[c])
+            if value_residual:
+                vt[t, c] = v[t, c] + (v_first[t, c] - v[t, c]) * (one / (one + np.exp(-(v0[c] + u_v[t, c]))))
+            else:
+                vt[t, c] = v[t, c]
+
+
+@njit(cache=True)
+def _rwkv7_wkv_inputs_serial(args, outs):
+    for t in range(args[0].shape[0]):
+        _rwkv7_wkv_inputs_row(t, *args, *outs)
+
+
+@njit(cache=True, parallel=True)
+def _rwkv7_wkv_inputs_parallel(args, outs):
+    for t in prange(args[0].shape[0]):
+        _rwkv7_wkv_inputs_row(t, *args, *outs)
+
+
 def rwkv7_wkv_inputs(k, v, v_first, u_w, u_a, u_v, w0, a0, v0, k_k, k_a, n_head, value_residual, decay_scale,
                      norm_floor):
     """The RWKV-7 quantities around the WKV step, from the projections k, v (T, C) and the LoRA outputs u_*:
@@ -167,38 +212,14 @@ def rwkv7_wkv_inputs(k, v, v_first, u_w, u_a, u_v, w0, a0, v0, k_k, k_a, n_head,
         kappa  = per head: (k * k_k) / max(|k * k_k|, norm_floor)
         k~     = k * (1 + (alpha - 1) * k_a)
         v~     = v + (v_first - v) * sigmoid(v0 + u_v)      (value_residual; else v)
-    Returns (w, k~, v~, -kappa, kappa * alpha), the arguments of kernels/wkv7.wkv7 after r."""
+    Returns (w, k~, v~, -kappa, kappa * alpha), the arguments of kernels/wkv7.wkv7 after r. Rows are independent:
+    several (a prompt's tokens, a batch's sequences) run in parallel, one token in the calling thread."""
     T, C = k.shape
-    N = C // n_head
-    one = np.float32(1.0)
-    w = np.empty((T, C), np.float32)
-    kt = np.empty((T, C), np.float32)
-    vt = np.empty((T, C), np.float32)
-    neg = np.empty((T, C), np.float32)
-    b = np.empty((T, C), np.float32)
-    kk = np.empty(N, np.float32)
-    for t in range(T):
-        for h in range(n_head):
-            c0 = h * N
-            sq = 0.0
-            for j in range(N):
-                x = k[t, c0 + j] * k_k[c0 + j]
-                kk[j] = x
-                sq += np.float64(x) * x
-            norm = max(np.float32(np.sqrt(sq)), norm_floor)
-            for j in range(N):
-                c = c0 + j
-                w[t, c] = np.exp(decay_scale * (one / (one + np.exp(-(w0[c] + u_w[t, c])))))
-                alpha = one / (one + np.exp(-(a0[c] + u_a[t, c])))
-                kappa = kk[j] / norm
-                neg[t, c] = -kappa
-                b[t, c] = kappa * alpha
-                kt[t, c] = k[t, c] * (one + (alpha - one) * k_a[c])
-                if value_residual:
-                    vt[t, c] = v[t, c] + (v_first[t, c] - v[t, c]) * (one / (one + np.exp(-(v0[c] + u_v[t, c]))))
-                else:
-                    vt[t, c] = v[t, c]
-    return w, kt, vt, neg, b
+    outs = tuple(np.empty((T, C), np.float32) for _ in range(5))
+    args = (k, v, v_first, u_w, u_a, u_v, w0, a0, v0, k_k, k_a, n_head, value_residual, np.float32(decay_scale),
+            np.float32(norm_floor))
+    (_rwkv7_wkv_inputs_parallel if T >= PARALLEL_MIN_ROWS else _rwkv7_wkv_inputs_serial)(args, outs)
+    return outs
 
 
 @njit(cache=True)
