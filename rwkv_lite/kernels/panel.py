@@ -131,19 +131,22 @@ def _prepare_weights(builder, chunks, kind, isa):
     return halves
 
 
-def _group_dot(builder, w, xrow32, kind, isa):
-    """<16 x i32>: for each of the 16 rows, sum over the group's 32 columns of weight * x, exactly; x = the 32
-    bytes at xrow32 (an i32 pointer), weights as `_prepare_weights` gave them. int8 on every path but avx2 sums
-    the stored bytes (q + 128); the caller corrects that with -128 * sum(x)."""
+def _group_dot(builder, w, xrow32, kind, isa, seed=None):
+    """<16 x i32>: seed (default 0) plus, for each of the 16 rows, the sum over the group's 32 columns of weight * x,
+    exactly; x = the 32 bytes at xrow32 (an i32 pointer), weights as `_prepare_weights` gave them. int8 on every
+    path but avx2 sums the stored bytes (q + 128); the caller corrects that with -128 * sum(x) (as the seed:
+    starting a chain from it costs no instruction)."""
+    zero16 = splat_const(I32, 16, 0)
+    seed = zero16 if seed is None else seed
     xs = [builder.load(builder.gep(xrow32, [ir.Constant(I64, k)]), align=4) for k in range(8)]
     if isa == "vnni512":
-        acc = [splat_const(I32, 16, 0), splat_const(I32, 16, 0)]           # two chains hide the latency
+        acc = [seed, zero16]                                                # two chains hide the latency
         for k in range(8):
             xb = builder.bitcast(splat(builder, xs[k], 16), vec(I8, 64))
             acc[k % 2] = _dpbusd(builder, acc[k % 2], w[k], xb)
         return builder.add(acc[0], acc[1])
     if isa == "vnni256":
-        acc = [splat_const(I32, 8, 0) for _ in range(4)]
+        acc = [_half(builder, seed, 0, 8), splat_const(I32, 8, 0), _half(builder, seed, 1, 8), splat_const(I32, 8, 0)]
         for k in range(8):
             xb = builder.bitcast(splat(builder, xs[k], 8), vec(I8, 32))
             for h in range(2):
@@ -170,9 +173,9 @@ def _group_dot(builder, w, xrow32, kind, isa):
                     p32 = _call(builder, "llvm.x86.avx2.pmadd.wd", vec(I32, 8), [p, ones])
                     s32 = p32 if s32 is None else builder.add(s32, p32)
                 out.append(s32)
-        return _join(builder, out[0], out[1])
+        return builder.add(_join(builder, out[0], out[1]), seed)
     # generic: widen, multiply, add each lane's 4 products
-    acc = splat_const(I32, 16, 0)
+    acc = seed
     for k in range(8):
         xb = builder.bitcast(splat(builder, xs[k], 16), vec(I8, 64))
         prod = builder.mul(builder.zext(w[k], vec(I32, 64)), builder.sext(xb, vec(I32, 64)))
@@ -259,14 +262,16 @@ def make_panel_kernel(kind: str, single: bool, isa: str = ISA, prefetch: int = P
                 with cgutils.for_range(builder, nrows) as rl:
                     bg = builder.add(gB, builder.add(b0, rl.index))
                     xrow = builder.bitcast(builder.gep(XQ, [builder.mul(bg, ir.Constant(I64, xbytes))]), I32.as_pointer())
-                    xsum = splat(builder, builder.load(builder.gep(XSUM, [bg])), PANEL)
+                    xsum_scalar = builder.load(builder.gep(XSUM, [bg]))
                     if kind == "i8":
-                        hi = _group_dot(builder, w, xrow, kind, isa)
-                        lo = _group_dot(builder, w, builder.gep(xrow, [ir.Constant(I64, 8)]), kind, isa)
-                        ints = builder.add(builder.shl(hi, splat_const(I32, PANEL, 7)), lo)
+                        seed = None
                         if isa != "avx2":          # the bytes were q + 128: subtract 128 * sum(x15)
-                            ints = builder.sub(ints, builder.shl(xsum, splat_const(I32, PANEL, 7)))
+                            seed = splat(builder, builder.neg(builder.shl(xsum_scalar, ir.Constant(I32, 7))), PANEL)
+                        hi = _group_dot(builder, w, xrow, kind, isa)
+                        lo = _group_dot(builder, w, builder.gep(xrow, [ir.Constant(I64, 8)]), kind, isa, seed)
+                        ints = builder.add(builder.shl(hi, splat_const(I32, PANEL, 7)), lo)
                     else:                          # (q - z/8) * x summed, times 8: 8 * dot(q, x) - z8 * sum(x)
+                        xsum = splat(builder, xsum_scalar, PANEL)
                         dot = _group_dot(builder, w, xrow, kind, isa)
                         ints = builder.sub(builder.shl(dot, splat_const(I32, PANEL, 3)), builder.mul(zero, xsum))
                     scale = builder.fmul(d, splat(builder, builder.load(builder.gep(XS, [bg])), PANEL))
