@@ -1,6 +1,7 @@
 """Decode speed of several model files measured side by side, interleaved in one process.
 
     python bench/compare_decode.py v5-1b5-int8.st v7-1b5-int8.st v5-1b5-int4.st v7-1b5-int4.st --rounds 6 --tokens 8
+    python bench/compare_decode.py old-int4.st new-int4.st --prompt 128         # also a 128-token prompt per round
 
 Each round runs --tokens decode steps of every model in turn (after 2 warm-up steps each), so all models see the
 same machine load; reported per model: median ms/token over all rounds, min, max, spread (max / median), and the
@@ -8,6 +9,8 @@ median of the per-round medians' ratio to the first model (the A/B ratio that su
 prints the 1-minute load average before and after, and the CPU model. `--threads` sets Numba's and BLAS's
 threads (default: every core). On a shared machine, `--quiet-wait S` waits (up to S seconds) before each round
 until the other processes use less than a quarter of the CPUs, and reports the busy share seen before each round.
+`--prompt N` also times, per round and model, an N-token prompt read from a fresh state (sequence mode) and
+reports its median tokens/s and the median per-round ratio of speeds to the first model.
 """
 from __future__ import annotations
 
@@ -69,6 +72,7 @@ class Runner:
         self.logits, self.state = self.model.forward([1])
         self.times: list[float] = []
         self.round_medians: list[float] = []
+        self.prompt_times: list[float] = []
 
     def step(self) -> float:
         token = int(np.argmax(self.logits))
@@ -76,21 +80,29 @@ class Runner:
         self.logits, self.state = self.model.forward([token], self.state)
         return time.perf_counter() - t
 
-    def run_round(self, tokens: int) -> None:
+    def run_round(self, tokens: int, prompt: int = 0) -> None:
         times = [self.step() for _ in range(tokens)]
         self.times += times
         self.round_medians.append(statistics.median(times))
+        if prompt:
+            ids = (np.arange(prompt) * 7919 + 11) % self.model.config["vocab_size"]
+            t = time.perf_counter()
+            self.model.forward(ids)
+            self.prompt_times.append(time.perf_counter() - t)
 
 
-def compare(runners, rounds: int, tokens: int, say=print, quiet_wait: float = 0.0) -> list[dict]:
+def compare(runners, rounds: int, tokens: int, say=print, quiet_wait: float = 0.0, prompt: int = 0) -> list[dict]:
     for r in runners:
         r.step(), r.step()                                      # warm-up: compilation, page faults
+        if prompt:
+            r.model.forward(np.arange(prompt) % r.model.config["vocab_size"])
     for i in range(rounds):
         busy = wait_for_quiet(quiet_wait) if quiet_wait else cpu_busy_share()
         for r in runners:
-            r.run_round(tokens)
+            r.run_round(tokens, prompt)
         say(f"round {i + 1}/{rounds} (CPUs {busy:.0%} busy before): "
-            + ", ".join(f"{r.label} {1e3 * r.round_medians[-1]:.1f}" for r in runners))
+            + ", ".join(f"{r.label} {1e3 * r.round_medians[-1]:.1f}" for r in runners)
+            + ("; prompt tok/s " + ", ".join(f"{prompt / r.prompt_times[-1]:.1f}" for r in runners) if prompt else ""))
     base = runners[0].round_medians
     rows = []
     for r in runners:
@@ -99,6 +111,10 @@ def compare(runners, rounds: int, tokens: int, say=print, quiet_wait: float = 0.
                      "max_ms": 1e3 * max(r.times), "spread": max(r.times) / med,
                      "ratio_to_first": statistics.median(a / b for a, b in zip(r.round_medians, base)),
                      "tokens": len(r.times)})
+        if prompt:
+            rows[-1]["prompt_tok_s"] = prompt / statistics.median(r.prompt_times)
+            rows[-1]["prompt_speed_vs_first"] = statistics.median(
+                b / a for a, b in zip(r.prompt_times, runners[0].prompt_times))
     return rows
 
 
@@ -108,18 +124,24 @@ def main():
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--tokens", type=int, default=8, help="decode steps per model per round")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--prompt", type=int, default=0, metavar="N", help="also time an N-token prompt per round")
     ap.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
                     help="before each round wait up to S seconds for the other processes to go quiet")
     args = ap.parse_args()
     threads = set_threads(args.threads)
     print(f"CPU: {cpu_model()}, {threads} threads, NUMBA_CPU_NAME={os.environ.get('NUMBA_CPU_NAME', '(host)')}, "
           f"load average {os.getloadavg()[0]:.2f}")
-    rows = compare([Runner(p) for p in args.models], args.rounds, args.tokens, quiet_wait=args.quiet_wait)
+    rows = compare([Runner(p) for p in args.models], args.rounds, args.tokens, quiet_wait=args.quiet_wait,
+                   prompt=args.prompt)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     print(f"{'model':<32} {'median ms':>10} {'min':>8} {'max':>8} {'max/med':>8} {'vs first':>9}")
     for row in rows:
         print(f"{row['model']:<32} {row['median_ms']:10.1f} {row['min_ms']:8.1f} {row['max_ms']:8.1f} "
               f"{row['spread']:8.2f} {row['ratio_to_first']:9.3f}")
+    if args.prompt:
+        print(f"\n{'model':<32} {'prompt tok/s':>12} {'speed vs first':>15}   ({args.prompt} tokens from a fresh state)")
+        for row in rows:
+            print(f"{row['model']:<32} {row['prompt_tok_s']:12.1f} {row['prompt_speed_vs_first']:15.2f}")
 
 
 if __name__ == "__main__":
