@@ -289,11 +289,15 @@ def make_panel_kernel(kind: str, single: bool, isa: str = ISA, prefetch: int = P
     return intrinsic(typer)
 
 
-# single token: int8 without software prefetch (it cost 6-20% there; the hardware prefetcher keeps up with one
-# stream), int4 with it (9-20% faster); batches and prompts with it (B = 16 at 4096 columns: 81 us/row, 182 without)
-panel_i8_single = make_panel_kernel("i8", True)
+# Software prefetch distance. A single token streams the weights once: 4 KiB ahead (whole-model decode on a
+# 2-core Zen 4, interleaved runs: int4 20.6-21.3 ms/token at 4 KiB against 21.1-26.5 at 8 KiB and 23.4-24.3 for
+# the row-major kernels; int8 36.9-44.8 at 2-4 KiB, 41.7-49.5 at 8 KiB). Batches spend 8-16x longer on each
+# weight, so they need the larger distance (Eagle 1.5B int8, B = 8: 60-68 ms/step at 8-16 KiB, 72 at 2 KiB,
+# 91-93 with none).
+SINGLE_PREFETCH = 4096
+panel_i8_single = make_panel_kernel("i8", True, prefetch=SINGLE_PREFETCH)
 panel_i8_rows = make_panel_kernel("i8", False)
-panel_i4_single = make_panel_kernel("i4", True)
+panel_i4_single = make_panel_kernel("i4", True, prefetch=SINGLE_PREFETCH)
 panel_i4_rows = make_panel_kernel("i4", False)
 
 
