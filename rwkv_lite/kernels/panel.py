@@ -58,16 +58,36 @@ LEVELS = {1: 127, 2: 16256}          # activation levels per sign: 127, and 127 
 ISAS = ("vnni512", "vnni256", "avx2", "generic")
 
 
+# Features implied by the CPU names people give NUMBA_CPU_NAME (to build for another machine, or to test AVX2 code on
+# an AVX-512 host). An unknown name gets the portable kernels: naming an instruction the target lacks would stop
+# LLVM.
+_AVX2 = {"avx2"}
+_AVX512_VNNI = {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni"}
+_CPU_NAME_FEATURES = {
+    **{n: _AVX2 for n in ("haswell", "broadwell", "skylake", "znver1", "znver2", "znver3", "x86-64-v3")},
+    **{n: _AVX2 | {"avx512f", "avx512bw", "avx512vl"} for n in ("skylake-avx512", "x86-64-v4")},
+    **{n: _AVX512_VNNI for n in ("cascadelake", "cooperlake", "icelake-client", "icelake-server", "tigerlake",
+                                  "sapphirerapids", "emeraldrapids", "graniterapids", "znver4", "znver5")},
+    **{n: _AVX2 | {"avxvnni"} for n in ("alderlake", "raptorlake", "meteorlake", "arrowlake", "lunarlake",
+                                         "gracemont", "sierraforest")},
+}
+
+
 def _target_features() -> set:
-    """CPU features Numba compiles for: NUMBA_CPU_FEATURES when set, else the host's (a NUMBA_CPU_NAME without
-    features: assume nothing beyond what the name implies, which we cannot read, so no VNNI and no AVX2)."""
-    forced = os.environ.get("NUMBA_CPU_FEATURES")
-    if forced:
-        return {f[1:] for f in forced.split(",") if f.startswith("+")}
-    name = os.environ.get("NUMBA_CPU_NAME")
-    if name and name != "host":
-        return {"avx2"} if name in ("haswell", "broadwell", "skylake", "znver1", "znver2", "znver3") else set()
-    return {k for k, v in llvm_binding.get_host_cpu_features().items() if v}
+    """CPU features Numba compiles for: those of NUMBA_CPU_NAME (the host when unset), changed by the +/- entries
+    of NUMBA_CPU_FEATURES (e.g. NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=-avx512f: AVX2 code)."""
+    name = os.environ.get("NUMBA_CPU_NAME", "host")
+    if name == "host":
+        feats = {k for k, v in llvm_binding.get_host_cpu_features().items() if v}
+    else:
+        feats = set(_CPU_NAME_FEATURES.get(name, ()))
+    for entry in os.environ.get("NUMBA_CPU_FEATURES", "").split(","):
+        entry = entry.strip()
+        if entry[:1] == "+":
+            feats.add(entry[1:])
+        elif entry[:1] == "-":
+            feats.discard(entry[1:])
+    return feats
 
 
 def choose_isa() -> str:
@@ -81,7 +101,7 @@ def choose_isa() -> str:
     feats = _target_features()
     if {"avx512vnni", "avx512f", "avx512bw"} <= feats:
         return "vnni512"
-    if "avxvnni" in feats:
+    if "avxvnni" in feats or {"avx512f", "avx512vnni", "avx512vl"} <= feats:
         return "vnni256"
     if "avx2" in feats:
         return "avx2"
