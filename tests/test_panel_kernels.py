@@ -76,6 +76,10 @@ def test_two_digit_activations_keep_15_bits_and_the_sign():
     hi, lo = xq[:, :, :32].astype(np.int64), xq[:, :, 32:].astype(np.int64)
     assert np.abs(hi).max() <= 127 and np.abs(lo).max() <= 127
     assert ((hi == 0) | (lo == 0) | (np.sign(hi) == np.sign(lo))).all()
+    wide, xs_wide, xsum_wide = panel.quantize_rows(X, 96, 2, True)      # the avx2 kernel's int16 form
+    np.testing.assert_array_equal(wide.view(np.int16), hi * 128 + lo)
+    np.testing.assert_array_equal(xs_wide, xs)
+    np.testing.assert_array_equal(xsum_wide, xsum)
     approx = ((hi * 128 + lo) * xs[:, :, None]).transpose(1, 0, 2).reshape(3, 96)
     amax = np.abs(X).reshape(3, 3, 32).max(-1).repeat(32, axis=1)
     assert (np.abs(approx - X) <= amax / 16256 * 0.5001).all()
@@ -125,7 +129,8 @@ def test_every_instruction_set_path_gives_the_same_bits(kind, isa):
     _, m = _matrix(kind, 48, 160, seed=5)
     X = np.random.default_rng(6).standard_normal((5, 160)).astype(np.float32)
     expect = m(X)
-    xq, xs, xsum = panel.quantize_rows(X, m.padded_cols, 2 if kind == "int8" else 1)
+    wide = isa == "avx2" and kind == "int8"
+    xq, xs, xsum = panel.quantize_rows(X, m.padded_cols, 2 if kind == "int8" else 1, wide)
     acc = panel._aligned_scratch(5)
     for single in (True, False):
         Y = np.full((5, m.npanels * 16), np.nan, np.float32)

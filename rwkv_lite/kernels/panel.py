@@ -54,7 +54,7 @@ from .simd import (F16, F32, FASTMATH, I8, I16, I32, I64, PREFETCH_BYTES, bits_t
 PANEL = 16            # weight rows per panel: the int32 lanes of one 512-bit vector
 GROUP = 32            # columns per weight scale and per activation scale
 ROW_TILE = 64         # activation rows per pass over a panel (the float accumulators stay in L1)
-LEVELS = {1: 127, 2: 16256}          # activation levels per sign: 127, and 127 * 128 for two digits
+FLOAT32_MAX = np.float32(3.4028235e38)          # activation levels per sign: 127, and 127 * 128 for two digits
 ISAS = ("vnni512", "vnni256", "avx2", "generic")
 
 
@@ -109,6 +109,7 @@ def choose_isa() -> str:
 
 
 ISA = choose_isa()
+WIDE = ISA == "avx2"          # int8 activations as int16 for the avx2 kernel (quantize_rows)
 CACHE = not os.environ.get("RWKV_LITE_PANEL_ISA")
 BYTE_OPERANDS = llvm_binding.llvm_version_info >= (21,)      # vpdpbusd's operand types (see the docstring)
 
@@ -204,6 +205,31 @@ def _group_dot(builder, w, xrow32, kind, isa, seed=None):
     return acc
 
 
+def _wide_dots(builder, wg, xrows, seeds):
+    """AVX2 int8 ("wide" activations: the 32 values x15 of a row's group as int16): the <16 x i32> group sums over
+    the stored bytes (q + 128) of one or two activation rows at once, plus their seeds. vpmaddwd on the zero-extended
+    bytes (exact: 32 * 255 * 16256 < 2**31): quarter j of chunk k (16 bytes) holds rows 4j..4j+3, and its 8 int32
+    lanes hold each row's two pair sums, added at the end of the group. Two rows share each widened weight vector,
+    and their 8 accumulators fit the 16 ymm registers."""
+    n = len(xrows)
+    acc = [[splat_const(I32, 8, 0) for _ in range(4)] for _ in range(n)]
+    for k in range(8):
+        xs = [builder.bitcast(splat(builder, builder.load(builder.gep(builder.bitcast(xr, I64.as_pointer()),
+                                                                        [ir.Constant(I64, k)]), align=8), 4),
+                              vec(I16, 16)) for xr in xrows]
+        for j in range(4):
+            wq = builder.zext(load_vec(builder, wg, ir.Constant(I64, 64 * k + 16 * j), vec(I8, 16)), vec(I16, 16))
+            for r in range(n):
+                acc[r][j] = builder.add(acc[r][j], _call(builder, "llvm.x86.avx2.pmadd.wd", vec(I32, 8), [wq, xs[r]]))
+    out = []
+    for r in range(n):
+        a = _join(builder, _join(builder, acc[r][0], acc[r][1]), _join(builder, acc[r][2], acc[r][3]))
+        even = builder.shuffle_vector(a, a, ir.Constant(vec(I32, 16), list(range(0, 32, 2))))
+        odd = builder.shuffle_vector(a, a, ir.Constant(vec(I32, 16), list(range(1, 32, 2))))
+        out.append(builder.add(builder.add(even, odd), seeds[r]))
+    return out
+
+
 def _group_scales(builder, words, kind):
     """The 16 rows' float32 group scales from their stored 16-bit words: fp16 for int8; for int4 the scale code
     (d / 8, see schemes/int4.py: the 1/8 of the zero point's eighths folded into the exponent) and the zero
@@ -275,29 +301,51 @@ def make_panel_kernel(kind: str, single: bool, isa: str = ISA, prefetch: int = P
                     m15 = splat_const(I8, 64, 15)
                     chunks = ([builder.and_(v, m15) for v in packed]
                               + [builder.lshr(v, splat_const(I8, 64, 4)) for v in packed])
-                w = _prepare_weights(builder, chunks, kind, isa)
+                wide = kind == "i8" and isa == "avx2"
+                w = None if wide else _prepare_weights(builder, chunks, kind, isa)
                 d, zero = _group_scales(builder, load_vec(builder, D, builder.mul(g, ir.Constant(I64, PANEL)),
                                                           vec(I16, PANEL)), kind)
                 gB = builder.mul(g, B)
-                with cgutils.for_range(builder, nrows) as rl:
-                    bg = builder.add(gB, builder.add(b0, rl.index))
-                    xrow = builder.bitcast(builder.gep(XQ, [builder.mul(bg, ir.Constant(I64, xbytes))]), I32.as_pointer())
-                    xsum_scalar = builder.load(builder.gep(XSUM, [bg]))
-                    if kind == "i8":
-                        seed = None
-                        if isa != "avx2":          # the bytes were q + 128: subtract 128 * sum(x15)
-                            seed = splat(builder, builder.neg(builder.shl(xsum_scalar, ir.Constant(I32, 7))), PANEL)
-                        hi = _group_dot(builder, w, xrow, kind, isa)
-                        lo = _group_dot(builder, w, builder.gep(xrow, [ir.Constant(I64, 8)]), kind, isa, seed)
-                        ints = builder.add(builder.shl(hi, splat_const(I32, PANEL, 7)), lo)
-                    else:                          # (q - z/8) * x summed, times 8: 8 * dot(q, x) - z8 * sum(x)
-                        xsum = splat(builder, xsum_scalar, PANEL)
-                        dot = _group_dot(builder, w, xrow, kind, isa)
-                        ints = builder.sub(builder.shl(dot, splat_const(I32, PANEL, 3)), builder.mul(zero, xsum))
-                    scale = builder.fmul(d, splat(builder, builder.load(builder.gep(XS, [bg])), PANEL))
-                    ap = slot if single else builder.bitcast(builder.gep(A, [builder.mul(rl.index, ir.Constant(I64, PANEL))]), vty)
-                    builder.store(fma(builder, builder.sitofp(ints, vec(F32, PANEL)), scale, builder.load(ap, align=64)),
-                                  ap, align=64)
+
+                def rows_body(rls):
+                    """The group's contribution to activation rows b0 + rl for rl in rls (one, or two when wide)."""
+                    bgs = [builder.add(gB, builder.add(b0, rl)) for rl in rls]
+                    xrows = [builder.gep(XQ, [builder.mul(bg, ir.Constant(I64, xbytes))]) for bg in bgs]
+                    xsums = [builder.load(builder.gep(XSUM, [bg])) for bg in bgs]
+                    if wide:
+                        seeds = [splat(builder, builder.neg(builder.shl(x, ir.Constant(I32, 7))), PANEL) for x in xsums]
+                        all_ints = _wide_dots(builder, wg, xrows, seeds)
+                    else:
+                        xrow = builder.bitcast(xrows[0], I32.as_pointer())
+                        if kind == "i8":
+                            seed = None
+                            if isa != "avx2":      # the bytes were q + 128: subtract 128 * sum(x15)
+                                seed = splat(builder, builder.neg(builder.shl(xsums[0], ir.Constant(I32, 7))), PANEL)
+                            hi = _group_dot(builder, w, xrow, kind, isa)
+                            lo = _group_dot(builder, w, builder.gep(xrow, [ir.Constant(I64, 8)]), kind, isa, seed)
+                            ints = builder.add(builder.shl(hi, splat_const(I32, PANEL, 7)), lo)
+                        else:                      # (q - z/8) * x summed, times 8: 8 * dot(q, x) - z8 * sum(x)
+                            dot = _group_dot(builder, w, xrow, kind, isa)
+                            ints = builder.sub(builder.shl(dot, splat_const(I32, PANEL, 3)),
+                                               builder.mul(zero, splat(builder, xsums[0], PANEL)))
+                        all_ints = [ints]
+                    for rl, bg, ints in zip(rls, bgs, all_ints):
+                        scale = builder.fmul(d, splat(builder, builder.load(builder.gep(XS, [bg])), PANEL))
+                        ap = slot if single else builder.bitcast(builder.gep(A, [builder.mul(rl, ir.Constant(I64, PANEL))]), vty)
+                        builder.store(fma(builder, builder.sitofp(ints, vec(F32, PANEL)), scale,
+                                          builder.load(ap, align=64)), ap, align=64)
+
+                if wide and not single:            # rows in pairs, then the odd one
+                    pairs = builder.udiv(nrows, ir.Constant(I64, 2))
+                    with cgutils.for_range(builder, pairs) as pl:
+                        first = builder.mul(pl.index, ir.Constant(I64, 2))
+                        rows_body([first, builder.add(first, ir.Constant(I64, 1))])
+                    odd = builder.icmp_unsigned("!=", builder.mul(pairs, ir.Constant(I64, 2)), nrows)
+                    with builder.if_then(odd):
+                        rows_body([builder.sub(nrows, ir.Constant(I64, 1))])
+                else:
+                    with cgutils.for_range(builder, nrows) as rl:
+                        rows_body([rl.index])
             Y, ystride = ya.data, cgutils.unpack_tuple(builder, ya.strides)[0]
             with cgutils.for_range(builder, nrows) as rl:
                 src = slot if single else builder.bitcast(builder.gep(A, [builder.mul(rl.index, ir.Constant(I64, PANEL))]), vty)
@@ -325,14 +373,17 @@ panel_i4_rows = make_panel_kernel("i4", False)
 # Activations
 
 @njit(cache=CACHE, fastmath=FASTMATH, nogil=True)
-def quantize_rows(X, cols, digits):
+def quantize_rows(X, cols, digits, wide=False):
     """X float32 (B, C) -> xq int8 (groups, B, 32 * digits), xs float32 (groups, B), xsum int32 (groups, B) for a
     stored width of `cols` (a multiple of 32, >= C; the columns past C are zeros). Group-major, so that a weight
-    group meets every row's activation bytes in one contiguous run. See the module docstring for the rounding."""
+    group meets every row's activation bytes in one contiguous run. See the module docstring for the rounding.
+    Two digits are stored as 32 bytes hi then 32 bytes lo; with `wide` (the avx2 int8 kernel) as the 32 values
+    x15 = 128 * hi + lo in int16 instead (the same 64 bytes)."""
     B, C = X.shape
     ng = cols // GROUP
     levels = np.float32(127.0) if digits == 1 else np.float32(16256.0)
-    xq = np.zeros((ng, B, GROUP * digits), np.int8)
+    x16 = np.zeros((ng, B, GROUP if wide else 0), np.int16)
+    xq = x16.view(np.int8) if wide else np.zeros((ng, B, GROUP * digits), np.int8)
     xs = np.zeros((ng, B), np.float32)
     xsum = np.zeros((ng, B), np.int32)
     v = np.zeros(GROUP, np.float32)
@@ -346,7 +397,7 @@ def quantize_rows(X, cols, digits):
                 v[i] = X[b, c0 + i] if i < n else np.float32(0.0)
             for i in range(GROUP):
                 a = abs(v[i])
-                finite = finite and a <= np.float32(3.4e38)
+                finite = finite and a <= FLOAT32_MAX
                 amax = max(amax, a)
             if not finite:
                 xs[g, b] = np.nan
@@ -360,6 +411,11 @@ def quantize_rows(X, cols, digits):
                 for i in range(GROUP):
                     q = np.int32(np.rint(v[i] * inv))
                     xq[g, b, i] = q
+                    s += q
+            elif wide:
+                for i in range(GROUP):
+                    q = np.int32(np.rint(v[i] * inv))
+                    x16[g, b, i] = q
                     s += q
             else:
                 for i in range(GROUP):
@@ -409,7 +465,7 @@ def _run_panels(int8, wp, wd, xq, xs, xsum, p0, p1, b0, b1, Y):
 @njit(cache=CACHE, nogil=True)
 def gemm_serial(int8, wp, wd, X, cols):
     """Y (B, panels * 16) = X (B, C) times the panel matrix (wp, wd), on the calling thread."""
-    xq, xs, xsum = quantize_rows(X, cols, 2 if int8 else 1)
+    xq, xs, xsum = quantize_rows(X, cols, 2 if int8 else 1, WIDE and int8)
     Y = np.empty((X.shape[0], wp.shape[0] * PANEL), np.float32)
     _run_panels(int8, wp, wd, xq, xs, xsum, 0, wp.shape[0], 0, X.shape[0], Y)
     return Y
@@ -418,7 +474,7 @@ def gemm_serial(int8, wp, wd, X, cols):
 @njit(cache=CACHE, nogil=True, parallel=True)
 def gemm_parallel(int8, wp, wd, X, cols):
     """gemm_serial with the panels split over Numba's threads (identical results)."""
-    xq, xs, xsum = quantize_rows(X, cols, 2 if int8 else 1)
+    xq, xs, xsum = quantize_rows(X, cols, 2 if int8 else 1, WIDE and int8)
     npanels = wp.shape[0]
     Y = np.empty((X.shape[0], npanels * PANEL), np.float32)
     ntasks = (npanels + PANELS_PER_TASK - 1) // PANELS_PER_TASK
@@ -433,7 +489,7 @@ def gemv_many(int8, wps, wds, X, cols, npanels):
     """Y (n, max panels * 16): row m = matrix m (wps[m], wds[m]) times X[m], for one token of n matrices of one
     width in one parallel launch (a layer's r/k/v/g projections); identical to one gemm per matrix."""
     n = X.shape[0]
-    xq, xs, xsum = quantize_rows(X, cols, 2 if int8 else 1)
+    xq, xs, xsum = quantize_rows(X, cols, 2 if int8 else 1, WIDE and int8)
     total = 0
     for m in range(n):
         total += (npanels[m] + PANELS_PER_TASK - 1) // PANELS_PER_TASK
