@@ -3,7 +3,6 @@ bit-identical between one token, batches, prompts, thread counts and instruction
 import numba
 import numpy as np
 import pytest
-from llvmlite import binding as llvm_binding
 from numba import njit
 
 import rwkv_lite
@@ -97,18 +96,6 @@ def test_nan_and_inf_activations_give_nan_zeros_give_zero():
     assert (m(x) == 0).all()
 
 
-def _host_isas():
-    feats = {k for k, v in llvm_binding.get_host_cpu_features().items() if v}
-    isas = ["generic"]
-    if "avx2" in feats:
-        isas.append("avx2")
-    if "avxvnni" in feats or {"avx512vnni", "avx512vl"} <= feats:
-        isas.append("vnni256")
-    if {"avx512vnni", "avx512f", "avx512bw"} <= feats:
-        isas.append("vnni512")
-    return isas
-
-
 def _driver(kind, isa, single):
     kernel = panel.make_panel_kernel("i8" if kind == "int8" else "i4", single, isa=isa)
 
@@ -124,7 +111,7 @@ def _driver(kind, isa, single):
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
-@pytest.mark.parametrize("isa", _host_isas())
+@pytest.mark.parametrize("isa", panel.usable_isas())
 def test_every_instruction_set_path_gives_the_same_bits(kind, isa):
     _, m = _matrix(kind, 48, 160, seed=5)
     X = np.random.default_rng(6).standard_normal((5, 160)).astype(np.float32)
