@@ -10,8 +10,8 @@ top-1 agreement, for 5v2 (v5.2) and 5v1 (v5.0). The bounds are the issue's targe
       block matrices: KL <= 2.7e-2 / 4.0e-2   (rwkv.cpp Q4_0, 4.5 b/w: 5.44e-2 / 8.07e-2)
   int4 without calibration: still beats Q4_0
 
-Measured (2026-11-28, 5v2 / 5v1): int8 head fp32 2.46e-4 / 3.93e-4; int8 default 2.66e-4 / 4.08e-4; int4 GPTQ
-2.38e-2 / 2.80e-2; int4 plain 4.13e-2 / 6.03e-2. Calibration: the first 2048 bytes of the KJV text (byte tokens),
+Measured (2026-12-03, panel layout, 5v2 / 5v1): int8 head fp32 2.46e-4 / 3.94e-4; int8 default 2.66e-4 / 4.08e-4;
+int4 GPTQ 2.41e-2 / 2.83e-2; int4 plain 4.18e-2 / 6.06e-2. Calibration: the first 2048 bytes of the KJV text (byte tokens),
 never the evaluation text. All of it is deterministic; ~30 s.
 """
 from __future__ import annotations
