@@ -5,7 +5,9 @@ single-stream decode (Model.forward one token at a time), measured in one run, i
 
 Each round times, for every model: `--steps` single-stream tokens, then `--steps` batched steps for every B; the
 rounds interleave so that load from other processes hits all variants alike. Prints the median per variant, the
-spread (min-max over rounds), the ratio aggregate/single from the medians, and the load average. `--profile`
+spread (min-max over rounds), the ratio aggregate/single from the medians, the median (and range) of the per-round
+ratios (single stream and batch measured back to back: the figure that survives a drifting load), and the load
+average. `--profile`
 also splits one batched step's time into matrix products and everything else. A file's int8/int4 matrices run the
 kernels of their layout: row-major (files from before the panel layout) or p16 (kernels/panel.py); `--kernel`
 times both layouts' products alone.
@@ -153,11 +155,13 @@ def main():
         single = np.median(results[path, mode, 0])
         spread = f"{1e3 * min(results[path, mode, 0]):.0f}-{1e3 * max(results[path, mode, 0]):.0f}"
         print(f"\n{path}: single stream {1e3 * single:.1f} ms/token ({spread}), {1 / single:.2f} tokens/s")
-        print("  B   ms/step (min-max)        aggregate tokens/s   ratio vs single")
+        print("  B   ms/step (min-max)        aggregate tokens/s   ratio vs single   per-round ratio (min-max)")
         for B in args.batches:
             step = np.median(results[path, mode, B])
             spread = f"{1e3 * min(results[path, mode, B]):.0f}-{1e3 * max(results[path, mode, B]):.0f}"
-            print(f"  {B:<3} {1e3 * step:8.1f} ({spread:>13})   {B / step:12.2f}        {B / step * single:6.2f}x")
+            per_round = [B * one / many for one, many in zip(results[path, mode, 0], results[path, mode, B])]
+            print(f"  {B:<3} {1e3 * step:8.1f} ({spread:>13})   {B / step:12.2f}        {B / step * single:6.2f}x"
+                  f"            {np.median(per_round):5.2f}x ({min(per_round):.2f}-{max(per_round):.2f})")
         if args.profile:
             for B in args.batches:
                 products, total = profile_step(model, B, token)
