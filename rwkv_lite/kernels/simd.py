@@ -10,7 +10,10 @@ the registers the CPU has (zmm on AVX-512, ymm on AVX2, NEON on ARM); no target-
 Numba functions around them stay ordinary: ``prange`` over rows, scalar tails, per-row scales.
 
 The per-scheme kernels live beside this module: fp_kernels.py (fp32, fp16), int8_kernels.py (one scale per row
-and group-scaled), int4_kernels.py; kernels/batched.py reuses their row dots for several sequences at once. The
+and group-scaled), int4_kernels.py, all for row-major layouts; kernels/batched.py reuses their row dots for
+several sequences at once. panel.py holds the integer kernels of the panel layout that int8/int4 files are
+written in today (one family for tokens, batches and prompts; it names x86 instructions where generic IR does not
+reach them, with a generic fallback). The
 storage layouts they read are documented once, in the scheme modules (rwkv_lite/schemes/).
 
 Kernels read weights where they lie (views of the mapped file) and never build a float copy of a matrix:
