@@ -36,7 +36,7 @@ def describe(path: str | os.PathLike) -> dict:
             n_params += count
             stored_bits += bits * count
             by_scheme[info["scheme"]] = by_scheme.get(info["scheme"], 0) + count
-            if info.get("role") in ("matrix", "embedding"):
+            if info.get("role") in ("matrix", "embedding", "lora"):
                 matrix_params += count
                 matrix_bits += bits * count
             tensors.append({"name": name, "shape": list(shape), "scheme": info["scheme"],

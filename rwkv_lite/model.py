@@ -33,6 +33,9 @@ class WeightStore:
     def has(self, name: str) -> bool:
         return name in self.tensors
 
+    def role(self, name: str) -> str | None:
+        return self._info(name).get("role")
+
     def _info(self, name: str) -> dict:
         info = self.tensors.get(name)
         if info is None:
@@ -255,6 +258,7 @@ def check_config(model_file: ModelFile, arch=None):
                           f"{state_bytes} bytes, more than the whole file")
 
     expected = arch.tensor_shapes(cfg)
+    earlier = arch.earlier_shapes(cfg) if hasattr(arch, "earlier_shapes") else {}
     layers = set()
     for name, info in tensors.items():             # (read_model_file checked that every record is well formed)
         shape = tuple(info["shape"])
@@ -266,7 +270,7 @@ def check_config(model_file: ModelFile, arch=None):
             layers.add(int(index))
             if want is None:
                 want = (C,)                        # any other tensor of a block must be a per-channel vector
-        if want is not None and shape != want:
+        if want is not None and shape != want and not (info.get("role") == "vector" and shape == earlier.get(name)):
             raise FormatError(f"{path}: tensor {name!r} has shape {list(shape)} but the config implies "
                               f"{list(want)}")
     if len(layers) != L:

@@ -274,7 +274,11 @@ def test_quantized_every_version(name, quant, model_of):
     assert matrices and all(tensors[n]["scheme"] == quant for n in matrices)
     loras = [n for n in tensors if n.rsplit(".", 1)[-1] in ("time_maa_w1", "time_maa_w2", "time_decay_w1",
                                                             "time_decay_w2", "w1", "w2", "a1", "a2", "g1", "g2")]
-    assert all(tensors[n]["scheme"] == "fp32" and tensors[n]["role"] == "vector" for n in loras)
+    if name == "v7_b":                   # RWKV-7's LoRA factors: int8 matrices in int8 and int4 files
+        assert all(tensors[n]["scheme"] == "int8" and tensors[n]["role"] == "lora"
+                   and tensors[n]["params"].get("layout") == "p16" for n in loras)
+    else:
+        assert all(tensors[n]["scheme"] == "fp32" and tensors[n]["role"] == "vector" for n in loras)
     if name in ("v6_a", "v7_b"):
         assert loras
     tokens = _tokens(name)
@@ -317,3 +321,37 @@ def test_quantized_sequence_mode_equals_serial_mode(name, quant, model_of):
     for k, arr in serial_state.arrays.items():
         s_err = np.abs(sequence_state.arrays[k] - arr).max()
         assert s_err <= tol * max(1.0, np.abs(arr).max()), f"{name} {quant} state {k}"
+
+
+def test_rwkv7_files_with_float_lora_arrays_still_load(model_of, tmp_path):
+    """Files written before the LoRA factors became matrices hold them as float32 (in, out) arrays (role 'vector');
+    they load and run through kernels/lowrank.py, with the same logits as today's layout to float32 rounding."""
+    from rwkv_lite.format import ModelWriter, read_model_file
+    new = model_of("v7_b")                              # fp32: factors stored (out, in), role 'lora'
+    src = read_model_file(new.path)
+    try:
+        tensors = {n: dict(t) for n, t in src.tensors.items()}
+        lora = [n for n, t in tensors.items() if t["role"] == "lora"]
+        assert lora
+        for n in lora:
+            tensors[n].update(role="vector", shape=tensors[n]["shape"][::-1])
+        meta = {k: v for k, v in src.metadata.items() if k not in ("format", "format_version", "tensors")}
+        meta["tensors"] = tensors
+        arrays = {n: (np.ascontiguousarray(a.T) if n in lora else a) for n, a in src.arrays.items()
+                  if not n.startswith("__")}
+        old = tmp_path / "old.safetensors"
+        with ModelWriter(old, meta, [(n, a.dtype, a.shape) for n, a in arrays.items()]) as w:
+            for n, a in arrays.items():
+                w.append(n, a)
+            w.close()
+    finally:
+        src.close()
+    old_model = rwkv_lite.load(old)
+    try:
+        assert not old_model.weights.layers[1].lora_matrices and new.weights.layers[1].lora_matrices
+        tokens = _tokens("v7_b")
+        _close(_feed(old_model, [tokens])[0], _feed(new, [tokens])[0], "v7 old LoRA layout, sequence")
+        _close(_feed(old_model, [[t] for t in tokens[:8]])[0], _feed(new, [[t] for t in tokens[:8]])[0],
+               "v7 old LoRA layout, decode")
+    finally:
+        old_model.close()

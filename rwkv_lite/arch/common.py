@@ -119,8 +119,8 @@ def lora_up(hs, factors):
 class PlannedTensor:
     """One tensor of the output file, produced on demand during conversion.
 
-    role: 'matrix' (a linear layer's weight: quantizable), 'embedding' (rows looked up by token) or 'vector'
-    (small float32 parameters: mixes, norms, decays). `rows(a, b)` returns rows a..b (first axis) in float32, so
+    role: 'matrix' (a linear layer's weight: quantizable), 'embedding' (rows looked up by token), 'lora' (a
+    LoRA factor (out, in): int8 in quantized files) or 'vector' (small float32 parameters: mixes, norms, decays). `rows(a, b)` returns rows a..b (first axis) in float32, so
     that big matrices stream in blocks. `stored`: for a tensor that is already quantized (an rwkv-lite int8/int4
     file as the source), (scheme, its stored arrays): the converter re-lays them out, never rounds again."""
     name: str
@@ -186,11 +186,12 @@ class Planner:
         return shape
 
     def vector(self, name: str, shape, src: str | None = None, transform=None,
-               source_size: int | tuple[int, ...] | None = None) -> None:
+               source_size: int | tuple[int, ...] | None = None, role: str = "vector") -> None:
         """A float32 tensor of our file (role 'vector'), read whole from `src` (default: the same name).
 
         The source must hold `source_size` values (or one of several sizes; default: as many as `shape`);
-        `transform` maps the source array to one that reshapes to `shape`."""
+        `transform` maps the source array to one that reshapes to `shape`. role 'lora': a small (out, in) factor
+        matrix of RWKV-7's LoRAs, which int8/int4 files store as an int8 matrix (convert.storage_plan)."""
         src = src or name
         ref, shape = self.ref(src), tuple(int(d) for d in shape)
         size = int(np.prod(shape, dtype=np.int64))
@@ -205,7 +206,7 @@ class Planner:
             if transform is not None:
                 arr = transform(arr)
             return np.ascontiguousarray(arr.reshape(shape)[a:b], dtype=np.float32)
-        self.tensors.append(PlannedTensor(name, shape, "vector", produce))
+        self.tensors.append(PlannedTensor(name, shape, role, produce))
 
     def matrix(self, name: str, src: str | None = None, shape=None) -> None:
         """A linear layer's weight (out, in), streamed by row blocks; quantizable (role 'matrix')."""

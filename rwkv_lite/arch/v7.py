@@ -19,8 +19,10 @@ Per layer l, with a = LN1(x), p = the previous token's a and d = p - a:
 logits = head(LN_out(x)).
 "." is a row-vector product with a LoRA matrix stored (in, out). v_first is per token, not state.
 
-Our file keeps the mixes x_r ... x_g, w0, a0, v0, k_k, k_a (C) and the LoRA matrices w1, w2, a1, a2, v1, v2, g1, g2
-in float32 (role 'vector', BlinkDL (in, out) orientation), r_k (H, N); layer 0 has no v0/v1/v2 (unused there).
+Our file keeps the mixes x_r ... x_g, w0, a0, v0, k_k, k_a (C) and r_k (H, N) in float32; the LoRA factors w1, w2,
+a1, a2, v1, v2, g1, g2 as (out, in) matrices (role 'lora': int8 in int8/int4 files, else the file's float scheme;
+files written before the panel layout hold them as float32 (in, out) arrays, role 'vector', still read); layer 0
+has no v0/v1/v2 (unused there).
 rwkv.cpp files concatenate the six mixes into x_rwkvag (6, 1, C) and store the LoRA matrices transposed.
 """
 from __future__ import annotations
@@ -71,9 +73,9 @@ def tensor_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
             if f != "g":
                 shapes[p + f"att.{f}0"] = (C,)
             D = getattr(cfg, f"d_{f}")
-            if D is not None:
-                shapes[p + f"att.{f}1"] = (C, D)
-                shapes[p + f"att.{f}2"] = (D, C)
+            if D is not None:                      # LoRA factors (out, in), like the matrices
+                shapes[p + f"att.{f}1"] = (D, C)
+                shapes[p + f"att.{f}2"] = (C, D)
         shapes.update({p + "att.k_k": (C,), p + "att.k_a": (C,), p + "att.r_k": (H, N), p + "att.time_state": (H, N, N),
                        p + "att.ln_x.weight": (C,), p + "att.ln_x.bias": (C,), p + "ffn.x_k": (C,)})
         for m in ("receptance", "key", "value", "output"):
@@ -86,6 +88,13 @@ def tensor_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
             shapes.update({p + "ffn.s_emb.weight": (V, D * D), p + "ffn.s1": (C, D), p + "ffn.s2": (D, F),
                            p + "ffn.s0": (F,)})
     return shapes
+
+
+def earlier_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """Shapes that files written before the panel layout hold for some tensors (role 'vector'): the LoRA factors in
+    float32 (in, out) orientation. model.py accepts them there."""
+    return {name: shape[::-1] for name, shape in tensor_shapes(cfg).items()
+            if name.rsplit(".", 1)[-1] in {f + i for f in LORAS for i in "12"}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -141,13 +150,14 @@ def plan(refs: dict, cfg: dict, source_kind: str):
     P.embedding_with_ln0(C)
 
     def lora(p, name, n_in, n_out):
-        """A LoRA matrix (n_in, n_out) of our file; rwkv.cpp stores it transposed."""
+        """A LoRA factor of our file, (out, in) like a linear layer's weight (role 'lora'); BlinkDL's and the HF
+        layouts store it (in, out), rwkv.cpp (out, in)."""
         if from_rwkv_cpp:
             P.expect_shape(p + name, (n_out, n_in))
-            P.vector(p + name, (n_in, n_out), transform=lambda a: a.T)
+            P.vector(p + name, (n_out, n_in), role="lora")
         else:
             P.expect_shape(p + name, (n_in, n_out))
-            P.vector(p + name, (n_in, n_out))
+            P.vector(p + name, (n_out, n_in), transform=lambda a: a.T, role="lora")
 
     for l in range(cfg["n_layer"]):
         p = f"blocks.{l}."
@@ -239,15 +249,18 @@ class Layer:
     def __init__(self, weights, l: int, cfg: Config):
         p = f"blocks.{l}."
         v, m = weights.vector, weights.matrix
+
+        def factor(name):                # a LoRA factor: a matrix (role 'lora'), or an earlier file's array
+            return m(name) if weights.role(name) == "lora" else v(name)
         self.ln1_w, self.ln1_b = v(p + "ln1.weight"), v(p + "ln1.bias")
         self.ln2_w, self.ln2_b = v(p + "ln2.weight"), v(p + "ln2.bias")
         self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g = (v(p + f"att.x_{f}") for f in MIXES)
-        self.w0, self.w1, self.w2 = v(p + "att.w0"), v(p + "att.w1"), v(p + "att.w2")
-        self.a0, self.a1, self.a2 = v(p + "att.a0"), v(p + "att.a1"), v(p + "att.a2")
+        self.w0, self.w1, self.w2 = v(p + "att.w0"), factor(p + "att.w1"), factor(p + "att.w2")
+        self.a0, self.a1, self.a2 = v(p + "att.a0"), factor(p + "att.a1"), factor(p + "att.a2")
         self.has_value_residual = l > 0
         if self.has_value_residual:
-            self.v0, self.v1, self.v2 = v(p + "att.v0"), v(p + "att.v1"), v(p + "att.v2")
-        self.g1, self.g2 = v(p + "att.g1"), v(p + "att.g2")
+            self.v0, self.v1, self.v2 = v(p + "att.v0"), factor(p + "att.v1"), factor(p + "att.v2")
+        self.g1, self.g2 = factor(p + "att.g1"), factor(p + "att.g2")
         self.k_k, self.k_a = v(p + "att.k_k"), v(p + "att.k_a")
         self.r_k = v(p + "att.r_k").reshape(-1)
         self.ln_x_w, self.ln_x_b = v(p + "att.ln_x.weight"), v(p + "att.ln_x.bias")
@@ -265,6 +278,9 @@ class Layer:
         loras = "wavg" if self.has_value_residual else "wag"
         self.lora_down = tuple(getattr(self, f + "1") for f in loras)
         self.lora_up = tuple(getattr(self, f + "2") for f in loras)
+        # Files since the panel layout store the factors (out, in) as matrices (int8 in int8/int4 files): they run
+        # through the matrices' kernels. Earlier files hold float32 (in, out) arrays for kernels/lowrank.py.
+        self.lora_matrices = not isinstance(self.w1, np.ndarray)
 
 
 def load_weights(store, cfg: Config) -> common.Weights:
@@ -280,12 +296,10 @@ def time_mix(L: Layer, a, state, l, run):
     xr, xw, xk, xv, xa, xg = pointwise.shift_mixes(a, state["att_x"][l], L.mixes)
     r, k, v = linear_many((L.W_r, L.W_k, L.W_v), (xr, xk, xv), run.observer)
     if L.has_value_residual:
-        h_w, h_a, h_v, h_g = lora_down((xw, xa, xv, xg), L.lora_down)
-        u_w, u_a, u_v, gate = lora_up((np.tanh(h_w), h_a, h_v, sigmoid(h_g)), L.lora_up)
+        u_w, u_a, u_v, gate = _loras(L, (xw, xa, xv, xg), run)
         v0 = L.v0
     else:
-        h_w, h_a, h_g = lora_down((xw, xa, xg), L.lora_down)
-        u_w, u_a, gate = lora_up((np.tanh(h_w), h_a, sigmoid(h_g)), L.lora_up)
+        u_w, u_a, gate = _loras(L, (xw, xa, xg), run)
         u_v, v0, run.v_first = v, L.a0, v                  # layer 0's value is the value residual of later ones
     w, k, v, neg_kappa, kappa_alpha = pointwise.rwkv7_wkv_inputs(
         k, v, run.v_first, u_w, u_a, u_v, L.w0, L.a0, v0, L.k_k, L.k_a, H, L.has_value_residual, DECAY_SCALE,
@@ -341,10 +355,10 @@ def time_mix_batch(L: Layer, a, states, l, run):
     xr, xw, xk, xv, xa, xg = pointwise.shift_mixes_rows(a, previous_rows(states, "att_x", l), L.mixes)
     r, k, v = linear_rows(L.W_r, xr, obs), linear_rows(L.W_k, xk, obs), linear_rows(L.W_v, xv, obs)
     if L.has_value_residual:
-        u_w, u_a, u_v, gate = _loras(L, (xw, xa, xv, xg))
+        u_w, u_a, u_v, gate = _loras_batch(L, (xw, xa, xv, xg), run)
         v0 = L.v0
     else:
-        u_w, u_a, gate = _loras(L, (xw, xa, xg))
+        u_w, u_a, gate = _loras_batch(L, (xw, xa, xg), run)
         u_v, v0, run.v_first = v, L.a0, v                  # layer 0's value is the value residual of later ones
     w, k, v, neg_kappa, kappa_alpha = pointwise.rwkv7_wkv_inputs(
         k, v, run.v_first, u_w, u_a, u_v, L.w0, L.a0, v0, L.k_k, L.k_a, H, L.has_value_residual, DECAY_SCALE,
@@ -356,10 +370,25 @@ def time_mix_batch(L: Layer, a, states, l, run):
     return linear_rows(L.W_o, y, obs)
 
 
-def _loras(L: Layer, xs):
-    """The LoRA outputs (decay, learning rate, [value residual,] gate) of B rows, as time_mix computes them."""
+def _between(hs):
+    """The LoRAs' middle step: tanh for the decay's, sigmoid for the gate's, nothing for the others."""
+    return (np.tanh(hs[0]),) + tuple(hs[1:-1]) + (sigmoid(hs[-1]),)
+
+
+def _loras(L: Layer, xs, run):
+    """The LoRA outputs (decay, learning rate, [value residual,] gate) of T tokens: x . A, the middle step, . B."""
+    if L.lora_matrices:                  # (the observer watches role 'matrix' products only)
+        return linear_many(L.lora_up, _between(linear_many(L.lora_down, xs)))
+    return lora_up(_between(lora_down(xs, L.lora_down)), L.lora_up)
+
+
+def _loras_batch(L: Layer, xs, run):
+    """_loras for B sequences at one token each (each row its single-token computation)."""
+    if L.lora_matrices:
+        hs = [linear_rows(A, x) for A, x in zip(L.lora_down, xs)]
+        return [linear_rows(F, h) for F, h in zip(L.lora_up, _between(hs))]
     hs = lowrank_down_rows(xs, L.lora_down)
-    return lowrank_up_rows((np.tanh(hs[0]),) + tuple(hs[1:-1]) + (sigmoid(hs[-1]),), L.lora_up)
+    return lowrank_up_rows(_between(hs), L.lora_up)
 
 
 def channel_mix_batch(L: Layer, b, states, l, run):

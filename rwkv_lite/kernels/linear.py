@@ -136,21 +136,34 @@ class Matrix:
 def gemv_many(matrices, xs) -> list[np.ndarray]:
     """[W x for W, x in zip(matrices, xs)] for one token (each x float32 (C,)).
 
-    Matrices of one quantized scheme, group and width (a layer's r/k/v/g projections: equal ``many_key``) share
-    one parallel launch (their class's ``_gemv_many``: int8_kernels.gemv_i8g_many, int4_kernels.gemv_i4_many);
-    anything else runs one GEMV each. The results are identical either way."""
-    first = matrices[0]
-    key = first.many_key
-    if len(matrices) < 2 or key is None or any(m.many_key != key or not m.parallel for m in matrices):
-        return [m(x) for m, x in zip(matrices, xs)]
-    C = first.shape[1]
-    X = np.zeros((len(matrices), first.padded_cols), np.float32)
-    for i, x in enumerate(xs):
-        if x.shape != (C,):
-            raise ValueError(f"{first.scheme} matrix {first.shape} cannot multiply an input of shape {x.shape}")
-        X[i, :C] = x
-    y = first._gemv_many(matrices, X)
-    return np.split(y, np.cumsum([m.shape[0] for m in matrices])[:-1])
+    Matrices of one quantized scheme, group and width (a layer's r/k/v/g projections, RWKV-7's LoRA factors: equal
+    ``many_key``) share one parallel launch (their class's ``_gemv_many``: int8_kernels.gemv_i8g_many,
+    int4_kernels.gemv_i4_many, kernels/panel.gemv_many) when together they are worth a parallel launch; the others
+    run one GEMV each. The results are identical either way."""
+    out = [None] * len(matrices)
+    groups: dict = {}
+    for i, m in enumerate(matrices):
+        if m.many_key is None:
+            out[i] = m(xs[i])
+        else:
+            groups.setdefault(m.many_key, []).append(i)
+    for idx in groups.values():
+        group = [matrices[i] for i in idx]
+        if len(idx) < 2 or sum(m.shape[0] * m.shape[1] for m in group) < PARALLEL_MIN_WEIGHTS:
+            for i in idx:
+                out[i] = matrices[i](xs[i])
+            continue
+        first = group[0]
+        C = first.shape[1]
+        X = np.zeros((len(idx), first.padded_cols), np.float32)
+        for row, i in enumerate(idx):
+            if xs[i].shape != (C,):
+                raise ValueError(f"{first.scheme} matrix {first.shape} cannot multiply an input of shape {xs[i].shape}")
+            X[row, :C] = xs[i]
+        y = first._gemv_many(group, X)
+        for i, part in zip(idx, np.split(y, np.cumsum([m.shape[0] for m in group])[:-1])):
+            out[i] = part
+    return out
 
 
 def padded_columns(X: np.ndarray, cols: int) -> np.ndarray:

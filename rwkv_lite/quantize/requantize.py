@@ -25,7 +25,7 @@ from ..schemes import get_scheme
 
 FLOAT_SCHEMES = ("fp32", "fp16")
 QUANTIZED_SCHEMES = ("int8", "int4")
-ROLES = ("matrix", "embedding", "vector")
+ROLES = ("matrix", "embedding", "lora", "vector")
 
 
 def is_rwkv_lite_file(path: Path) -> bool:
