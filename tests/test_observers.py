@@ -89,8 +89,11 @@ def test_observer_inputs_are_the_matrices_inputs_in_sequence_mode(version, conve
     seen = []
     original_call = linear.Matrix.__call__
 
-    def recording_call(self, x):
-        seen.append((self.name, np.array(x, np.float32).reshape(-1, self.shape[1])))
+    matrices = {n for n, t in model.metadata["tensors"].items() if t["role"] == "matrix"}
+
+    def recording_call(self, x):                     # (RWKV-7's LoRA factors are matrices too, role 'lora': unobserved)
+        if self.name in matrices:
+            seen.append((self.name, np.array(x, np.float32).reshape(-1, self.shape[1])))
         return original_call(self, x)
     monkeypatch.setattr(linear.Matrix, "__call__", recording_call)
     log = Log()
@@ -143,8 +146,11 @@ def _old_calibration(model, ids, chunk, workdir):
     recorder = calibrate_module._Recorder(len(ids), str(workdir))
     original_call = linear.Matrix.__call__
 
+    matrices = {n for n, t in model.metadata["tensors"].items() if t["role"] == "matrix"}
+
     def recording_call(self, x):
-        recorder.add(self.name, np.asarray(x, np.float32).reshape(-1, self.shape[1]))
+        if self.name in matrices:
+            recorder.add(self.name, np.asarray(x, np.float32).reshape(-1, self.shape[1]))
         return original_call(self, x)
     linear.Matrix.__call__ = recording_call
     try:
