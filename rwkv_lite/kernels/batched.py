@@ -31,7 +31,7 @@ from .fp_kernels import dot_f16_row, dot_f32_row
 from .int4_kernels import dot_i4_g32, dot_i4_g64, dot_i4_g128, int4_scale
 from .int8_kernels import dot_i8_row, dot_i8g_g32, dot_i8g_g64, dot_i8g_g128
 from .linear import PARALLEL_MIN_WEIGHTS, Matrix
-from .lowrank import _down_layout, _down_part, _down_sum, _up_layout, _up_rows_part, _up_sum
+from .lowrank import _down_layout, _down_sum, _up_layout, _up_rows_part, _up_sum
 from .simd import (DOT_BLOCK, F16, F32, FASTMATH, I8, I16, I32, I64, INT4_BLOCK, PREFETCH_BYTES, ROW_BLOCK, f16_to_f32,
                    fma, is_c_array, load_vec, pair_madd, prefetch_ptr, row_pointer, splat, splat_const,
                    stack_activations, tree_sum, vec)
@@ -440,7 +440,7 @@ def _down_part_rows(X, m, A, r0, r1, out):
 
 
 @njit(cache=True, nogil=True)
-def _down_rows_tasks(X, As, widths, parallel):
+def _down_rows_tasks(X, As, widths):
     table, offsets, scratch = _down_layout(As, widths)
     B, tasks = X.shape[0], table.shape[0]
     partial = np.empty((tasks, B, scratch.shape[1]), np.float32)
@@ -449,7 +449,7 @@ def _down_rows_tasks(X, As, widths, parallel):
 
 @njit(cache=True, parallel=True, nogil=True)
 def _down_rows(X, As, widths):
-    table, offsets, partial = _down_rows_tasks(X, As, widths, True)
+    table, offsets, partial = _down_rows_tasks(X, As, widths)
     for t in prange(table.shape[0]):
         m = table[t, 0]
         _down_part_rows(X, m, As[m], table[t, 1], table[t, 2], partial[t])
@@ -461,7 +461,7 @@ def _down_rows(X, As, widths):
 
 @njit(cache=True, nogil=True)
 def _down_rows_serial(X, As, widths):
-    table, offsets, partial = _down_rows_tasks(X, As, widths, False)
+    table, offsets, partial = _down_rows_tasks(X, As, widths)
     for t in range(table.shape[0]):
         m = table[t, 0]
         _down_part_rows(X, m, As[m], table[t, 1], table[t, 2], partial[t])

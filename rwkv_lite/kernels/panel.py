@@ -1,6 +1,6 @@
 """Integer kernels for panel-layout matrices: one family for a single token, a batch of sequences and a prompt.
 
-The panel layout ("p16", documented with each scheme: rwkv_lite/schemes/int8.py and int4.py) stores a matrix in
+The panel layout ("p16", documented in rwkv_lite/schemes/panel.py and docs/format.md) stores a matrix in
 panels of 16 rows; inside a panel, each 4-column chunk of the 16 rows is one 64-byte vector (16 lanes of 4
 bytes, lane i = row i). Activations are rounded per row and group of 32 columns to small integers with one
 float32 scale (``quantize_rows``), so a group's contribution to 16 outputs is an exact int32 dot product of
@@ -28,9 +28,11 @@ Instruction sets (chosen once from the CPU Numba compiles for; every path gives 
   "vnni512"  AVX-512 VNNI (Ice Lake and later Xeons, Zen 4/5): llvm.x86.avx512.vpdpbusd.512 on the unsigned
              weight bytes (int8 stored as q + 128, corrected by -128 * sum(x) per group).
   "vnni256"  AVX-VNNI without AVX-512 (Alder Lake and later client CPUs): the 256-bit vpdpbusd on two halves.
-  "avx2"     AVX2 (Haswell .. Zen 3): vpmaddubsw + vpmaddwd. int4 nibbles (0..15) meet x8 directly and eight
-             16-bit partial sums add before one vpmaddwd (exact: 8 * 2 * 15 * 127 < 32768); int8 uses the sign
-             trick (|x| times q with the sign of x; q = byte - 128, exact since 2 * 127 * 127 < 32768).
+  "avx2"     AVX2 (Haswell .. Zen 3): int4 nibbles (0..15) meet x8 in vpmaddubsw, and eight 16-bit partial sums
+             add before one vpmaddwd (exact: 8 * 2 * 15 * 127 < 32768); int8 widens the weight bytes to 16 bits
+             and meets x15 kept as int16 ("wide" activations) in vpmaddwd, two activation rows per widened
+             vector (the sign trick on both digits, |x| times q with x's sign in vpmaddubsw, ran batches 1.5x
+             slower). The int8 activations are stored wide for this path only; the integers are the same.
   "generic"  any other CPU (ARM, ...): the same integers in portable vector IR (widening multiplies).
 LLVM 22 does not produce vpdpbusd from generic IR, hence the named intrinsics (their byte operands are <N x i8>
 from LLVM 21 on, <N/4 x i32> before). RWKV_LITE_PANEL_ISA=vnni512|vnni256|avx2|generic overrides the choice
@@ -40,7 +42,6 @@ from __future__ import annotations
 
 import os
 
-import numba
 import numpy as np
 from llvmlite import binding as llvm_binding
 from llvmlite import ir
@@ -48,13 +49,13 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd import (F16, F32, FASTMATH, I8, I16, I32, I64, PREFETCH_BYTES, bits_to_f32, fma, is_c_array, load_vec,
+from .simd import (F16, F32, FASTMATH, I8, I16, I32, I64, PREFETCH_BYTES, fma, is_c_array, load_vec,
                    prefetch_ptr, splat, splat_const, vec)
 
 PANEL = 16            # weight rows per panel: the int32 lanes of one 512-bit vector
 GROUP = 32            # columns per weight scale and per activation scale
 ROW_TILE = 64         # activation rows per pass over a panel (the float accumulators stay in L1)
-FLOAT32_MAX = np.float32(3.4028235e38)          # activation levels per sign: 127, and 127 * 128 for two digits
+FLOAT32_MAX = np.float32(3.4028235e38)          # larger |x| (Inf) or NaN: the group's scale is NaN
 ISAS = ("vnni512", "vnni256", "avx2", "generic")
 
 
