@@ -127,39 +127,39 @@ def main():
     if args.kernel:
         kernel_cap(args.batches, args.rounds)
     print(f"CPU: {cpu_name()}, {os.cpu_count()} logical cores; NUMBA_CPU_NAME={os.environ.get('NUMBA_CPU_NAME', '')}")
-    models = [(path, rwkv_lite.load(path), "") for path in args.models]
+    models = [(path, rwkv_lite.load(path)) for path in args.models]
     token = 123
-    results = defaultdict(list)          # (path, mode, B) -> per-round seconds per step (B = 0: single stream)
+    results = defaultdict(list)          # (path, B) -> per-round seconds per step (B = 0: single stream)
     states = {}
-    for path, model, mode in models:     # warm-up: compile, page in the weights
+    for path, model in models:     # warm-up: compile, page in the weights
         _, s = model.forward([token])
         single_token_seconds(model, s, token, 2)
         for B in args.batches:
-            states[path, mode, B] = [s.copy() for _ in range(B)]
-            batch_step_seconds(model, states[path, mode, B], [token] * B, 1)
-        states[path, mode, 0] = s
+            states[path, B] = [s.copy() for _ in range(B)]
+            batch_step_seconds(model, states[path, B], [token] * B, 1)
+        states[path, 0] = s
     deadline = time.monotonic() + args.wait_quiet
     while os.getloadavg()[0] >= 1.0 and time.monotonic() < deadline:
         time.sleep(5)
     load_before = os.getloadavg()
     for _ in range(args.rounds):
-        for path, model, mode in models:
-            sec, states[path, mode, 0] = single_token_seconds(model, states[path, mode, 0], token, args.steps)
-            results[path, mode, 0].append(sec)
+        for path, model in models:
+            sec, states[path, 0] = single_token_seconds(model, states[path, 0], token, args.steps)
+            results[path, 0].append(sec)
             for B in args.batches:
-                results[path, mode, B].append(batch_step_seconds(model, states[path, mode, B], [token] * B,
+                results[path, B].append(batch_step_seconds(model, states[path, B], [token] * B,
                                                                  args.steps))
     load_after = os.getloadavg()
     print(f"load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f}")
-    for path, model, mode in models:
-        single = np.median(results[path, mode, 0])
-        spread = f"{1e3 * min(results[path, mode, 0]):.0f}-{1e3 * max(results[path, mode, 0]):.0f}"
+    for path, model in models:
+        single = np.median(results[path, 0])
+        spread = f"{1e3 * min(results[path, 0]):.0f}-{1e3 * max(results[path, 0]):.0f}"
         print(f"\n{path}: single stream {1e3 * single:.1f} ms/token ({spread}), {1 / single:.2f} tokens/s")
         print("  B   ms/step (min-max)        aggregate tokens/s   ratio vs single   per-round ratio (min-max)")
         for B in args.batches:
-            step = np.median(results[path, mode, B])
-            spread = f"{1e3 * min(results[path, mode, B]):.0f}-{1e3 * max(results[path, mode, B]):.0f}"
-            per_round = [B * one / many for one, many in zip(results[path, mode, 0], results[path, mode, B])]
+            step = np.median(results[path, B])
+            spread = f"{1e3 * min(results[path, B]):.0f}-{1e3 * max(results[path, B]):.0f}"
+            per_round = [B * one / many for one, many in zip(results[path, 0], results[path, B])]
             print(f"  {B:<3} {1e3 * step:8.1f} ({spread:>13})   {B / step:12.2f}        {B / step * single:6.2f}x"
                   f"            {np.median(per_round):5.2f}x ({min(per_round):.2f}-{max(per_round):.2f})")
         if args.profile:

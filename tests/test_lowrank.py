@@ -42,3 +42,20 @@ def test_shape_errors_are_reported():
         lowrank.down_many([np.zeros(5, np.float32)], [np.zeros((6, 3), np.float32)])
     with pytest.raises(ValueError, match="cannot multiply"):
         lowrank.up_many([np.zeros(4, np.float32)], [np.zeros((3, 6), np.float32)])
+
+
+def test_batched_rows_equal_the_single_token_products_bit_for_bit():
+    """kernels/batched.py's LoRA products for B rows read each factor once for all rows, yet row b must be
+    down_many / up_many of that row alone, bit for bit (the batched decode's contract)."""
+    from rwkv_lite.kernels import batched
+    rng = np.random.default_rng(7)
+    C, widths, B = 512, (96, 64, 256), 5
+    As = [rng.standard_normal((C, D)).astype(np.float32) for D in widths]
+    Fs = [rng.standard_normal((D, C)).astype(np.float32) for D in widths]
+    Xs = [rng.standard_normal((B, C)).astype(np.float32) for _ in widths]
+    H = batched.lowrank_down_rows(Xs, As)
+    Y = batched.lowrank_up_rows(H, Fs)
+    for b in range(B):
+        for h, single in zip(H, lowrank.down_many([x[b] for x in Xs], As)):
+            np.testing.assert_array_equal(h[b], single)
+        np.testing.assert_array_equal(Y[:, b], lowrank.up_many([h[b] for h in H], Fs))

@@ -112,38 +112,26 @@ def shift_mixes(a, previous_row, mus, extra=None):
     """out[f, t] = a[t] + d[t] * mus[f] for every mix f, d = p - a with p = a shifted by one token (row 0: the
     state's previous row): RWKV-6/7's token shift `a + d * mu`, all mixes of a layer in one pass -> (n, T, C).
     With `extra` (n, T, C), RWKV-6's data-dependent shift: out[f, t] = a[t] + d[t] * (mus[f] + extra[f, t])."""
+    return shift_mixes_rows(a, shifted(a, previous_row), mus, extra)
+
+
+@njit(cache=True)
+def shift_mixes_rows(a, previous, mus, extra=None):
+    """The token shift of each row of `a` (T, C) against its own previous row previous[t] -> (n, T, C): a prompt's
+    rows against the row before them (shift_mixes), or B sequences at one token each against their states' rows,
+    with the same arithmetic per element either way."""
     T, C = a.shape
     n = mus.shape[0]
     out = np.empty((n, T, C), np.float32)
     for t in range(T):
         for c in range(C):
-            p = previous_row[c] if t == 0 else a[t - 1, c]
-            d = p - a[t, c]
+            d = previous[t, c] - a[t, c]
             if extra is None:            # decided when compiled (one specialisation each), not per element
                 for f in range(n):
                     out[f, t, c] = a[t, c] + d * mus[f, c]
             else:
                 for f in range(n):
                     out[f, t, c] = a[t, c] + d * (mus[f, c] + extra[f, t, c])
-    return out
-
-
-@njit(cache=True)
-def shift_mixes_rows(a, previous, mus, extra=None):
-    """shift_mixes for B sequences at one token each: row b of `a` (B, C) shifts against its own previous row
-    previous[b] -> (n, B, C); per element the same arithmetic as shift_mixes on that one row."""
-    B, C = a.shape
-    n = mus.shape[0]
-    out = np.empty((n, B, C), np.float32)
-    for b in range(B):
-        for c in range(C):
-            d = previous[b, c] - a[b, c]
-            if extra is None:
-                for f in range(n):
-                    out[f, b, c] = a[b, c] + d * mus[f, c]
-            else:
-                for f in range(n):
-                    out[f, b, c] = a[b, c] + d * (mus[f, c] + extra[f, b, c])
     return out
 
 

@@ -266,6 +266,11 @@ class Int4(Scheme):
         _dequantize_int4(packed, words, self.group, out)
         return out
 
+    def levels(self, parts: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Row-major parts -> level indices (R, Cp) uint8 0..15 in column order and the group words: pack's
+        inverse (used to re-lay a file out)."""
+        return _levels(np.asarray(parts[""]), self.group), np.asarray(parts[".groups"])
+
     def pack(self, levels: np.ndarray, words: np.ndarray) -> dict:
         """Parts from level indices `levels` (R, Cp) uint8 0..15 in column order (padding columns 0) and group words
         `words` (R, Cp/G) uint16: for quantizers that choose the levels themselves (GPTQ)."""

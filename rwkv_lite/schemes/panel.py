@@ -155,10 +155,7 @@ def relayout(source, parts: dict, target) -> dict:
         raise SchemeError(f"no conversion from the {source.layout} layout to {target.layout}")
     if source.name == "int8":
         return pack_int8(np.asarray(parts[""]), np.asarray(parts[".scale"]).view(np.uint16))
-    packed = np.asarray(parts[""])
-    levels = np.concatenate([packed.reshape(packed.shape[0], -1, GROUP // 2) & 15,
-                             packed.reshape(packed.shape[0], -1, GROUP // 2) >> 4], axis=2)
-    return pack_int4(levels.reshape(packed.shape[0], -1), np.asarray(parts[".groups"]))
+    return target.pack(*source.levels(parts))
 
 
 class PanelMatrix(Matrix):
