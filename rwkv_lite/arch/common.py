@@ -25,7 +25,7 @@ from ..errors import FormatError
 from ..kernels import pointwise
 from ..kernels.linear import gemv_many
 from ..kernels.lowrank import down_many, matmul_many, up_many
-from .batch import linear_rows
+from .batch import BatchStates, linear_rows
 
 LN_EPS = np.float32(1e-5)        # LayerNorm epsilon of every RWKV version (ln0, ln1, ln2, ln_out)
 
@@ -364,5 +364,5 @@ def forward_batch(time_mix, channel_mix, W: Weights, tokens, states: list, obser
     """One token for each of B sequences (tokens (B,), states[b] its state dict, updated in place) -> (B, V).
     time_mix and channel_mix here are a version's batched ones (arch/batch.py)."""
     run = Pass(W.cfg, tokens, observer)
-    x = _layers(time_mix, channel_mix, W, tokens, states, run)
+    x = _layers(time_mix, channel_mix, W, tokens, BatchStates(states), run)
     return linear_rows(W.head, layer_norm(x, W.ln_out_w, W.ln_out_b), observer)

@@ -7,6 +7,11 @@ the distance to the memory-bandwidth floor. One compiled call per operation brin
 
 All functions take (T, C) float32 rows and return new float32 arrays; they compute what the NumPy expression in
 each docstring computes. Reductions accumulate in float64 (at least as accurate as NumPy's pairwise float32 sums).
+Several rows (a prompt's tokens, a batched step's sequences) are split over Numba's threads when they are worth it
+(PARALLEL_MIN_NS); a single decode row runs in the calling thread. Exponentials go through exp_f32, which LLVM
+vectorises (the C library's expf runs one element at a time), and the kernels use NumPy's error model (a float
+division by zero gives inf, as in NumPy): Numba's default checks every division for zero to raise
+ZeroDivisionError, and that branch alone stops a loop from being vectorised (measured: sigmoid 17x slower).
 """
 from __future__ import annotations
 
@@ -15,85 +20,217 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from .simd import bits_to_f32
 
-@njit(cache=True)
-def group_norm(x, n_head, weight, bias, eps):
-    """layer_norm of each of the n_head consecutive groups of a row, then * weight + bias over the whole row
-    (torch group_norm with one group per head)."""
-    T, C = x.shape
-    N = C // n_head
-    out = np.empty((T, C), np.float32)
-    for t in range(T):
-        for h in range(n_head):
-            c0 = h * N
-            total = 0.0
-            for c in range(c0, c0 + N):
-                total += x[t, c]
-            mean = total / N
-            sq = 0.0
-            for c in range(c0, c0 + N):
-                d = x[t, c] - mean
-                sq += d * d
-            inv = 1.0 / math.sqrt(sq / N + eps)
-            for c in range(c0, c0 + N):
-                out[t, c] = np.float32((x[t, c] - mean) * inv) * weight[c] + bias[c]
+# A kernel splits its rows (a prompt's tokens, a batched step's sequences) over Numba's threads when one core
+# would spend at least this long on them: below it the pool's wake-up costs more than it saves. Each kernel
+# states its cost per element (ns, serial, measured on a Zen 4 core; the split only needs the order of magnitude).
+# A row is computed by the same code either way (a `_*_row` function that both drivers call), so its result
+# does not depend on the row count or on the thread count.
+PARALLEL_MIN_NS = 12_000
+
+
+@njit(inline="always", error_model="numpy")
+def exp_f32(x):
+    """exp of a float32, within 1 ulp of the C library's expf (which Numba calls one element at a time: ~2 ns
+    each, and every activation here spends most of its time in it). Written so that LLVM vectorises it: x =
+    n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, Cody-Waite), exp(r) by the degree-7 polynomial of Cephes'
+    expf, times 2^n built from its bits. Below ln(smallest normal float) the result is 0 (expf would give a
+    subnormal); above ln(largest float), inf; NaN stays NaN."""
+    xc = min(max(x, EXP_MIN), EXP_MAX)
+    n = np.floor(xc * np.float32(1.44269504088896341) + np.float32(0.5))
+    r = xc - n * np.float32(0.693359375)
+    r = r - n * np.float32(-2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)
+    k = np.int32(n)
+    y = p * bits_to_f32(np.int32((min(k, np.int32(127)) + np.int32(127)) << np.int32(23)))
+    if k > 127:                   # exp(x) for x in (ln 2^127.5, EXP_MAX]: 2^128 has no float32 exponent
+        y = y * np.float32(2.0)
+    if x < EXP_MIN:
+        y = np.float32(0.0)
+    if x > EXP_MAX:
+        y = np.float32(np.inf)
+    if x != x:                    # noqa: PLR0124 (NaN)
+        y = x
+    return y
+
+
+EXP_MIN, EXP_MAX = np.float32(-87.33654), np.float32(88.72284)     # ln of the smallest normal, largest float32
+
+
+def _by_rows(serial, parallel, ns_per_element, x, *args):
+    """Run the serial or the parallel driver of a row kernel by the work in x (see PARALLEL_MIN_NS)."""
+    return (parallel if x.size * ns_per_element >= PARALLEL_MIN_NS else serial)(x, *args)
+
+
+# The norms' sums run in float64 as eight interleaved partial sums added pairwise: eight independent add chains
+# instead of one serial chain, in an order this code fixes (not the compiler), so every caller gets the same bits.
+
+@njit(cache=True, error_model="numpy")
+def _sum(x, t, c0, n):
+    """sum of x[t, c0:c0 + n] in float64."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+    end8 = c0 + n - n % 8
+    for c in range(c0, end8, 8):
+        a0 += x[t, c]
+        a1 += x[t, c + 1]
+        a2 += x[t, c + 2]
+        a3 += x[t, c + 3]
+        a4 += x[t, c + 4]
+        a5 += x[t, c + 5]
+        a6 += x[t, c + 6]
+        a7 += x[t, c + 7]
+    for c in range(end8, c0 + n):
+        a0 += x[t, c]
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+@njit(cache=True, error_model="numpy")
+def _squares(x, t, c0, n, mean):
+    """sum of (x[t, c0:c0 + n] - mean) ** 2 in float64."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+    end8 = c0 + n - n % 8
+    for c in range(c0, end8, 8):
+        d0, d1, d2, d3 = x[t, c] - mean, x[t, c + 1] - mean, x[t, c + 2] - mean, x[t, c + 3] - mean
+        d4, d5, d6, d7 = x[t, c + 4] - mean, x[t, c + 5] - mean, x[t, c + 6] - mean, x[t, c + 7] - mean
+        a0 += d0 * d0
+        a1 += d1 * d1
+        a2 += d2 * d2
+        a3 += d3 * d3
+        a4 += d4 * d4
+        a5 += d5 * d5
+        a6 += d6 * d6
+        a7 += d7 * d7
+    for c in range(end8, c0 + n):
+        d = x[t, c] - mean
+        a0 += d * d
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+@njit(cache=True, error_model="numpy")
+def _group_norm_row(t, x, n_head, weight, bias, eps, out):
+    N = x.shape[1] // n_head
+    for h in range(n_head):
+        c0 = h * N
+        mean = _sum(x, t, c0, N) / N
+        inv = 1.0 / math.sqrt(_squares(x, t, c0, N, mean) / N + eps)
+        for c in range(c0, c0 + N):
+            out[t, c] = np.float32((x[t, c] - mean) * inv) * weight[c] + bias[c]
+
+
+@njit(cache=True, error_model="numpy")
+def _group_norm_serial(x, n_head, weight, bias, eps):
+    out = np.empty(x.shape, np.float32)
+    for t in range(x.shape[0]):
+        _group_norm_row(t, x, n_head, weight, bias, eps, out)
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True, error_model="numpy")
+def _group_norm_parallel(x, n_head, weight, bias, eps):
+    out = np.empty(x.shape, np.float32)
+    for t in prange(x.shape[0]):
+        _group_norm_row(t, x, n_head, weight, bias, eps, out)
+    return out
+
+
+def group_norm(x, n_head, weight, bias, eps):
+    """layer_norm of each of the n_head consecutive groups of a row, then * weight + bias over the whole row
+    (torch group_norm with one group per head)."""
+    return _by_rows(_group_norm_serial, _group_norm_parallel, 2.2, x, n_head, weight, bias, eps)
+
+
 def layer_norm(x, weight, bias, eps):
     """(x - mean) / sqrt(var + eps) * weight + bias per row, biased variance (torch layer_norm): group_norm with
     the whole row as one group."""
     return group_norm(x, 1, weight, bias, eps)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
+def _token_mix_row(t, a, p, mu, out):
+    for c in range(a.shape[1]):
+        out[t, c] = a[t, c] * mu[c] + p[t, c] * (np.float32(1.0) - mu[c])
+
+
+@njit(cache=True, error_model="numpy")
+def _token_mix_serial(a, p, mu):
+    out = np.empty(a.shape, np.float32)
+    for t in range(a.shape[0]):
+        _token_mix_row(t, a, p, mu, out)
+    return out
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _token_mix_parallel(a, p, mu):
+    out = np.empty(a.shape, np.float32)
+    for t in prange(a.shape[0]):
+        _token_mix_row(t, a, p, mu, out)
+    return out
+
+
 def token_mix(a, p, mu):
     """a * mu + p * (1 - mu): this token's row blended with the previous token's, per channel."""
-    T, C = a.shape
-    out = np.empty((T, C), np.float32)
-    for t in range(T):
-        for c in range(C):
-            out[t, c] = a[t, c] * mu[c] + p[t, c] * (np.float32(1.0) - mu[c])
-    return out
+    return _by_rows(_token_mix_serial, _token_mix_parallel, 0.15, a, p, mu)
 
 
-@njit(cache=True)
-def sigmoid(x):
-    """1 / (1 + exp(-x))."""
-    T, C = x.shape
-    out = np.empty((T, C), np.float32)
-    for t in range(T):
-        for c in range(C):
-            out[t, c] = np.float32(1.0) / (np.float32(1.0) + np.exp(-x[t, c]))
-    return out
+# The element-wise activations share one row kernel; `fn` picks the function once per row.
+SIGMOID, SILU, RELU_SQUARE = 0, 1, 2
 
 
-@njit(cache=True)
-def silu(x):
-    """x * sigmoid(x)."""
-    T, C = x.shape
-    out = np.empty((T, C), np.float32)
-    for t in range(T):
-        for c in range(C):
+@njit(cache=True, error_model="numpy")
+def _activation_row(t, x, fn, out):
+    one = np.float32(1.0)
+    if fn == SIGMOID:
+        for c in range(x.shape[1]):
+            out[t, c] = one / (one + exp_f32(-x[t, c]))
+    elif fn == SILU:
+        for c in range(x.shape[1]):
             v = x[t, c]
-            out[t, c] = v * (np.float32(1.0) / (np.float32(1.0) + np.exp(-v)))
-    return out
-
-
-@njit(cache=True)
-def relu_square(x):
-    """max(x, 0) ** 2 (the channel mix's activation)."""
-    T, C = x.shape
-    out = np.empty((T, C), np.float32)
-    for t in range(T):
-        for c in range(C):
+            out[t, c] = v * (one / (one + exp_f32(-v)))
+    else:
+        for c in range(x.shape[1]):
             v = max(x[t, c], np.float32(0.0))
             out[t, c] = v * v
+
+
+@njit(cache=True, error_model="numpy")
+def _activation_serial(x, fn):
+    out = np.empty(x.shape, np.float32)
+    for t in range(x.shape[0]):
+        _activation_row(t, x, fn, out)
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True, error_model="numpy")
+def _activation_parallel(x, fn):
+    out = np.empty(x.shape, np.float32)
+    for t in prange(x.shape[0]):
+        _activation_row(t, x, fn, out)
+    return out
+
+
+def sigmoid(x):
+    """1 / (1 + exp(-x))."""
+    return _by_rows(_activation_serial, _activation_parallel, 0.4, x, SIGMOID)
+
+
+def silu(x):
+    """x * sigmoid(x)."""
+    return _by_rows(_activation_serial, _activation_parallel, 0.4, x, SILU)
+
+
+def relu_square(x):
+    """max(x, 0) ** 2 (the channel mix's activation)."""
+    return _by_rows(_activation_serial, _activation_parallel, 0.1, x, RELU_SQUARE)
+
+
+@njit(cache=True, error_model="numpy")
 def shifted(x, previous_row):
     """Row t of the result is row t-1 of x; row 0 is `previous_row` (the state's last row)."""
     T, C = x.shape
@@ -107,7 +244,6 @@ def shifted(x, previous_row):
 # ----------------------------------------------------------------------------------------------------------------
 # RWKV-6 / RWKV-7 row kernels (same conventions: (T, C) float32 rows in, new arrays out)
 
-@njit(cache=True)
 def shift_mixes(a, previous_row, mus, extra=None):
     """out[f, t] = a[t] + d[t] * mus[f] for every mix f, d = p - a with p = a shifted by one token (row 0: the
     state's previous row): RWKV-6/7's token shift `a + d * mu`, all mixes of a layer in one pass -> (n, T, C).
@@ -115,43 +251,68 @@ def shift_mixes(a, previous_row, mus, extra=None):
     return shift_mixes_rows(a, shifted(a, previous_row), mus, extra)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
+def _shift_mixes_row(t, a, previous, mus, extra, out):
+    for f in range(mus.shape[0]):        # mixes outermost: each inner loop is one contiguous vector loop
+        if extra is None:                # decided when compiled (one specialisation each), not per element
+            for c in range(a.shape[1]):
+                out[f, t, c] = a[t, c] + (previous[t, c] - a[t, c]) * mus[f, c]
+        else:
+            for c in range(a.shape[1]):
+                out[f, t, c] = a[t, c] + (previous[t, c] - a[t, c]) * (mus[f, c] + extra[f, t, c])
+
+
+@njit(cache=True, error_model="numpy")
+def _shift_mixes_serial(a, previous, mus, extra):
+    out = np.empty((mus.shape[0],) + a.shape, np.float32)
+    for t in range(a.shape[0]):
+        _shift_mixes_row(t, a, previous, mus, extra, out)
+    return out
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _shift_mixes_parallel(a, previous, mus, extra):
+    out = np.empty((mus.shape[0],) + a.shape, np.float32)
+    for t in prange(a.shape[0]):
+        _shift_mixes_row(t, a, previous, mus, extra, out)
+    return out
+
+
 def shift_mixes_rows(a, previous, mus, extra=None):
     """The token shift of each row of `a` (T, C) against its own previous row previous[t] -> (n, T, C): a prompt's
     rows against the row before them (shift_mixes), or B sequences at one token each against their states' rows,
     with the same arithmetic per element either way."""
-    T, C = a.shape
-    n = mus.shape[0]
-    out = np.empty((n, T, C), np.float32)
-    for t in range(T):
-        for c in range(C):
-            d = previous[t, c] - a[t, c]
-            if extra is None:            # decided when compiled (one specialisation each), not per element
-                for f in range(n):
-                    out[f, t, c] = a[t, c] + d * mus[f, c]
-            else:
-                for f in range(n):
-                    out[f, t, c] = a[t, c] + d * (mus[f, c] + extra[f, t, c])
+    return _by_rows(_shift_mixes_serial, _shift_mixes_parallel, 0.12 * mus.shape[0], a, previous, mus, extra)
+
+
+@njit(cache=True, error_model="numpy")
+def _rwkv6_decay_row(t, u, time_decay, out):
+    for c in range(u.shape[1]):
+        out[t, c] = exp_f32(-exp_f32(time_decay[c] + u[t, c]))
+
+
+@njit(cache=True, error_model="numpy")
+def _rwkv6_decay_serial(u, time_decay):
+    out = np.empty(u.shape, np.float32)
+    for t in range(u.shape[0]):
+        _rwkv6_decay_row(t, u, time_decay, out)
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True, error_model="numpy")
+def _rwkv6_decay_parallel(u, time_decay):
+    out = np.empty(u.shape, np.float32)
+    for t in prange(u.shape[0]):
+        _rwkv6_decay_row(t, u, time_decay, out)
+    return out
+
+
 def rwkv6_decay(time_decay, u):
     """w = exp(-exp(time_decay + u)): RWKV-6's per-token decay from the decay LoRA's output u (T, C)."""
-    T, C = u.shape
-    out = np.empty((T, C), np.float32)
-    for t in range(T):
-        for c in range(C):
-            out[t, c] = np.exp(-np.exp(time_decay[c] + u[t, c]))
-    return out
+    return _by_rows(_rwkv6_decay_serial, _rwkv6_decay_parallel, 1.0, u, time_decay)
 
 
-# Rows (tokens or sequences) from which the row-wise RWKV-7 kernels below run in parallel (one row: the pool's
-# wake-up costs more than the work).
-PARALLEL_MIN_ROWS = 4
-
-
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _rwkv7_wkv_inputs_row(t, k, v, v_first, u_w, u_a, u_v, w0, a0, v0, k_k, k_a, n_head, value_residual,
                           decay_scale, norm_floor, w, kt, vt, neg, b):
     C = k.shape[1]
@@ -168,25 +329,25 @@ def _rwkv7_wkv_inputs_row(t, k, v, v_first, u_w, u_a, u_v, w0, a0, v0, k_k, k_a,
         norm = max(np.float32(np.sqrt(sq)), norm_floor)
         for j in range(N):
             c = c0 + j
-            w[t, c] = np.exp(decay_scale * (one / (one + np.exp(-(w0[c] + u_w[t, c])))))
-            alpha = one / (one + np.exp(-(a0[c] + u_a[t, c])))
+            w[t, c] = exp_f32(decay_scale * (one / (one + exp_f32(-(w0[c] + u_w[t, c])))))
+            alpha = one / (one + exp_f32(-(a0[c] + u_a[t, c])))
             kappa = kk[j] / norm
             neg[t, c] = -kappa
             b[t, c] = kappa * alpha
             kt[t, c] = k[t, c] * (one + (alpha - one) * k_a[c])
             if value_residual:
-                vt[t, c] = v[t, c] + (v_first[t, c] - v[t, c]) * (one / (one + np.exp(-(v0[c] + u_v[t, c]))))
+                vt[t, c] = v[t, c] + (v_first[t, c] - v[t, c]) * (one / (one + exp_f32(-(v0[c] + u_v[t, c]))))
             else:
                 vt[t, c] = v[t, c]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _rwkv7_wkv_inputs_serial(args, outs):
     for t in range(args[0].shape[0]):
         _rwkv7_wkv_inputs_row(t, *args, *outs)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def _rwkv7_wkv_inputs_parallel(args, outs):
     for t in prange(args[0].shape[0]):
         _rwkv7_wkv_inputs_row(t, *args, *outs)
@@ -206,22 +367,39 @@ def rwkv7_wkv_inputs(k, v, v_first, u_w, u_a, u_v, w0, a0, v0, k_k, k_a, n_head,
     outs = tuple(np.empty((T, C), np.float32) for _ in range(5))
     args = (k, v, v_first, u_w, u_a, u_v, w0, a0, v0, k_k, k_a, n_head, value_residual, np.float32(decay_scale),
             np.float32(norm_floor))
-    (_rwkv7_wkv_inputs_parallel if T >= PARALLEL_MIN_ROWS else _rwkv7_wkv_inputs_serial)(args, outs)
+    (_rwkv7_wkv_inputs_parallel if k.size * 3.1 >= PARALLEL_MIN_NS else _rwkv7_wkv_inputs_serial)(args, outs)
     return outs
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
+def _rwkv7_output_row(t, o, r, k, v, r_k, gate, weight, bias, n_head, eps, out):
+    N = o.shape[1] // n_head
+    _group_norm_row(t, o, n_head, weight, bias, eps, out)
+    for h in range(n_head):
+        c0 = h * N
+        s = np.float32(0.0)
+        for j in range(c0, c0 + N):
+            s += r[t, j] * k[t, j] * r_k[j]
+        for j in range(c0, c0 + N):
+            out[t, j] = (out[t, j] + s * v[t, j]) * gate[t, j]
+
+
+@njit(cache=True, error_model="numpy")
+def _rwkv7_output_serial(o, r, k, v, r_k, gate, weight, bias, n_head, eps):
+    out = np.empty(o.shape, np.float32)
+    for t in range(o.shape[0]):
+        _rwkv7_output_row(t, o, r, k, v, r_k, gate, weight, bias, n_head, eps, out)
+    return out
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _rwkv7_output_parallel(o, r, k, v, r_k, gate, weight, bias, n_head, eps):
+    out = np.empty(o.shape, np.float32)
+    for t in prange(o.shape[0]):
+        _rwkv7_output_row(t, o, r, k, v, r_k, gate, weight, bias, n_head, eps, out)
+    return out
+
+
 def rwkv7_output(o, r, k, v, r_k, gate, weight, bias, n_head, eps):
     """(GroupNorm_H(o) * weight + bias + (sum over the head of r * k * r_k) * v) * gate, per row (RWKV-7)."""
-    T, C = o.shape
-    N = C // n_head
-    out = group_norm(o, n_head, weight, bias, eps)
-    for t in range(T):
-        for h in range(n_head):
-            c0 = h * N
-            s = np.float32(0.0)
-            for j in range(c0, c0 + N):
-                s += r[t, j] * k[t, j] * r_k[j]
-            for j in range(c0, c0 + N):
-                out[t, j] = (out[t, j] + s * v[t, j]) * gate[t, j]
-    return out
+    return _by_rows(_rwkv7_output_serial, _rwkv7_output_parallel, 3.4, o, r, k, v, r_k, gate, weight, bias, n_head, eps)

@@ -23,7 +23,7 @@ CHANNEL_BLOCK = 64            # channels per parallel task
 PARALLEL_MIN_STEPS = 1 << 13
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _wkv4_channels(c0, c1, k, v, w, u, aa, bb, pp, out):
     """The recurrence for channels c0..c1-1 over all T tokens."""
     for t in range(k.shape[0]):
@@ -46,7 +46,7 @@ def _wkv4_channels(c0, c1, k, v, w, u, aa, bb, pp, out):
             pp[c] = q
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def _wkv4_parallel(k, v, w, u, aa, bb, pp, out):
     C = k.shape[1]
     for blk in prange((C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK):
