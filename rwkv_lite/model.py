@@ -17,6 +17,7 @@ import numpy as np
 from . import arch as arch_registry
 from .errors import FormatError, NumericalError, ResourceError
 from .format import TOKENIZER_ARRAY, ModelFile, read_model_file, verify_checksums
+from .kernels.threads import use_threads
 from .schemes import get_scheme
 from .state import State
 
@@ -143,6 +144,7 @@ class Model:
             state.check_compatible(self.config)
             state.check_shapes(self._state_shapes)
             state = state.copy()
+        use_threads()
         outputs = []
         for start in range(0, ids.size, CHUNK_TOKENS):
             chunk = ids[start:start + CHUNK_TOKENS]
@@ -162,9 +164,8 @@ class Model:
 
         Returns logits (B, vocab); each state is updated IN PLACE (unlike forward(), which copies), so a serving
         loop keeps one State per sequence. Every matrix product reads each weight once for all B rows, and row b
-        equals `forward([tokens[b]], states[b])` (exactly, but for int4's reassociated zero-point sum; see
-        kernels/batched.py). A row whose logits are not finite is returned as it is: the caller decides what to
-        do with that one sequence. `observer` as in forward() (X holds one row per sequence)."""
+        equals `forward([tokens[b]], states[b])` bit for bit (tests/test_batched_decode.py). A row whose logits
+        are not finite is returned as it is: the caller decides what to do with that one sequence. `observer` as in forward() (X holds one row per sequence)."""
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if ids.size != len(states) or ids.size == 0:
             raise ValueError(f"forward_batch() needs one token per state, got {ids.size} tokens and "
@@ -178,6 +179,7 @@ class Model:
             state.check_shapes(self._state_shapes)
         if len({id(a) for s in states for a in s.arrays.values()}) != sum(len(s.arrays) for s in states):
             raise ValueError("forward_batch() was given the same state (or shared state arrays) twice")
+        use_threads()
         return self.arch.forward_batch(self.weights, ids, [s.arrays for s in states], observer)
 
     def verify(self, progress=None) -> list[str]:

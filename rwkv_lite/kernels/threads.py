@@ -139,11 +139,15 @@ def parallel_map(fn, items) -> None:
         future.result()
 
 
+_chosen: int | None = None      # the count of the last set_threads() call, for every thread of the process
+
+
 def set_threads(n: int | None = None) -> int:
     """Use `n` threads (None: every available core, capped by NUMBA_NUM_THREADS) for Numba's pool and the
-    sequence-mode tile workers; BLAS gets one thread per caller.
-
-    Returns the count in effect."""
+    sequence-mode tile workers; BLAS gets one thread per caller. For the whole process: Numba keeps its count
+    per calling thread, and a thread it has not been set in uses every core, so the model's entry points apply
+    this count in whichever thread runs them (use_threads). Returns the count in effect."""
+    global _chosen
     cap = numba.config.NUMBA_NUM_THREADS
     if n is None:
         n = min(available_cores(), cap)
@@ -153,7 +157,18 @@ def set_threads(n: int | None = None) -> int:
     n = min(n, cap)
     numba.set_num_threads(n)
     set_blas_threads(1)                            # sequence mode parallelises over tiles instead (see above)
+    _chosen = n
     return n
+
+
+def use_threads() -> None:
+    """Apply set_threads' count in the calling thread (nothing when it was never called). Model.forward and
+    forward_batch call it, because the work often runs in a thread other than the one that chose the count:
+    the server's engine thread, the thread Ray Data runs a batch function in. Without it each of those used
+    every core: two Ray actors of one CPU each on a 2-core machine ran two threads each and took 2.4x the CPU
+    time per token."""
+    if _chosen is not None and numba.get_num_threads() != _chosen:
+        numba.set_num_threads(_chosen)
 
 
 def get_threads() -> int:
