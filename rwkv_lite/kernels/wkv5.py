@@ -16,35 +16,38 @@ from .simd import f32_pointer
 PARALLEL_MIN_WORK = 1 << 17
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _head(r, k, v, w, w_per_token, u, s, out, h):
-    """All T tokens of head h. w is (H, N), or (T, H*N) when w_per_token (RWKV-6)."""
+    """All T tokens of head h. w is (H, N), or (T, H*N) when w_per_token (RWKV-6). The output row accumulates
+    in place and the loops run over 1-D row views: with a scratch array and 2-D indexing in the inner loop (the
+    earlier form) LLVM vectorised it far less well (3x slower over a 64-token prompt, the same bits)."""
     T = r.shape[0]
     N = s.shape[0]
     base = h * N
-    acc = np.empty(N, dtype=np.float32)
     for t in range(T):
-        acc[:] = 0.0
+        vt = v[t, base:base + N]
+        ot = out[t, base:base + N]
+        for j in range(N):
+            ot[j] = 0.0
         for i in range(N):
             ki = k[t, base + i]
             ri = r[t, base + i]
             ui = u[h, i]
             wi = w[t, base + i] if w_per_token else w[h, i]
+            si = s[i]
             for j in range(N):
-                kv = ki * v[t, base + j]
-                acc[j] += ri * (ui * kv + s[i, j])
-                s[i, j] = kv + wi * s[i, j]
-        for j in range(N):
-            out[t, base + j] = acc[j]
+                kv = ki * vt[j]
+                ot[j] += ri * (ui * kv + si[j])
+                si[j] = kv + wi * si[j]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def _heads_parallel(r, k, v, w, w_per_token, u, state, out):
     for h in prange(state.shape[0]):
         _head(r, k, v, w, w_per_token, u, state[h], out, h)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _heads_serial(r, k, v, w, w_per_token, u, state, out):
     for h in range(state.shape[0]):
         _head(r, k, v, w, w_per_token, u, state[h], out, h)
@@ -68,7 +71,7 @@ def wkv6(r, k, v, w, u, state, out):
     _run(r, k, v, w, True, u, state, out)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def _rows(r, k, v, w, w_per_token, u, states, out):
     B, (H, N) = r.shape[0], u.shape
     for i in prange(B * H):
