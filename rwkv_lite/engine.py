@@ -147,6 +147,7 @@ class Engine:
         self._stopping = False
         self._accepting = True
         self.metrics = EngineMetrics()
+        self._spare_states: list = []        # states of finished requests, reset and reused (Model.reset_state)
 
     # -- submitting ----------------------------------------------------------------------------------------------
     def submit(self, prompt: str | Sequence[int], *, max_tokens: int | None = None,
@@ -302,22 +303,30 @@ class Engine:
                         r._logits = logits
                         return
                 else:
-                    r._state = self.model.new_state()
+                    r._state = self._blank_state()
                     if self.cache is not None:
                         self.metrics.cache_misses += 1
             end = min(len(r.prompt_ids), r._read + self.prefill_chunk)
             point = next((p for p in r._cache_points if p > r._read), end)
             end = min(end, point)                     # stop at a cache point so its state can be kept
             start = time.perf_counter()
-            logits, state = self.model.forward(r.prompt_ids[r._read:end], r._state)
+            logits = self.model.forward_in_place(r.prompt_ids[r._read:end], r._state)
             self.metrics.observe_prefill(end - r._read, time.perf_counter() - start)
-            r._state, r._read = state, end
+            r._read = end
             if self.cache is not None and end in r._cache_points:
-                self.cache.store(r.prompt_ids[:end], state, logits)
+                self.cache.store(r.prompt_ids[:end], r._state, logits)
             if end == len(r.prompt_ids):
                 r._logits = logits
         except Exception as e:                        # noqa: BLE001
             self._finish(r, "error", f"{type(e).__name__}: {e}")
+
+    def _blank_state(self):
+        """A state at the model's initial values: a finished request's, reset, or a new one."""
+        if self._spare_states:
+            state = self._spare_states.pop()
+            self.model.reset_state(state)
+            return state
+        return self.model.new_state()
 
     def _sample(self, r: Request) -> int | None:
         """Sample r's next token from its logits and emit it; returns the token to feed (None: r finished)."""
@@ -364,7 +373,9 @@ class Engine:
         r._snapshot = None
         r.finish_reason = final.finish_reason
         r.error = final.error
-        r._state = None                               # release the state (the slot's memory)
+        if r._state is not None and len(self._spare_states) < self.max_batch:
+            self._spare_states.append(r._state)      # the next request's state, without new pages to fault in
+        r._state = None
         r._logits = None
         self.metrics.finished[r.finish_reason] = self.metrics.finished.get(r.finish_reason, 0) + 1
         r._emit(final)

@@ -43,6 +43,36 @@ def test_generate_batch_equals_generate_greedy_and_seeded(model):
     assert reasons <= {"stop", "length"}
 
 
+def test_finished_requests_states_are_reset_and_reused(model, monkeypatch):
+    """A request that starts after others finished reads its prompt into one of their states, reset to the
+    initial values (no fresh pages to fault in): its text is still its solo text, with a state-tuned initial
+    state too."""
+    made = []
+    new_state = model.new_state
+    monkeypatch.setattr(model, "new_state", lambda: made.append(1) or new_state())
+    engine = Engine(model, max_batch=2)
+    greedy = SamplingParams.greedy()
+    requests = [engine.submit(p, max_tokens=10, params=greedy) for p in PROMPTS]
+    while engine.has_work():
+        engine.step()
+    assert len(made) == 2 < len(PROMPTS)
+    for p, r in zip(PROMPTS, requests):
+        assert r.text == generate_text(model, p, max_tokens=10, params=greedy)
+
+    _, tuned = model.forward(model.tokenizer.encode("In the beginning"))
+    model.initial_state = tuned
+    try:
+        r = engine.submit(PROMPTS[1], max_tokens=10, params=greedy)
+        while engine.has_work():
+            engine.step()
+        assert r.text == generate_text(model, PROMPTS[1], max_tokens=10, params=greedy)
+        state = engine._spare_states[-1]
+        model.reset_state(state)
+        assert all(np.array_equal(a, tuned.arrays[k]) for k, a in state.arrays.items())
+    finally:
+        model.initial_state = None
+
+
 def test_requests_joining_at_every_step_give_their_solo_text(model):
     engine = Engine(model, max_batch=3, prefill_chunk=4)
     params = [SamplingParams.greedy(), SamplingParams(seed=3), SamplingParams(seed=4, temperature=0.7)]
