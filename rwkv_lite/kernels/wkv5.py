@@ -6,7 +6,6 @@ For each token t, using the OLD state:
 RWKV-6 passes a per-token decay w[t] (data dependent); RWKV-5 one decay for all tokens.
 Heads are independent, so they run in parallel; tokens run in order inside each head.
 """
-import numpy as np
 from numba import carray, njit, prange
 
 from .simd import f32_pointer
