@@ -52,6 +52,19 @@ def test_panel_matches_float64_and_batches_are_bit_identical(kind, shape):
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_few_panels_times_many_rows_split_by_rows_gives_the_same_bits(kind):
+    # a LoRA-factor-sized matrix (6 panels: 2 tasks of panels) times prompt-sized row counts: gemm_parallel also
+    # splits the rows over the threads, and every row must come out as the serial kernel computes it
+    _, m = _matrix(kind, 96, 2048, seed=4)
+    rng = np.random.default_rng(5)
+    for B in (32, 70, 128):
+        X = rng.standard_normal((B, 2048)).astype(np.float32)
+        serial = panel.gemm_serial(m.int8, m.wp, m.words, X, m.padded_cols)
+        np.testing.assert_array_equal(panel.gemm_parallel(m.int8, m.wp, m.words, X, m.padded_cols), serial)
+        np.testing.assert_array_equal(m(X), serial[:, :96])
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_panel_results_do_not_depend_on_the_thread_count(kind):
     _, m = _matrix(kind, 1024, 512, seed=2)
     X = np.random.default_rng(3).standard_normal((9, 512)).astype(np.float32)

@@ -45,7 +45,7 @@ import os
 import numpy as np
 from llvmlite import binding as llvm_binding
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import get_num_threads, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -471,6 +471,7 @@ def _aligned_scratch(rows):
 
 PANELS_PER_TASK = 4          # 64 rows per parallel task, like the row-major kernels' ROW_BLOCK
 PARALLEL_QUANTIZE_ROWS = 16  # activation rows from which their rounding is split over the threads too
+MIN_TASK_ROWS = 16           # the fewest activation rows a task gets when a product is split by rows
 
 
 @njit(cache=CACHE, nogil=True)
@@ -504,17 +505,27 @@ def gemm_serial(int8, wp, wd, X, cols):
 
 @njit(cache=CACHE, nogil=True, parallel=True)
 def gemm_parallel(int8, wp, wd, X, cols):
-    """gemm_serial with the panels split over Numba's threads (identical results)."""
+    """gemm_serial with the work split over Numba's threads (identical results: a row's result does not depend on
+    which rows share its task). By panels; a matrix of few panels times many rows (RWKV-7's LoRA factors in a
+    prompt: 96 x 2048 is 2 tasks of panels) is split by rows too, so that every thread gets work."""
     if X.shape[0] >= PARALLEL_QUANTIZE_ROWS:
         xq, xs, xsum = quantize_rows_parallel(X, cols, 2 if int8 else 1, WIDE and int8)
     else:
         xq, xs, xsum = quantize_rows(X, cols, 2 if int8 else 1, WIDE and int8)
-    npanels = wp.shape[0]
-    Y = np.empty((X.shape[0], npanels * PANEL), np.float32)
-    ntasks = (npanels + PANELS_PER_TASK - 1) // PANELS_PER_TASK
-    for t in prange(ntasks):
-        _run_panels(int8, wp, wd, xq, xs, xsum, t * PANELS_PER_TASK, min(npanels, (t + 1) * PANELS_PER_TASK),
-                    0, X.shape[0], Y)
+    npanels, B = wp.shape[0], X.shape[0]
+    Y = np.empty((B, npanels * PANEL), np.float32)
+    ptasks = (npanels + PANELS_PER_TASK - 1) // PANELS_PER_TASK
+    wanted = 2 * get_num_threads()
+    rblocks = 1
+    if ptasks < wanted and B >= 2 * MIN_TASK_ROWS:
+        rblocks = min(B // MIN_TASK_ROWS, (wanted + ptasks - 1) // ptasks)
+    rows = (B + rblocks - 1) // rblocks
+    for t in prange(ptasks * rblocks):
+        pt, rb = t // rblocks, t % rblocks
+        b0, b1 = rb * rows, min(B, (rb + 1) * rows)
+        if b0 < b1:
+            _run_panels(int8, wp, wd, xq, xs, xsum, pt * PANELS_PER_TASK,
+                        min(npanels, (pt + 1) * PANELS_PER_TASK), b0, b1, Y)
     return Y
 
 

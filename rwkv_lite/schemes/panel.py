@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..kernels import panel as kernels
-from ..kernels.linear import Matrix
+from ..kernels.linear import PARALLEL_MIN_WEIGHTS, Matrix
 from .base import SchemeError
 
 LAYOUTS = ("rows", "p16")
@@ -184,7 +184,7 @@ class PanelMatrix(Matrix):
         return self._product(x[None, :], self.parallel)[0]
 
     def _gemm(self, X):
-        return self._product(X, self.parallel)
+        return self._product(X, self.parallel or X.shape[0] * self.shape[0] * self.shape[1] >= PARALLEL_MIN_WEIGHTS)
 
     def _matmul_rows(self, X, parallel):
         return self._product(X, parallel)
