@@ -41,6 +41,7 @@ import math
 from dataclasses import dataclass, replace
 
 import numpy as np
+from numba import njit
 
 from rwkv_lite.errors import NumericalError, RwkvLiteError
 
@@ -155,9 +156,26 @@ def sample(logits, params: SamplingParams, rng: np.random.Generator) -> int:
     ids, probs = sampling_distribution(logits, params)
     if ids.size == 1:
         return int(ids[0])
-    cdf = np.cumsum(probs)
-    i = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+    i = _inverse_cdf(probs, rng.random())
     return int(ids[min(i, ids.size - 1)])
+
+
+@njit(cache=True)
+def _inverse_cdf(probs, u):
+    """The first i whose cumulative sum probs[0] + ... + probs[i] exceeds u times the total: what
+    np.searchsorted(np.cumsum(probs), u * np.cumsum(probs)[-1], side="right") returns, with the same float64 sums
+    in the same order (so the same draw), without writing out the cumulative sums (0.2 ms for a 65536-token
+    vocabulary, per sampled token)."""
+    total = 0.0
+    for i in range(probs.size):
+        total += probs[i]
+    target = u * total
+    acc = 0.0
+    for i in range(probs.size):
+        acc += probs[i]
+        if acc > target:
+            return i
+    return probs.size
 
 
 def sampling_distribution(logits, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
@@ -187,17 +205,22 @@ def sampling_distribution(logits, params: SamplingParams) -> tuple[np.ndarray, n
         x_max = np.float32(0)
     weights = np.exp(x - x_max)  # float32, p ∝ weights, weights[top] == 1 (so weights are p / p_max)
     kept = _kept_tokens(x, weights, params)
+    if kept is None:             # every token, in id order: the arrays themselves, not a gather through the ids
+        kept, w, xk = np.arange(x.size, dtype=np.int64), weights, x
+    else:
+        w, xk = weights[kept], x[kept]
     if params.temperature == 1.0:
-        q = weights[kept].astype(np.float64)
+        q = w.astype(np.float64)
     else:
         # p ** (1/T) up to normalisation, computed in log space so it neither overflows nor underflows to 0/0:
         # the top token always gets exp(0) = 1.
-        q = np.exp((x[kept].astype(np.float64) - float(x_max)) / params.temperature)
+        q = np.exp((xk.astype(np.float64) - float(x_max)) / params.temperature)
     return kept, q / q.sum()
 
 
-def _kept_tokens(x: np.ndarray, weights: np.ndarray, params: SamplingParams) -> np.ndarray:
-    """Ids that pass top-k, min-p and top-p (all measured at temperature 1).
+def _kept_tokens(x: np.ndarray, weights: np.ndarray, params: SamplingParams) -> np.ndarray | None:
+    """Ids that pass top-k, min-p and top-p (all measured at temperature 1); None when no filter is on (every
+    token passes).
 
     Never empty: a most probable token always passes."""
     vocab = x.size
@@ -211,7 +234,7 @@ def _kept_tokens(x: np.ndarray, weights: np.ndarray, params: SamplingParams) -> 
                       else candidates[weights[candidates] >= threshold])
     if params.top_p < 1.0:
         candidates = _nucleus(weights, candidates, params.top_p)
-    return np.arange(vocab, dtype=np.int64) if candidates is None else candidates.astype(np.int64)
+    return None if candidates is None else candidates.astype(np.int64)
 
 
 def _nucleus(weights: np.ndarray, candidates: np.ndarray | None, top_p: float) -> np.ndarray:

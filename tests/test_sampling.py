@@ -392,3 +392,21 @@ def test_top_p_1_differs_from_the_reference_on_purpose(monkeypatch):
     pipe.sample_logits(torch.tensor(logits), temperature=1.0, top_p=1.0, top_k=0)
     assert (captured["p"] > 0).sum() == 1     # the reference degenerates to greedy here ...
     assert len(kept_set(logits, top_p=1.0)) == V   # ... we keep the whole distribution (documented)
+
+
+def test_inverse_cdf_draws_what_cumsum_and_searchsorted_draw():
+    from rwkv_lite.sampling import _inverse_cdf
+    rng = np.random.default_rng(11)
+    for n in (1, 2, 5, 300, 65536):
+        for _ in range(20):
+            probs = rng.random(n) ** rng.choice([1, 8])
+            probs[rng.random(n) < 0.2] = 0.0                  # zero-probability tokens are never drawn
+            if probs.sum() == 0:
+                probs[0] = 1.0
+            probs /= probs.sum()
+            cdf = np.cumsum(probs)
+            for u in [0.0, 1e-300, rng.random(), rng.random(), 1 - 1e-16]:
+                want = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
+                got = _inverse_cdf(probs, u)
+                assert got == want
+                assert probs[min(got, n - 1)] > 0 or want == n
