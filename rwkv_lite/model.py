@@ -85,7 +85,7 @@ class Model:
         self._store = store
         self._tokenizer = None
         self._initial_state = None
-        self._default_state = None       # the file's initial state, kept once reset_state needs it
+        self._default_state = None       # the file's initial state, built on first use (_start_state)
         self._state_shapes = self.arch.state_shapes(self.arch_config)
 
     @property
@@ -104,20 +104,24 @@ class Model:
     def new_state(self) -> State:
         """The state every sequence starts from (forward(tokens, None), the serving engine): initial_state if
         one is set, else the file's (zeros, or a state-tuned time_state converted into the model)."""
-        if self._initial_state is not None:
-            return self._initial_state.copy()
-        return State(self.config, self.arch.init_state(self.arch_config, self._store))
+        return self._start_state().copy()
 
     def reset_state(self, state: State) -> None:
         """Set `state` to new_state()'s values in place, reusing its memory (see forward_in_place for why a
         server reuses states)."""
         state.check_compatible(self.config)
         state.check_shapes(self._state_shapes)
-        if self._initial_state is None and self._default_state is None:
-            self._default_state = State(self.config, self.arch.init_state(self.arch_config, self._store))
-        source = self._initial_state if self._initial_state is not None else self._default_state
+        start = self._start_state()
         for name, array in state.arrays.items():
-            np.copyto(array, source.arrays[name])
+            np.copyto(array, start.arrays[name])
+
+    def _start_state(self) -> State:
+        """initial_state if one is set, else the file's initial state (built once and kept)."""
+        if self._initial_state is not None:
+            return self._initial_state
+        if self._default_state is None:
+            self._default_state = State(self.config, self.arch.init_state(self.arch_config, self._store))
+        return self._default_state
 
     @property
     def initial_state(self) -> State | None:
@@ -143,12 +147,7 @@ class Model:
         `observer(name, X)`, if given, is called before every product with a stored weight matrix (role
         'matrix' in the file, the head included) with the tensor's name and its input rows X (T, C) float32
         (the head: only the rows whose logits are computed); X must not be modified."""
-        if state is None:
-            state = self.new_state()
-        else:
-            state.check_compatible(self.config)
-            state.check_shapes(self._state_shapes)
-            state = state.copy()
+        state = self.new_state() if state is None else state.copy()     # (forward_in_place checks it)
         return self.forward_in_place(tokens, state, all_logits, observer), state
 
     def forward_in_place(self, tokens, state: State, all_logits: bool = False, observer=None) -> np.ndarray:
@@ -187,7 +186,8 @@ class Model:
         Returns logits (B, vocab); each state is updated IN PLACE (unlike forward(), which copies), so a serving
         loop keeps one State per sequence. Every matrix product reads each weight once for all B rows, and row b
         equals `forward([tokens[b]], states[b])` bit for bit (tests/test_batched_decode.py). A row whose logits
-        are not finite is returned as it is: the caller decides what to do with that one sequence. `observer` as in forward() (X holds one row per sequence)."""
+        are not finite is returned as it is: the caller decides what to do with that one sequence. `observer`
+        as in forward() (X holds one row per sequence)."""
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if ids.size != len(states) or ids.size == 0:
             raise ValueError(f"forward_batch() needs one token per state, got {ids.size} tokens and "

@@ -120,7 +120,8 @@ class PlannedTensor:
     """One tensor of the output file, produced on demand during conversion.
 
     role: 'matrix' (a linear layer's weight: quantizable), 'embedding' (rows looked up by token), 'lora' (a
-    LoRA factor (out, in): int8 in quantized files) or 'vector' (small float32 parameters: mixes, norms, decays). `rows(a, b)` returns rows a..b (first axis) in float32, so
+    LoRA factor (out, in): int8 in quantized files) or 'vector' (small float32 parameters: mixes, norms,
+    decays). `rows(a, b)` returns rows a..b (first axis) in float32, so
     that big matrices stream in blocks. `stored`: for a tensor that is already quantized (an rwkv-lite int8/int4
     file as the source), (scheme, its stored arrays): the converter re-lays them out, never rounds again."""
     name: str

@@ -296,10 +296,10 @@ def time_mix(L: Layer, a, state, l, run):
     xr, xw, xk, xv, xa, xg = pointwise.shift_mixes(a, state["att_x"][l], L.mixes)
     r, k, v = linear_many((L.W_r, L.W_k, L.W_v), (xr, xk, xv), run.observer)
     if L.has_value_residual:
-        u_w, u_a, u_v, gate = _loras(L, (xw, xa, xv, xg), run)
+        u_w, u_a, u_v, gate = _loras(L, (xw, xa, xv, xg))
         v0 = L.v0
     else:
-        u_w, u_a, gate = _loras(L, (xw, xa, xg), run)
+        u_w, u_a, gate = _loras(L, (xw, xa, xg))
         u_v, v0, run.v_first = v, L.a0, v                  # layer 0's value is the value residual of later ones
     w, k, v, neg_kappa, kappa_alpha = pointwise.rwkv7_wkv_inputs(
         k, v, run.v_first, u_w, u_a, u_v, L.w0, L.a0, v0, L.k_k, L.k_a, H, L.has_value_residual, DECAY_SCALE,
@@ -355,10 +355,10 @@ def time_mix_batch(L: Layer, a, states, l, run):
     xr, xw, xk, xv, xa, xg = pointwise.shift_mixes_rows(a, previous_rows(states, "att_x", l), L.mixes)
     r, k, v = linear_rows(L.W_r, xr, obs), linear_rows(L.W_k, xk, obs), linear_rows(L.W_v, xv, obs)
     if L.has_value_residual:
-        u_w, u_a, u_v, gate = _loras_batch(L, (xw, xa, xv, xg), run)
+        u_w, u_a, u_v, gate = _loras_batch(L, (xw, xa, xv, xg))
         v0 = L.v0
     else:
-        u_w, u_a, gate = _loras_batch(L, (xw, xa, xg), run)
+        u_w, u_a, gate = _loras_batch(L, (xw, xa, xg))
         u_v, v0, run.v_first = v, L.a0, v                  # layer 0's value is the value residual of later ones
     w, k, v, neg_kappa, kappa_alpha = pointwise.rwkv7_wkv_inputs(
         k, v, run.v_first, u_w, u_a, u_v, L.w0, L.a0, v0, L.k_k, L.k_a, H, L.has_value_residual, DECAY_SCALE,
@@ -375,14 +375,14 @@ def _between(hs):
     return (np.tanh(hs[0]),) + tuple(hs[1:-1]) + (sigmoid(hs[-1]),)
 
 
-def _loras(L: Layer, xs, run):
+def _loras(L: Layer, xs):
     """The LoRA outputs (decay, learning rate, [value residual,] gate) of T tokens: x . A, the middle step, . B."""
     if L.lora_matrices:                  # (the observer watches role 'matrix' products only)
         return linear_many(L.lora_up, _between(linear_many(L.lora_down, xs)))
     return lora_up(_between(lora_down(xs, L.lora_down)), L.lora_up)
 
 
-def _loras_batch(L: Layer, xs, run):
+def _loras_batch(L: Layer, xs):
     """_loras for B sequences at one token each (each row its single-token computation)."""
     if L.lora_matrices:
         hs = [linear_rows(A, x) for A, x in zip(L.lora_down, xs)]

@@ -26,7 +26,9 @@ from .simd import bits_to_f32
 # would spend at least this long on them: below it the pool's wake-up costs more than it saves. Each kernel
 # states its cost per element (ns, serial, measured on a Zen 4 core; the split only needs the order of magnitude).
 # A row is computed by the same code either way (a `_*_row` function that both drivers call), so its result
-# does not depend on the row count or on the thread count.
+# does not depend on the row count or on the thread count. Each kernel spells out its own small pair of drivers:
+# one generic driver taking the row function as an argument would be compiled anew in every process (Numba
+# does not reuse its cache for functions passed as arguments; measured).
 PARALLEL_MIN_NS = 12_000
 
 
