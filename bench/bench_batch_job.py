@@ -3,7 +3,7 @@ through `generate`, and optionally the same job on Ray Data (2 actors of 1 CPU o
 memory of the whole job (PSS: the model's pages shared by the actors count once).
 
     python bench/bench_batch_job.py MODEL [--prompts 64] [--sequential 8] [--prompt-tokens 64] [--new-tokens 64]
-                                          [--max-batch 16] [--rounds 1] [--ray] [--ray-actors 2]
+                                          [--max-batch 32 [16 ...]] [--rounds 1] [--ray] [--ray-actors 2]
 
 Prompts are random token ids (seeded; `--prompt-tokens` each) and every line samples with its own seed at
 temperature 1 (random weights make greedy decoding loop; a line may stop early at end-of-text, so tokens are
@@ -12,7 +12,7 @@ model already mapped (the Ray figure includes starting the actors, which map the
 Also printed: tokens per CPU-second (this process's CPU time, plus the Ray workers' for the Ray run), which a busy
 shared machine disturbs less than wall-clock rates (the OpenMP/Numba pool's spinning counts as CPU time).
 The one-by-one rate is measured on the first `--sequential` prompts (each prompt costs the same, so the rate
-carries over). With --rounds > 1 the variants interleave and medians are printed. Prints the load average.
+carries over), half of them before the batch jobs of a round and half after. With --rounds > 1 the variants interleave and medians are printed. Prints the load average.
 """
 from __future__ import annotations
 
@@ -179,7 +179,8 @@ def main():
     ap.add_argument("--sequential", type=int, default=8, help="prompts run one by one for the baseline rate")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--max-batch", type=int, nargs="+", default=[32],
+                    help="the batch job's --max-batch; several values run interleaved in each round")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ray", action="store_true", help="also run the job on a local Ray instance")
@@ -204,33 +205,45 @@ def main():
     "".join(generate_warm)
     warm = folder / "warm.jsonl"
     make_input(warm, 2, 8, 2, model.tokenizer.vocab_size)
-    run_job(warm, folder / "warm-out.jsonl", JobSettings(), LocalRunner(model, max_batch=args.max_batch))
+    run_job(warm, folder / "warm-out.jsonl", JobSettings(), LocalRunner(model, max_batch=args.max_batch[0]))
 
-    results = {"one by one": [], "batch": [], "ray": []}
-    per_cpu = {"one by one": [], "batch": [], "ray": []}       # tokens per CPU-second: less sensitive to load
+    batch_keys = [f"batch {mb}" if len(args.max_batch) > 1 else "batch" for mb in args.max_batch]
+    results = {k: [] for k in ["one by one", *batch_keys, "ray"]}
+    per_cpu = {k: [] for k in results}                 # tokens per CPU-second: less sensitive to load
     peaks = {"batch": 0, "ray": 0, "ray services": 0, "batch shmem": 0, "ray shmem": 0}
     reference_texts = None
+    before, after = rows[:(args.sequential + 1) // 2], rows[(args.sequential + 1) // 2:args.sequential]
     for r in range(args.rounds):
-        tokens, seconds, cpu = one_by_one(model, rows[:args.sequential])
+        # the one-by-one prompts bracket the batch jobs (half before, half after), so that a change of the
+        # machine's speed during the round moves both sides of the ratio alike
+        tokens, seconds, cpu = one_by_one(model, before)
+        sampling_cpu = 0.0
+        for key, max_batch in zip(batch_keys, args.max_batch):
+            with PssSampler() as sampler:
+                local_runner = LocalRunner(model, max_batch=max_batch)
+                job_tokens, job_seconds, job_cpu, texts = batch_job(local_runner, src, folder, "local")
+            sampling_cpu += sampler.cpu
+            if sampler.peak_job > peaks["batch"]:
+                peaks["batch"], peaks["batch shmem"] = sampler.peak_job, sampler.peak_job_shmem
+            m = local_runner.metrics
+            print(f"  round {r + 1}: {key} job engine time: prompts {m.prefill_seconds:.1f} s "
+                  f"({m.prompt_tokens_read} tokens), decode {m.decode_seconds:.1f} s ({m.decode_steps} steps, "
+                  f"{m.decode_rows / max(m.decode_steps, 1):.1f} rows per step on average)")
+            results[key].append(job_tokens / job_seconds)
+            per_cpu[key].append(job_tokens / job_cpu)
+            if reference_texts is not None and texts != reference_texts:
+                print(f"  round {r + 1}: {key}: output differs from the first batch job's")
+            reference_texts = texts
+        if after:
+            more_tokens, more_seconds, more_cpu = one_by_one(model, after)
+            tokens, seconds, cpu = tokens + more_tokens, seconds + more_seconds, cpu + more_cpu
         results["one by one"].append(tokens / seconds)
         per_cpu["one by one"].append(tokens / cpu)
-        with PssSampler() as sampler:
-            local_runner = LocalRunner(model, max_batch=args.max_batch)
-            tokens, seconds, cpu, texts = batch_job(local_runner, src, folder, "local")
-        sampling_cpu = sampler.cpu
-        if sampler.peak_job > peaks["batch"]:
-            peaks["batch"], peaks["batch shmem"] = sampler.peak_job, sampler.peak_job_shmem
-        m = local_runner.metrics
-        print(f"  round {r + 1}: batch job engine time: prompts {m.prefill_seconds:.1f} s "
-              f"({m.prompt_tokens_read} tokens), decode {m.decode_seconds:.1f} s ({m.decode_steps} steps, "
-              f"{m.decode_rows / max(m.decode_steps, 1):.1f} rows per step on average)")
-        results["batch"].append(tokens / seconds)
-        per_cpu["batch"].append(tokens / cpu)
-        reference_texts = texts
         if args.ray:
             if not ray.is_initialized():           # after the first local run, whose memory it would add to
                 ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-            ray_runner = RayRunner(args.model, actors=args.ray_actors, cpus=args.ray_cpus, max_batch=args.max_batch)
+            ray_runner = RayRunner(args.model, actors=args.ray_actors, cpus=args.ray_cpus,
+                                   max_batch=args.max_batch[0])
             with PssSampler() as sampler:
                 tokens, seconds, cpu, texts = batch_job(ray_runner, src, folder, "ray")
             sampling_cpu += sampler.cpu
@@ -255,10 +268,14 @@ def main():
     base = med(results["one by one"])
     print(f"one by one   {base:7.1f} tokens/s  (min-max {min(results['one by one']):.1f}-"
           f"{max(results['one by one']):.1f}, {args.sequential} prompts)")
-    b = med(results["batch"])
-    print(f"batch job    {b:7.1f} tokens/s  (min-max {min(results['batch']):.1f}-{max(results['batch']):.1f}) "
-          f"= {b / base:.2f}x one by one; peak PSS {peaks['batch'] / 2**30:.2f} GiB "
+    for key in batch_keys:
+        b = med(results[key])
+        print(f"{key + ' job':12} {b:7.1f} tokens/s  (min-max {min(results[key]):.1f}-{max(results[key]):.1f}) "
+              f"= {b / base:.2f}x one by one (per round: "
+              + ", ".join(f"{x / y:.2f}x" for x, y in zip(results[key], results["one by one"])) + ")")
+    print(f"peak PSS of the batch jobs {peaks['batch'] / 2**30:.2f} GiB "
           f"(of which shared memory {peaks['batch shmem'] / 2**30:.2f} GiB)")
+    b = med(results[batch_keys[0]])
     if args.ray:
         rr = med(results["ray"])
         print(f"ray job      {rr:7.1f} tokens/s  (min-max {min(results['ray']):.1f}-{max(results['ray']):.1f}) "

@@ -60,7 +60,9 @@ def test_few_panels_times_many_rows_split_by_rows_gives_the_same_bits(kind):
     for B in (32, 70, 128):
         X = rng.standard_normal((B, 2048)).astype(np.float32)
         serial = panel.gemm_serial(m.int8, m.wp, m.words, X, m.padded_cols)
-        np.testing.assert_array_equal(panel.gemm_parallel(m.int8, m.wp, m.words, X, m.padded_cols), serial)
+        for threads in (1, 2, 8):          # the task split follows the thread count it is given
+            np.testing.assert_array_equal(panel.gemm_parallel(m.int8, m.wp, m.words, X, m.padded_cols, threads),
+                                          serial)
         np.testing.assert_array_equal(m(X), serial[:, :96])
 
 

@@ -45,7 +45,7 @@ import os
 import numpy as np
 from llvmlite import binding as llvm_binding
 from llvmlite import ir
-from numba import get_num_threads, njit, prange, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -504,10 +504,11 @@ def gemm_serial(int8, wp, wd, X, cols):
 
 
 @njit(cache=CACHE, nogil=True, parallel=True)
-def gemm_parallel(int8, wp, wd, X, cols):
+def gemm_parallel(int8, wp, wd, X, cols, threads):
     """gemm_serial with the work split over Numba's threads (identical results: a row's result does not depend on
     which rows share its task). By panels; a matrix of few panels times many rows (RWKV-7's LoRA factors in a
-    prompt: 96 x 2048 is 2 tasks of panels) is split by rows too, so that every thread gets work."""
+    prompt: 96 x 2048 is 2 tasks of panels) is split by rows too, so that every `threads` thread gets work.
+    (The caller passes the count: numba.get_num_threads() inside a kernel makes it uncacheable.)"""
     if X.shape[0] >= PARALLEL_QUANTIZE_ROWS:
         xq, xs, xsum = quantize_rows_parallel(X, cols, 2 if int8 else 1, WIDE and int8)
     else:
@@ -515,7 +516,7 @@ def gemm_parallel(int8, wp, wd, X, cols):
     npanels, B = wp.shape[0], X.shape[0]
     Y = np.empty((B, npanels * PANEL), np.float32)
     ptasks = (npanels + PANELS_PER_TASK - 1) // PANELS_PER_TASK
-    wanted = 2 * get_num_threads()
+    wanted = 2 * threads
     rblocks = 1
     if ptasks < wanted and B >= 2 * MIN_TASK_ROWS:
         rblocks = min(B // MIN_TASK_ROWS, (wanted + ptasks - 1) // ptasks)

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..kernels import panel as kernels
 from ..kernels.linear import PARALLEL_MIN_WEIGHTS, Matrix
+from ..kernels.threads import get_threads
 from .base import SchemeError
 
 LAYOUTS = ("rows", "p16")
@@ -177,8 +178,11 @@ class PanelMatrix(Matrix):
         return Y if Y.shape[1] == R else np.ascontiguousarray(Y[:, :R])
 
     def _product(self, X, parallel):
-        kernel = kernels.gemm_parallel if parallel else kernels.gemm_serial
-        return self._rows_out(kernel(self.int8, self.wp, self.words, X, self.padded_cols))
+        if parallel:
+            Y = kernels.gemm_parallel(self.int8, self.wp, self.words, X, self.padded_cols, get_threads())
+        else:
+            Y = kernels.gemm_serial(self.int8, self.wp, self.words, X, self.padded_cols)
+        return self._rows_out(Y)
 
     def _gemv(self, x):
         return self._product(x[None, :], self.parallel)[0]
