@@ -148,8 +148,9 @@ def make_input(path: Path, n: int, prompt_tokens: int, new_tokens: int, vocab: i
     return rows
 
 
-def one_by_one(model, rows) -> tuple[int, float, float]:
-    tokens = 0
+def one_by_one(model, rows) -> tuple[int, float, float, float]:
+    """(generated tokens, wall seconds, CPU seconds, seconds spent reading the prompts)."""
+    tokens, prompt_seconds = 0, 0.0
     cpu = time.process_time()
     start = time.perf_counter()
     for row in rows:
@@ -158,7 +159,8 @@ def one_by_one(model, rows) -> tuple[int, float, float]:
         for _ in gen:
             pass
         tokens += gen.stats.generated_tokens
-    return tokens, time.perf_counter() - start, time.process_time() - cpu
+        prompt_seconds += gen.stats.prompt_seconds
+    return tokens, time.perf_counter() - start, time.process_time() - cpu, prompt_seconds
 
 
 def batch_job(runner, src: Path, folder: Path, tag: str) -> tuple[int, float, float, list[str]]:
@@ -213,10 +215,11 @@ def main():
     peaks = {"batch": 0, "ray": 0, "ray services": 0, "batch shmem": 0, "ray shmem": 0}
     reference_texts = None
     before, after = rows[:(args.sequential + 1) // 2], rows[(args.sequential + 1) // 2:args.sequential]
+    prompt_rows, decode_rows, bounds = [], [], []     # engine seconds per prompt token / decode row; see below
     for r in range(args.rounds):
         # the one-by-one prompts bracket the batch jobs (half before, half after), so that a change of the
         # machine's speed during the round moves both sides of the ratio alike
-        tokens, seconds, cpu = one_by_one(model, before)
+        tokens, seconds, cpu, prompt_seconds = one_by_one(model, before)
         sampling_cpu = 0.0
         for key, max_batch in zip(batch_keys, args.max_batch):
             with PssSampler() as sampler:
@@ -230,15 +233,28 @@ def main():
                   f"({m.prompt_tokens_read} tokens), decode {m.decode_seconds:.1f} s ({m.decode_steps} steps, "
                   f"{m.decode_rows / max(m.decode_steps, 1):.1f} rows per step on average)")
             results[key].append(job_tokens / job_seconds)
+            prompt_rows.append(m.prefill_seconds / m.prompt_tokens_read)
+            decode_rows.append(m.decode_seconds / max(m.decode_rows, 1))
             per_cpu[key].append(job_tokens / job_cpu)
             if reference_texts is not None and texts != reference_texts:
                 print(f"  round {r + 1}: {key}: output differs from the first batch job's")
             reference_texts = texts
         if after:
-            more_tokens, more_seconds, more_cpu = one_by_one(model, after)
-            tokens, seconds, cpu = tokens + more_tokens, seconds + more_seconds, cpu + more_cpu
+            more = one_by_one(model, after)
+            tokens, seconds, cpu, prompt_seconds = (a + b for a, b in zip((tokens, seconds, cpu, prompt_seconds), more))
         results["one by one"].append(tokens / seconds)
         per_cpu["one by one"].append(tokens / cpu)
+        # The most any batching could give in this round: one-by-one seconds per prompt over the batch job's
+        # if a decode row cost no more than a prompt row (the same products with the state in cache; a decode
+        # row must also stream its sequence's state, and sample). Prompt rows run at the kernels' peak already.
+        n_seq = len(before) + len(after)
+        per_prompt_one = seconds / n_seq
+        per_prompt_best = min(prompt_rows[-len(batch_keys):]) * (args.prompt_tokens + args.new_tokens)
+        bounds.append(per_prompt_one / per_prompt_best)
+        print(f"  round {r + 1}: one by one {1e3 * prompt_seconds / n_seq / args.prompt_tokens:.2f} ms per prompt "
+              f"token, {1e3 * (seconds - prompt_seconds) / max(tokens, 1):.2f} ms per generated token; batch "
+              f"job {1e3 * prompt_rows[-1]:.2f} ms per prompt token, {1e3 * decode_rows[-1]:.2f} ms per decode row; "
+              f"bound on the ratio (decode rows at prompt-row cost) {bounds[-1]:.2f}x")
         if args.ray:
             if not ray.is_initialized():           # after the first local run, whose memory it would add to
                 ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
@@ -273,6 +289,8 @@ def main():
         print(f"{key + ' job':12} {b:7.1f} tokens/s  (min-max {min(results[key]):.1f}-{max(results[key]):.1f}) "
               f"= {b / base:.2f}x one by one (per round: "
               + ", ".join(f"{x / y:.2f}x" for x, y in zip(results[key], results["one by one"])) + ")")
+    print(f"bound on the batch job's ratio in each round (one by one / (prompt-row cost x all tokens)): "
+          + ", ".join(f"{b:.2f}x" for b in bounds))
     print(f"peak PSS of the batch jobs {peaks['batch'] / 2**30:.2f} GiB "
           f"(of which shared memory {peaks['batch shmem'] / 2**30:.2f} GiB)")
     b = med(results[batch_keys[0]])

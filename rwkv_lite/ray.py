@@ -23,8 +23,8 @@ import socket
 from pathlib import Path
 from typing import Sequence
 
-from .batch import (GENERATE_FIELDS, PERPLEXITY_FIELDS, BatchError, Failure, Job, JobSettings, LineError,
-                    LocalRunner, check_fields)
+from .batch import (DEFAULT_MAX_BATCH, GENERATE_FIELDS, PERPLEXITY_FIELDS, BatchError, Failure, Job, JobSettings,
+                    LineError, LocalRunner, check_fields)
 from .errors import RwkvLiteError
 
 RESULT_TYPES = {
@@ -115,7 +115,7 @@ def row_fields(row: dict, task: str) -> dict:
 
 
 def generate_dataset(ds, model_path: str | os.PathLike, *, task: str = "generate", max_tokens: int = 100,
-                     sampling: dict | None = None, stop: Sequence[str] = (), max_batch: int = 16,
+                     sampling: dict | None = None, stop: Sequence[str] = (), max_batch: int = DEFAULT_MAX_BATCH,
                      concurrency: int = 1, num_cpus: float = 1, batch_size: int | None = None,
                      check_model: bool = True):
     """A Ray Dataset of results: every input column kept, plus for task "generate" `text`, `finish_reason`,
@@ -201,7 +201,7 @@ class RayRunner:
     actors     pool size (None: as many as the cluster's CPUs allow at `cpus` each)"""
 
     def __init__(self, model_path, *, address: str | None = None, actors: int | None = None, cpus: float = 1,
-                 max_batch: int = 16):
+                 max_batch: int = DEFAULT_MAX_BATCH):
         self.model_path = str(Path(model_path).absolute())
         self.address = address
         self.actors = actors

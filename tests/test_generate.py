@@ -397,3 +397,74 @@ def test_chat_reset_and_state_files(vocab, tmp_path, monkeypatch):
         chat.reply(" \n ")
     with pytest.raises(GenerationError, match="nothing to save"):
         ChatSession(model, preamble=None).save_state(tmp_path / "x")
+
+
+# ------------------------------------------------------------------------------------------------ state buffers
+
+class CopyingOnly:
+    """A real model seen through forward() alone (no forward_in_place): every step gets a fresh state, the way
+    generate() ran before it reused buffers. `interrupt_at`: raise KeyboardInterrupt in that forward_in_place call
+    after the model has half-written its state."""
+
+    def __init__(self, model, in_place=False, interrupt_at=None):
+        self.model, self.tokenizer, self.config = model, model.tokenizer, model.config
+        self.calls = 0
+        if in_place:
+            self.forward_in_place = self._forward_in_place
+        self.interrupt_at = interrupt_at
+
+    def forward(self, tokens, state=None):
+        return self.model.forward(tokens, state)
+
+    def _forward_in_place(self, tokens, state):
+        self.calls += 1
+        if self.calls == self.interrupt_at:
+            for array in state.arrays.values():
+                array[...] = 12345.0            # a step that was cut off part-way
+            raise KeyboardInterrupt
+        return self.model.forward_in_place(tokens, state)
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    import rwkv_lite
+    from rwkv_lite.demo import demo_model_path
+    return rwkv_lite.load(demo_model_path())
+
+
+def _same_state(a, b):
+    return a.arrays.keys() == b.arrays.keys() and all(np.array_equal(a[k], b[k]) for k in a.arrays)
+
+
+def test_generation_reuses_state_buffers_with_the_same_results(demo_model):
+    params = SamplingParams(seed=7, temperature=1.0, top_p=0.9)
+    start = demo_model.forward(demo_model.tokenizer.encode("And God said"))[1]
+    start_copy = start.copy()
+    plain = generate(CopyingOnly(demo_model), " Let", max_tokens=12, params=params, state=start)
+    plain_text = "".join(plain)
+    gen = generate(demo_model, " Let", max_tokens=12, params=params, state=start)
+    states, handed_out, handed_copy = set(), None, None
+    for i, _ in enumerate(gen):
+        states.add(id(gen._state))
+        if i == 4:                                  # a caller keeps the state of the middle of the generation
+            handed_out = gen.state
+            handed_copy = handed_out.copy()
+    assert gen.text == plain_text and gen.tokens == plain.tokens
+    assert _same_state(gen.state, plain.state)
+    assert _same_state(start, start_copy)               # the caller's state was never written
+    assert _same_state(handed_out, handed_copy)         # nor the one handed out
+    assert len(states) <= 4                             # two buffers (+ the handed-out one and its successor)
+
+
+def test_interrupted_in_place_step_leaves_the_previous_state(demo_model):
+    params = SamplingParams(seed=3, temperature=1.0)
+    wrapped = CopyingOnly(demo_model, in_place=True, interrupt_at=3)
+    gen = generate(wrapped, "In the beginning", max_tokens=20, params=params)
+    with pytest.raises(KeyboardInterrupt):
+        for _ in gen:
+            pass
+    assert wrapped.calls == 3                   # the in-place path ran (and was cut off)
+    plain = generate(CopyingOnly(demo_model), "In the beginning", max_tokens=len(gen.tokens), params=params)
+    "".join(plain)
+    assert plain.tokens == gen.tokens
+    assert _same_state(gen.state, plain.state)

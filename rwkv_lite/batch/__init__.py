@@ -1,7 +1,7 @@
 """Offline batch jobs: a JSONL file of prompts in, a JSONL file of results out, resumable (docs/batch.md).
 
     settings = JobSettings(task="generate", max_tokens=64, sampling={"temperature": 0})
-    summary = run_job("prompts.jsonl", "results.jsonl", settings, LocalRunner(model_path, max_batch=16))
+    summary = run_job("prompts.jsonl", "results.jsonl", settings, LocalRunner(model_path))
 
 The steps of run_job:
   1. read_jobs() validates every input line (JSON object, known fields of the right types, unique ids) before any
@@ -23,12 +23,12 @@ The modules: schema.py (the input schema, validation, JobSettings), output.py (r
 ResultFile), local.py (LocalRunner), job.py (run_job).
 """
 from .job import FLUSH_SECONDS, JobSummary, run_job
-from .local import LocalRunner
+from .local import DEFAULT_MAX_BATCH, LocalRunner
 from .output import PARTIAL_SUFFIX, OpenedOutput, ResultFile, generation_record, perplexity_record, result_line
 from .schema import (DEFAULT_MAX_TOKENS, GENERATE_FIELDS, PERPLEXITY_FIELDS, SAMPLING_FIELDS, TASKS, BatchError,
                      Failure, InputScan, Job, JobSettings, LineError, check_fields, check_id, id_key, read_jobs)
 
-__all__ = ["TASKS", "DEFAULT_MAX_TOKENS", "FLUSH_SECONDS", "PARTIAL_SUFFIX", "SAMPLING_FIELDS", "GENERATE_FIELDS",
+__all__ = ["TASKS", "DEFAULT_MAX_TOKENS", "DEFAULT_MAX_BATCH", "FLUSH_SECONDS", "PARTIAL_SUFFIX", "SAMPLING_FIELDS", "GENERATE_FIELDS",
            "PERPLEXITY_FIELDS", "BatchError", "LineError", "Job", "InputScan", "Failure", "JobSettings", "id_key",
            "check_fields", "check_id", "read_jobs", "LocalRunner", "generation_record", "perplexity_record",
            "result_line", "OpenedOutput", "ResultFile", "JobSummary", "run_job"]

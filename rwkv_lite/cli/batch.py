@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from ..batch.local import DEFAULT_MAX_BATCH
 from . import common
 
 MAX_BAD_LINES_SHOWN = 20
@@ -27,7 +28,7 @@ _RAY_WORDS = ("", "auto", "local")
               help="Tokens to generate per line (a line's 'max_tokens' overrides it).")
 @common.sampling_options
 @click.option("--stop", multiple=True, help="Stop at this string (repeatable; added to each line's 'stop').")
-@click.option("--max-batch", type=click.IntRange(1, 256), default=16, show_default=True,
+@click.option("--max-batch", type=click.IntRange(1, 256), default=DEFAULT_MAX_BATCH, show_default=True,
               help="Lines generated at once (continuous batching; per Ray actor with --ray).")
 @click.option("--strict", is_flag=True, help="Fail (exit 1) on the first bad input line instead of skipping it.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
@@ -53,7 +54,7 @@ def batch(paths, model_opt, output, task, max_tokens, temperature, top_p, top_k,
 
     \b
     Examples:
-      rwkv-lite batch g1-int4.safetensors prompts.jsonl -o results.jsonl --max-batch 16
+      rwkv-lite batch g1-int4.safetensors prompts.jsonl -o results.jsonl --max-batch 8
       rwkv-lite batch g1-int4.safetensors corpus.jsonl -o scores.jsonl --task perplexity
       rwkv-lite batch g1-int4.safetensors prompts.jsonl -o results.jsonl --ray       # local Ray, 1 CPU per actor
       rwkv-lite batch /shared/g1.safetensors prompts.jsonl -o results.jsonl --ray auto --ray-cpus 4

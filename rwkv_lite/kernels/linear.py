@@ -56,7 +56,7 @@ class Matrix:
     """A stored weight matrix W (R, C). Subclasses (one per storage scheme, in rwkv_lite/schemes/) implement
     ``_gemv``, ``_dequantize`` and ``_arrays``, and may override ``_matmul_rows`` (several sequences' decode rows at
     once, kernels/batched.py) and ``_tile``; those with a fused multi-matrix GEMV set ``many_key`` and implement
-    ``_gemv_many`` (see gemv_many)."""
+    ``_many_runner`` (see gemv_many)."""
 
     scheme = "?"
     # Matrices whose many_key is equal (not None) can share one gemv_many launch: the subclass, its group and
@@ -137,33 +137,61 @@ def gemv_many(matrices, xs) -> list[np.ndarray]:
     """[W x for W, x in zip(matrices, xs)] for one token (each x float32 (C,)).
 
     Matrices of one quantized scheme, group and width (a layer's r/k/v/g projections, RWKV-7's LoRA factors: equal
-    ``many_key``) share one parallel launch (their class's ``_gemv_many``: int8_kernels.gemv_i8g_many,
+    ``many_key``) share one parallel launch (their class's ``_many_runner``: int8_kernels.gemv_i8g_many,
     int4_kernels.gemv_i4_many, kernels/panel.gemv_many) when together they are worth a parallel launch; the others
-    run one GEMV each. The results are identical either way."""
+    run one GEMV each. The results are identical either way.
+
+    A decode step makes this call ~3 times per layer with the same matrices, so the grouping and each group's
+    kernel arguments are worked out once and kept on the first matrix (_ManyPlan): building them every time cost
+    ~50 us per call, a few ms per token at the 1.5B shape."""
+    plan = _many_plan(matrices)
     out = [None] * len(matrices)
-    groups: dict = {}
-    for i, m in enumerate(matrices):
-        if m.many_key is None:
-            out[i] = m(xs[i])
-        else:
-            groups.setdefault(m.many_key, []).append(i)
-    for idx in groups.values():
-        group = [matrices[i] for i in idx]
-        if len(idx) < 2 or sum(m.shape[0] * m.shape[1] for m in group) < PARALLEL_MIN_WEIGHTS:
-            for i in idx:
-                out[i] = matrices[i](xs[i])
-            continue
-        first = group[0]
-        C = first.shape[1]
-        X = np.zeros((len(idx), first.padded_cols), np.float32)
+    for i in plan.singles:
+        out[i] = matrices[i](xs[i])
+    for idx, run, C, width in plan.launches:
+        X = np.zeros((len(idx), width), np.float32)
         for row, i in enumerate(idx):
             if xs[i].shape != (C,):
-                raise ValueError(f"{first.scheme} matrix {first.shape} cannot multiply an input of shape {xs[i].shape}")
+                m = matrices[i]
+                raise ValueError(f"{m.scheme} matrix {m.shape} cannot multiply an input of shape {xs[i].shape}")
             X[row, :C] = xs[i]
-        y = first._gemv_many(group, X)
-        for i, part in zip(idx, np.split(y, np.cumsum([m.shape[0] for m in group])[:-1])):
-            out[i] = part
+        for i, y in zip(idx, run(X)):
+            out[i] = y
     return out
+
+
+class _ManyPlan:
+    """How gemv_many runs one tuple of matrices: `singles` (indices run one GEMV each) and `launches`
+    (indices, runner(X) -> one result per matrix, input width, padded width). It holds the matrices, so the
+    ids it is looked up by stay theirs while it exists."""
+
+    def __init__(self, matrices):
+        self.matrices = tuple(matrices)
+        groups: dict = {}
+        self.singles = []
+        for i, m in enumerate(matrices):
+            if m.many_key is None:
+                self.singles.append(i)
+            else:
+                groups.setdefault(m.many_key, []).append(i)
+        self.launches = []
+        for idx in groups.values():
+            group = [matrices[i] for i in idx]
+            if len(idx) < 2 or sum(m.shape[0] * m.shape[1] for m in group) < PARALLEL_MIN_WEIGHTS:
+                self.singles.extend(idx)
+                continue
+            first = group[0]
+            self.launches.append((idx, first._many_runner(group), first.shape[1], first.padded_cols))
+
+
+def _many_plan(matrices) -> _ManyPlan:
+    first = matrices[0]
+    plans = first.__dict__.setdefault("_many_plans", {})
+    key = tuple(map(id, matrices))
+    plan = plans.get(key)
+    if plan is None:
+        plan = plans[key] = _ManyPlan(matrices)
+    return plan
 
 
 def padded_columns(X: np.ndarray, cols: int) -> np.ndarray:

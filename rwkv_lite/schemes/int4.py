@@ -69,11 +69,19 @@ class Int4Matrix(Matrix):
         return int4_kernels.gemv_i4_exact(self.packed, self.groups, self._padded(x), self.block_source, self.group)
 
     @staticmethod
-    def _gemv_many(matrices, X):
+    def _many_runner(matrices):
+        """One launch of gemv_i4_many for these matrices: X (n, padded_cols) -> their n results."""
         first = matrices[0]
+        weights, scales = tuple(m.packed for m in matrices), tuple(m.groups for m in matrices)
         rows = np.array([m.shape[0] for m in matrices], np.int64)
-        return int4_kernels.gemv_i4_many(tuple(m.packed for m in matrices), tuple(m.groups for m in matrices), X,
-                                         first.block_source, first.group, rows)
+        ends = np.cumsum(rows).tolist()
+        starts = [0] + ends[:-1]
+        source, group = first.block_source, first.group
+
+        def run(X):
+            y = int4_kernels.gemv_i4_many(weights, scales, X, source, group, rows)
+            return [y[a:b] for a, b in zip(starts, ends)]
+        return run
 
     def _matmul_rows(self, X, parallel):
         kernel = batched.gemm_i4 if parallel else batched.gemm_i4_serial

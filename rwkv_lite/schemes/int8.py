@@ -76,11 +76,19 @@ class Int8GroupMatrix(Matrix):
         return kernel(self.q, self.scale, x, self.block_source, self.group)
 
     @staticmethod
-    def _gemv_many(matrices, X):
+    def _many_runner(matrices):
+        """One launch of gemv_i8g_many for these matrices: X (n, padded_cols) -> their n results."""
         first = matrices[0]
+        weights, scales = tuple(m.q for m in matrices), tuple(m.scale for m in matrices)
         rows = np.array([m.shape[0] for m in matrices], np.int64)
-        return int8_kernels.gemv_i8g_many(tuple(m.q for m in matrices), tuple(m.scale for m in matrices), X,
-                                          first.block_source, first.group, rows)
+        ends = np.cumsum(rows).tolist()
+        starts = [0] + ends[:-1]
+        source, group = first.block_source, first.group
+
+        def run(X):
+            y = int8_kernels.gemv_i8g_many(weights, scales, X, source, group, rows)
+            return [y[a:b] for a, b in zip(starts, ends)]
+        return run
 
     def _matmul_rows(self, X, parallel):
         X = padded_columns(X, self.padded_cols)

@@ -194,12 +194,19 @@ class PanelMatrix(Matrix):
         return self._product(X, parallel)
 
     @staticmethod
-    def _gemv_many(matrices, X):
+    def _many_runner(matrices):
+        """One launch of kernels/panel.gemv_many for these matrices: X (n, padded_cols) -> their n results
+        (views of the launch's output rows)."""
         first = matrices[0]
+        int8, cols = first.int8, first.padded_cols
+        wps, words = tuple(m.wp for m in matrices), tuple(m.words for m in matrices)
         npanels = np.array([m.npanels for m in matrices], np.int64)
-        Y = kernels.gemv_many(first.int8, tuple(m.wp for m in matrices), tuple(m.words for m in matrices), X,
-                              first.padded_cols, npanels)
-        return np.concatenate([Y[i, : m.shape[0]] for i, m in enumerate(matrices)])
+        rows = [m.shape[0] for m in matrices]
+
+        def run(X):
+            Y = kernels.gemv_many(int8, wps, words, X, cols, npanels)
+            return [Y[i, :R] for i, R in enumerate(rows)]
+        return run
 
     def _dequantize(self, ids, out):
         out[:] = self._dequantize_rows(ids)[:, : out.shape[1]]
