@@ -62,6 +62,9 @@ class Matrix:
     # Matrices whose many_key is equal (not None) can share one gemv_many launch: the subclass, its group and
     # widths. None: this matrix always runs its own GEMV.
     many_key = None
+    # Whether _gemv wants its input on a cache line (the row-major kernels' aligned loads); checking costs a few
+    # microseconds per call (ndarray.ctypes), ~120 calls per token.
+    aligned_input = True
 
     def __init__(self, shape: tuple[int, int], params: dict):
         self.shape = (int(shape[0]), int(shape[1]))
@@ -76,9 +79,9 @@ class Matrix:
         if x.shape[-1] != C or x.ndim not in (1, 2):
             raise ValueError(f"{self.scheme} matrix {self.shape} cannot multiply an input of shape {x.shape}")
         if x.ndim == 1:
-            return self._gemv(simd.aligned(x))
+            return self._gemv(simd.aligned(x) if self.aligned_input else x)
         if x.shape[0] == 1:
-            return self._gemv(simd.aligned(x[0]))[None, :]
+            return self._gemv(simd.aligned(x[0]) if self.aligned_input else x[0])[None, :]
         return self._gemm(x)
 
     def rows(self, ids) -> np.ndarray:

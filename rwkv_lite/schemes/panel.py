@@ -162,6 +162,7 @@ def relayout(source, parts: dict, target) -> dict:
 class PanelMatrix(Matrix):
     """A p16 int8 or int4 matrix: every product (one token, a batch of sequences, a prompt) runs the integer
     kernels of kernels/panel.py, so a row's result is the same bits whichever way it is computed."""
+    aligned_input = False           # the kernels read activations through quantize_rows, at any address
 
     def __init__(self, scheme, wp, words, shape, params, dequantize_rows):
         super().__init__(shape, params)
