@@ -14,7 +14,8 @@ of every case in turn (the order reversed every other round), so all engines see
 
 Per engine and round:
 * decode: ms/token averaged over the round's timed tokens (rwkv-lite and rwkv.cpp: --tokens single-token steps
-  continuing one state after 2 warm-up steps at start-up; llama.cpp: llama-bench's tg figure, `-n --tokens*2`,
+  continuing one state after 2 warm-up steps at start-up; rwkv-lite's as generate() takes them, the state copied
+  into a reused buffer and advanced there, rwkv.cpp's in place; llama.cpp: llama-bench's tg figure, `-n --tokens*2`,
   one repetition after its own warm-up). rwkv-lite also reports the median, min and max of its single steps.
 * prompt: tokens/s over --prompt random tokens from a fresh state (rwkv-lite: one `forward`; rwkv.cpp:
   `rwkv_eval_sequence_in_chunks` with --rwkv-cpp-chunk; llama.cpp: llama-bench's pp figure).
@@ -54,7 +55,7 @@ except ImportError:                                               # run from a c
     sys.path.insert(0, os.path.dirname(_HERE))
 from compare_decode import cpu_busy_share, cpu_model, wait_for_quiet   # noqa: E402
 
-from rwkv_lite.benchmark import bytes_read_per_token, memory_bandwidth   # noqa: E402
+from rwkv_lite.benchmark import DecodeSteps, bytes_read_per_token, memory_bandwidth   # noqa: E402
 
 
 # ---------------------------------------------------------------- probes (each in a child process)
@@ -99,17 +100,17 @@ class LiteEngine:
         self.bytes_per_token = bytes_read_per_token(self.model)
         self.tokens, self.prompt = tokens, prompt
         self.rng = np.random.default_rng(0)
-        self.logits, self.state = self.model.forward([1])
+        self.steps = DecodeSteps(self.model, 1)          # single-token steps as generate() takes them
         for _ in range(2):
-            self.logits, self.state = self.model.forward([int(np.argmax(self.logits))], self.state)
+            self.steps.step(int(np.argmax(self.steps.logits)))
         self.model.forward(self.rng.integers(1, self.vocab, size=prompt).tolist())     # warm the sequence path
 
     def round(self):
         times = []
         for _ in range(self.tokens):
-            token = int(np.argmax(self.logits))
+            token = int(np.argmax(self.steps.logits))
             t = time.perf_counter()
-            self.logits, self.state = self.model.forward([token], self.state)
+            self.steps.step(token)
             times.append(time.perf_counter() - t)
         ids = self.rng.integers(1, self.vocab, size=self.prompt).tolist()
         t = time.perf_counter()

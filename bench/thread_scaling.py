@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 import rwkv_lite
-from rwkv_lite.benchmark import bytes_read_per_token, memory_bandwidth
+from rwkv_lite.benchmark import DecodeSteps, bytes_read_per_token, memory_bandwidth
 from rwkv_lite.kernels.threads import set_threads
 
 try:
@@ -35,13 +35,14 @@ def measure(model, threads: int, tokens: int, prompt: int, probe_mb: int) -> dic
     n = set_threads(threads)
     V = model.config["vocab_size"]
     rng = np.random.default_rng(threads)
-    logits, state = model.forward([int(rng.integers(1, V))])
+    steps = DecodeSteps(model, int(rng.integers(1, V)))     # decode steps as generate() takes them
     for _ in range(2):
-        logits, state = model.forward([int(logits.argmax())], state)
+        steps.step(int(steps.logits.argmax()))
     times = []
     for _ in range(tokens):
+        token = int(steps.logits.argmax())
         t = time.perf_counter()
-        logits, state = model.forward([int(logits.argmax())], state)
+        steps.step(token)
         times.append(time.perf_counter() - t)
     ids = rng.integers(1, V, size=prompt)
     model.forward(ids)      # warm-up at this length: row kernels switch to their parallel drivers (compiled on

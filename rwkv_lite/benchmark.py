@@ -16,6 +16,23 @@ import numpy as np
 from .progress import Progress
 
 
+class DecodeSteps:
+    """Single-token decode steps the way rwkv_lite.generate takes them: each step copies the state into a
+    second, reused buffer and advances that one in place (so a step never faults in fresh pages, and an
+    interrupted step would leave the previous state intact). step(token) -> logits."""
+
+    def __init__(self, model, first_token: int):
+        self.model = model
+        self.logits, self.state = model.forward([first_token])
+        self._spare = self.state.copy()
+
+    def step(self, token: int) -> np.ndarray:
+        self._spare.assign(self.state)
+        self.logits = self.model.forward_in_place([token], self._spare)
+        self.state, self._spare = self._spare, self.state
+        return self.logits
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -90,16 +107,17 @@ def run(path, *, threads: int | None = None, decode_tokens: int = 16, prompt_len
     V = model.config["vocab_size"]
     rng = np.random.default_rng(0)
     t1 = time.perf_counter()
-    logits, state = model.forward([int(rng.integers(1, V))])
+    steps = DecodeSteps(model, int(rng.integers(1, V)))
     first_logits_s = load_s + time.perf_counter() - t1
 
     say("decode")
     for _ in range(2):                                      # warm-up (compilation, page faults)
-        logits, state = model.forward([int(logits.argmax())], state)
+        steps.step(int(steps.logits.argmax()))
     times = []
     for _ in range(decode_tokens):
+        token = int(steps.logits.argmax())
         t = time.perf_counter()
-        logits, state = model.forward([int(logits.argmax())], state)
+        steps.step(token)
         times.append(time.perf_counter() - t)
     decode_ms = 1e3 * statistics.median(times)
 
