@@ -1,5 +1,6 @@
 """Which vector registers the compiled decode kernels use: counts of zmm (512-bit), ymm (256-bit) and xmm
-(128-bit) register operands in each kernel's assembly, for the CPU Numba compiles for.
+(128-bit) register operands in each kernel's assembly, for the CPU Numba compiles for: the panel-layout kernels
+of today's int8/int4 files, and the row-major kernels that files written before the panel layout still use.
 
     python bench/asm_vectors.py                                   # this machine
     NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=-avx512f python bench/asm_vectors.py   # AVX2 code generation
@@ -24,7 +25,7 @@ os.environ["RWKV_LITE_CACHE_DIR"] = tempfile.mkdtemp(prefix="rwkv-lite-asm-")   
 
 import numpy as np  # noqa: E402
 
-from rwkv_lite.kernels import fp_kernels, int4_kernels, int8_kernels, linear, lowrank, wkv7  # noqa: E402
+from rwkv_lite.kernels import fp_kernels, int4_kernels, int8_kernels, linear, lowrank, panel, wkv7  # noqa: E402
 from rwkv_lite.schemes import get_scheme, make_matrix  # noqa: E402
 
 
@@ -62,6 +63,12 @@ def main():
         m(x)
         m.parallel = True
         linear.gemv_many([m, m], [x, x])
+    for name in ("int8", "int4"):                   # the panel layout: every file converted today
+        scheme = get_scheme(name, group=32, layout="p16")
+        m = scheme.matrix(scheme.quantize(w), w.shape)
+        m(x)                                        # single token (gemm_serial on one row)
+        m(np.stack([x] * 4))                        # rows (batches, prompts)
+        linear.gemv_many([m, m], [x, x])
     fp_kernels.gemv_f32_serial(w, x)
     lowrank._down_serial(x.reshape(1, -1), (w.T.copy(),), np.array([256]))
     lowrank._up_serial(x[:256].copy(), np.array([0, 256]), (w,))
@@ -69,7 +76,10 @@ def main():
     wkv7._wkv7_serial(r, r, r, r, r, r, np.zeros((2, 64, 64), np.float32), np.empty_like(r))
     print(f"NUMBA_CPU_NAME={os.environ.get('NUMBA_CPU_NAME', '(host)')}")
     print(f"{'kernel':<28} {'zmm':>6} {'ymm':>6} {'xmm':>6}")
-    for label, disp in [("gemv_i8g (int8 decode)", int8_kernels.gemv_i8g_serial),
+    print(f"panel kernels: the {panel.ISA!r} path")
+    for label, disp in [("panel gemm (int8 and int4)", panel.gemm_serial),
+                        ("panel gemv_many", panel.gemv_many),
+                        ("gemv_i8g (int8 decode)", int8_kernels.gemv_i8g_serial),
                         ("gemv_i8g_many", int8_kernels.gemv_i8g_many),
                         ("gemv_i4 (int4 decode)", int4_kernels.gemv_i4_serial),
                         ("gemv_i4_many", int4_kernels.gemv_i4_many),
