@@ -311,7 +311,8 @@ def test_chat_errors_in_a_script_are_fatal(tiny, tmp_path):
 
 
 class InterruptingModel:
-    """The real model, except that forward call number `at` raises KeyboardInterrupt (Ctrl-C mid-answer)."""
+    """The real model, except that forward call number `at` (forward or forward_in_place, whichever the
+    generation loop uses) raises KeyboardInterrupt (Ctrl-C mid-answer)."""
 
     def __init__(self, model, at: int):
         self._model, self._at, self.calls = model, at, 0
@@ -319,11 +320,18 @@ class InterruptingModel:
     def __getattr__(self, name):
         return getattr(self._model, name)
 
-    def forward(self, *args, **kwargs):
+    def _count(self):
         self.calls += 1
         if self.calls == self._at:
             raise KeyboardInterrupt
+
+    def forward(self, *args, **kwargs):
+        self._count()
         return self._model.forward(*args, **kwargs)
+
+    def forward_in_place(self, *args, **kwargs):
+        self._count()
+        return self._model.forward_in_place(*args, **kwargs)
 
 
 def test_chat_interactive_ctrl_c_stops_the_answer_not_the_chat(tiny, monkeypatch):
