@@ -163,23 +163,26 @@ def down_many(xs, As) -> list[np.ndarray]:
         if x.shape[0] != A.shape[0]:
             raise ValueError(f"low-rank factor {A.shape} cannot multiply an input of shape {x.shape}")
         X[m, :x.shape[0]] = x
-    widths = np.array([A.shape[1] for A in As], np.int64)
+    sizes = [A.shape[1] for A in As]
     work = sum(A.size for A in As)
-    h = (_down_parallel if work >= PARALLEL_MIN_WEIGHTS else _down_serial)(X, As, widths)
-    return np.split(h, np.cumsum(widths)[:-1])
+    h = (_down_parallel if work >= PARALLEL_MIN_WEIGHTS else _down_serial)(X, As, np.array(sizes, np.int64))
+    out, start = [], 0                   # slices, not np.split: this runs a few times per layer and token
+    for size in sizes:
+        out.append(h[start:start + size])
+        start += size
+    return out
 
 
 def up_many(hs, Bs) -> np.ndarray:
     """np.stack([h @ B for h, B in zip(hs, Bs)]) for one token: h (D_m,), B float32 (D_m, C) -> (n, C)."""
     Bs = _contiguous(Bs)
     C = Bs[0].shape[1]
-    widths = []
+    ends = [0]
     for h, B in zip(hs, Bs):
         if B.shape[1] != C or np.shape(h) != (B.shape[0],):
             raise ValueError(f"low-rank factor {B.shape} cannot multiply an input of shape {np.shape(h)}")
-        widths.append(B.shape[0])
-    offsets = np.zeros(len(Bs) + 1, np.int64)
-    offsets[1:] = np.cumsum(widths)
+        ends.append(ends[-1] + B.shape[0])
+    offsets = np.array(ends, np.int64)
     H = np.concatenate([np.asarray(h, np.float32) for h in hs]) if len(hs) > 1 else np.asarray(hs[0], np.float32)
     work = sum(B.size for B in Bs)
     return (_up_parallel if work >= PARALLEL_MIN_WEIGHTS else _up_serial)(H, offsets, Bs)
