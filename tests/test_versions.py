@@ -272,15 +272,17 @@ def test_quantized_every_version(name, quant, model_of):
     tensors = model.metadata["tensors"]
     matrices = [n for n, t in tensors.items() if t["role"] == "matrix" and n != "head.weight"]
     assert matrices and all(tensors[n]["scheme"] == quant for n in matrices)
-    loras = [n for n in tensors if n.rsplit(".", 1)[-1] in ("time_maa_w1", "time_maa_w2", "time_decay_w1",
-                                                            "time_decay_w2", "w1", "w2", "a1", "a2", "g1", "g2")]
-    if name == "v7_b":                   # RWKV-7's LoRA factors: int8 matrices in int8 and int4 files
-        assert all(tensors[n]["scheme"] == "int8" and tensors[n]["role"] == "lora"
-                   and tensors[n]["params"].get("layout") == "p16" for n in loras)
-    else:
-        assert all(tensors[n]["scheme"] == "fp32" and tensors[n]["role"] == "vector" for n in loras)
+    loras = [n for n in tensors if n.rsplit(".", 1)[-1] in ("time_maa_w1", "time_decay_w1", "time_decay_w2",
+                                                            "w1", "w2", "a1", "a2", "g1", "g2")
+             or n.rsplit(".", 1)[-1].startswith("time_maa_w2_")]
+    # RWKV-6's and RWKV-7's LoRA factors: int8 matrices in int8 and int4 files
+    assert all(tensors[n]["scheme"] == "int8" and tensors[n]["role"] == "lora"
+               and tensors[n]["params"].get("layout") == "p16" for n in loras)
     if name in ("v6_a", "v7_b"):
         assert loras
+        leftover = [n for n, t in tensors.items() if t["role"] == "vector" and len(t["shape"]) > 1
+                    and not n.endswith(("bonus", "time_state", "r_k"))]
+        assert not leftover, leftover                    # no LoRA factor left as a float array
     tokens = _tokens(name)
     got, _ = model.forward(tokens, all_logits=True)
     want, _ = reference.forward(tokens, all_logits=True)
@@ -297,14 +299,8 @@ def test_reference_fixtures_cover_every_version():
     assert versions == {"4", "5.0", "5.1", "5.2", "6", "7"}
 
 
-# int8/int4 matrices (panel layout, RWKV-7's LoRA factors included) run the same integer kernels in both modes, and
-# so does the float work around them, except RWKV-6's float LoRA products (BLAS in sequence mode, Numba for one
-# token: ~1e-7 apart, which can move an activation across a rounding step). So every version but v6 must match bit
-# for bit; v6 within this bound (measured max diff / max|logits| over 40 tokens: 6.8e-5 int8, 1.4e-7 int4; a wrong
-# kernel, layout or state hand-over differs by O(1)).
-QUANTIZED_SERIAL_VS_SEQUENCE_TOL = 1.5e-3
-
-
+# int8/int4 matrices (panel layout, RWKV-6's and RWKV-7's LoRA factors included) run the same integer kernels in
+# both modes, and so does the float work around them: every version matches bit for bit.
 @pytest.mark.parametrize("name", ONE_SPEC_PER_VERSION)
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_quantized_sequence_mode_equals_serial_mode(name, quant, model_of):
@@ -312,48 +308,60 @@ def test_quantized_sequence_mode_equals_serial_mode(name, quant, model_of):
     tokens = _tokens(name)
     serial, serial_state = _feed(model, [[t] for t in tokens])
     sequence, sequence_state = _feed(model, [tokens])
-    if rm.SPECS_BY_NAME[name].version != "6":
-        np.testing.assert_array_equal(sequence, serial, err_msg=f"{name} {quant}")
-        for k, arr in serial_state.arrays.items():
-            np.testing.assert_array_equal(sequence_state.arrays[k], arr, err_msg=f"{name} {quant} state {k}")
-        return
-    scale = max(1.0, np.abs(serial).max())
-    err = np.abs(sequence - serial).max()
-    assert err <= QUANTIZED_SERIAL_VS_SEQUENCE_TOL * scale, f"{name} {quant}: max diff {err:.3e} (scale {scale:.1f})"
+    np.testing.assert_array_equal(sequence, serial, err_msg=f"{name} {quant}")
     for k, arr in serial_state.arrays.items():
-        s_err = np.abs(sequence_state.arrays[k] - arr).max()
-        assert s_err <= QUANTIZED_SERIAL_VS_SEQUENCE_TOL * max(1.0, np.abs(arr).max()), f"{name} {quant} state {k}"
+        np.testing.assert_array_equal(sequence_state.arrays[k], arr, err_msg=f"{name} {quant} state {k}")
 
 
-def test_rwkv7_files_with_float_lora_arrays_still_load(model_of, tmp_path):
-    """Files written before the LoRA factors became matrices hold them as float32 (in, out) arrays (role 'vector');
-    they load and run through kernels/lowrank.py, with the same logits as today's layout to float32 rounding."""
+def _write_with_float_lora_arrays(model, path):
+    """A copy of an fp32 file in the layout files had before the LoRA factors became matrices: each factor a
+    float32 (in, out) array (role 'vector'); RWKV-6's five up factors of the token shift as one time_maa_w2
+    (5, D, C) array."""
     from rwkv_lite.format import ModelWriter, read_model_file
-    new = model_of("v7_b")                              # fp32: factors stored (out, in), role 'lora'
-    src = read_model_file(new.path)
+    src = read_model_file(model.path)
     try:
         tensors = {n: dict(t) for n, t in src.tensors.items()}
         lora = [n for n, t in tensors.items() if t["role"] == "lora"]
         assert lora
         for n in lora:
             tensors[n].update(role="vector", shape=tensors[n]["shape"][::-1])
-        meta = {k: v for k, v in src.metadata.items() if k not in ("format", "format_version", "tensors")}
-        meta["tensors"] = tensors
         arrays = {n: (np.ascontiguousarray(a.T) if n in lora else a) for n, a in src.arrays.items()
                   if not n.startswith("__")}
-        old = tmp_path / "old.safetensors"
-        with ModelWriter(old, meta, [(n, a.dtype, a.shape) for n, a in arrays.items()]) as w:
+        for layer in sorted({n.split(".")[1] for n in lora if n.split(".")[-1].startswith("time_maa_w2_")}):
+            parts = [f"blocks.{layer}.att.time_maa_w2_{f}" for f in "wkvrg"]
+            joined = np.ascontiguousarray(np.stack([arrays.pop(n) for n in parts]))     # (5, D, C)
+            name = f"blocks.{layer}.att.time_maa_w2"
+            tensors[name] = dict(tensors[parts[0]], shape=list(joined.shape))
+            for n in parts:
+                del tensors[n]
+            arrays[name] = joined
+        meta = {k: v for k, v in src.metadata.items() if k not in ("format", "format_version", "tensors")}
+        meta["tensors"] = tensors
+        with ModelWriter(path, meta, [(n, a.dtype, a.shape) for n, a in arrays.items()]) as w:
             for n, a in arrays.items():
                 w.append(n, a)
             w.close()
     finally:
         src.close()
+
+
+@pytest.mark.parametrize("name", ["v6_a", "v7_b"])
+def test_files_with_float_lora_arrays_still_load(name, model_of, tmp_path):
+    """Files written before the LoRA factors became matrices hold them as float32 (in, out) arrays (role 'vector');
+    they load and run through kernels/lowrank.py, with the same logits as today's layout to float32 rounding."""
+    new = model_of(name)                                # fp32: factors stored (out, in), role 'lora'
+    old = tmp_path / "old.safetensors"
+    _write_with_float_lora_arrays(new, old)
     old_model = rwkv_lite.load(old)
     try:
         assert not old_model.weights.layers[1].lora_matrices and new.weights.layers[1].lora_matrices
-        tokens = _tokens("v7_b")
-        _close(_feed(old_model, [tokens])[0], _feed(new, [tokens])[0], "v7 old LoRA layout, sequence")
+        tokens = _tokens(name)
+        _close(_feed(old_model, [tokens])[0], _feed(new, [tokens])[0], f"{name} old LoRA layout, sequence")
         _close(_feed(old_model, [[t] for t in tokens[:8]])[0], _feed(new, [[t] for t in tokens[:8]])[0],
-               "v7 old LoRA layout, decode")
+               f"{name} old LoRA layout, decode")
+        states = [old_model.new_state(), old_model.new_state()]           # batched decode reads them too
+        batched = old_model.forward_batch(tokens[:2], states)
+        for b in range(2):
+            np.testing.assert_array_equal(batched[b], old_model.forward([tokens[b]])[0])
     finally:
         old_model.close()

@@ -192,7 +192,7 @@ class Planner:
 
         The source must hold `source_size` values (or one of several sizes; default: as many as `shape`);
         `transform` maps the source array to one that reshapes to `shape`. role 'lora': a small (out, in) factor
-        matrix of RWKV-7's LoRAs, which int8/int4 files store as an int8 matrix (convert.storage_plan)."""
+        matrix of RWKV-6/7's LoRAs, which int8/int4 files store as an int8 matrix (convert.storage_plan)."""
         src = src or name
         ref, shape = self.ref(src), tuple(int(d) for d in shape)
         size = int(np.prod(shape, dtype=np.int64))

@@ -14,10 +14,13 @@ Per layer l, with a = LN1(x), p = the previous token's a and d = p - a:
 logits = head(LN_out(x)).
 "." is a row-vector product with a LoRA-style matrix stored (in, out): (x . M)_o = sum_i x_i M[i, o].
 
-Our file keeps the LoRA matrices in float32 (role 'vector', BlinkDL orientation): time_maa_w1 (C, 5 D_mix),
-time_maa_w2 (5, D_mix, C), time_decay_w1 (C, D_dec), time_decay_w2 (D_dec, C); time_decay (C) raw; `bonus` (H, N) =
-time_faaaa; optional time_state (H, N, N) [head][key][value]. rwkv.cpp files store w1/decay_w1/decay_w2 transposed
-and maa_w2 as (5, C, D_mix); they are turned back here.
+Our file keeps the LoRA factors as (out, in) matrices, like a linear layer's weight (role 'lora': int8 in int8/int4
+files, else the file's float scheme): time_maa_w1 (5 D_mix, C), time_maa_w2_f (C, D_mix) for each f in w, k, v, r,
+g (the five blocks of BlinkDL's time_maa_w2 (5, D_mix, C)), time_decay_w1 (D_dec, C), time_decay_w2 (C, D_dec).
+time_decay (C) raw; `bonus` (H, N) = time_faaaa; optional time_state (H, N, N) [head][key][value]. Files written
+before that hold float32 arrays in BlinkDL's orientation (role 'vector': time_maa_w1 (C, 5 D_mix), time_maa_w2
+(5, D_mix, C), time_decay_w1 (C, D_dec), time_decay_w2 (D_dec, C)), still read (earlier_shapes). rwkv.cpp files store
+w1/decay_w1/decay_w2 as (out, in) and maa_w2 as (5, C, D_mix).
 """
 from __future__ import annotations
 
@@ -56,17 +59,33 @@ def tensor_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
         shapes.update({p + "att.time_decay": (C,), p + "att.bonus": (H, N), p + "att.time_state": (H, N, N),
                        p + "att.ln_x.weight": (C,), p + "att.ln_x.bias": (C,),
                        p + "ffn.time_maa_k": (C,), p + "ffn.time_maa_r": (C,), p + "ffn.receptance.weight": (C, C)})
+        if cfg.d_mix is not None:                   # LoRA factors (out, in), like the matrices
+            shapes[p + "att.time_maa_w1"] = (5 * cfg.d_mix, C)
+            for f in MIX_ORDER:
+                shapes[p + f"att.time_maa_w2_{f}"] = (C, cfg.d_mix)
+        if cfg.d_decay is not None:
+            shapes[p + "att.time_decay_w1"] = (cfg.d_decay, C)
+            shapes[p + "att.time_decay_w2"] = (C, cfg.d_decay)
+        for m in ("receptance", "key", "value", "gate", "output"):
+            shapes[p + f"att.{m}.weight"] = (C, C)
+        if F is not None:
+            shapes[p + "ffn.key.weight"] = (F, C)
+            shapes[p + "ffn.value.weight"] = (C, F)
+    return shapes
+
+
+def earlier_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """Shapes that files written before the LoRA factors became matrices hold (role 'vector', float32, BlinkDL's
+    orientation; time_maa_w2 one (5, D_mix, C) array). model.py accepts them there."""
+    C, shapes = cfg.n_embd, {}
+    for l in range(cfg.n_layer):
+        p = f"blocks.{l}."
         if cfg.d_mix is not None:
             shapes[p + "att.time_maa_w1"] = (C, 5 * cfg.d_mix)
             shapes[p + "att.time_maa_w2"] = (5, cfg.d_mix, C)
         if cfg.d_decay is not None:
             shapes[p + "att.time_decay_w1"] = (C, cfg.d_decay)
             shapes[p + "att.time_decay_w2"] = (cfg.d_decay, C)
-        for m in ("receptance", "key", "value", "gate", "output"):
-            shapes[p + f"att.{m}.weight"] = (C, C)
-        if F is not None:
-            shapes[p + "ffn.key.weight"] = (F, C)
-            shapes[p + "ffn.value.weight"] = (C, F)
     return shapes
 
 
@@ -97,7 +116,7 @@ def infer_config(refs: dict, version: str, source_kind: str) -> dict:
 
 
 def plan(refs: dict, cfg: dict, source_kind: str):
-    """Load-time transforms: fold ln0, squeeze, LoRAs to BlinkDL orientation (undoing rwkv.cpp's transposes)."""
+    """Load-time transforms: fold ln0, squeeze, LoRA factors as (out, in) matrices (time_maa_w2 split per mix)."""
     C, H, N, F = cfg["n_embd"], cfg["n_head"], cfg["head_size"], cfg["ffn_size"]
     D, Dd = cfg["d_mix"], cfg["d_decay"]
     from_rwkv_cpp = source_kind == "rwkv_cpp"
@@ -110,24 +129,15 @@ def plan(refs: dict, cfg: dict, source_kind: str):
             P.vector(p + norm + ".bias", (C,))
         for f in "x" + MIX_ORDER:
             P.vector(p + f"att.time_maa_{f}", (C,))
-        if from_rwkv_cpp:
-            P.expect_shape(p + "att.time_maa_w1", (5 * D, C))
-            P.expect_shape(p + "att.time_maa_w2", (5, C, D))
-            P.expect_shape(p + "att.time_decay_w1", (Dd, C))
-            P.expect_shape(p + "att.time_decay_w2", (C, Dd))
-            transpose = lambda a: a.T                                  # noqa: E731
-            P.vector(p + "att.time_maa_w1", (C, 5 * D), transform=transpose)
-            P.vector(p + "att.time_maa_w2", (5, D, C), transform=lambda a: a.transpose(0, 2, 1))
-            P.vector(p + "att.time_decay_w1", (C, Dd), transform=transpose)
-            P.vector(p + "att.time_decay_w2", (Dd, C), transform=transpose)
-        else:
-            P.expect_shape(p + "att.time_maa_w1", (C, 5 * D))
-            P.expect_shape(p + "att.time_maa_w2", (5, D, C))
-            P.expect_shape(p + "att.time_decay_w1", (C, Dd))
-            P.expect_shape(p + "att.time_decay_w2", (Dd, C))
-            for name, shape in (("time_maa_w1", (C, 5 * D)), ("time_maa_w2", (5, D, C)),
-                                ("time_decay_w1", (C, Dd)), ("time_decay_w2", (Dd, C))):
-                P.vector(p + "att." + name, shape)
+        # LoRA factors as (out, in) matrices (role 'lora'); BlinkDL stores them (in, out), rwkv.cpp (out, in)
+        as_stored = (lambda a: a) if from_rwkv_cpp else (lambda a: a.T)
+        for name, n_in, n_out in (("time_maa_w1", C, 5 * D), ("time_decay_w1", C, Dd), ("time_decay_w2", Dd, C)):
+            P.expect_shape(p + "att." + name, (n_out, n_in) if from_rwkv_cpp else (n_in, n_out))
+            P.vector(p + "att." + name, (n_out, n_in), transform=as_stored, role="lora")
+        P.expect_shape(p + "att.time_maa_w2", (5, C, D) if from_rwkv_cpp else (5, D, C))
+        for i, f in enumerate(MIX_ORDER):               # one up factor per mix: block i of time_maa_w2
+            P.vector(p + f"att.time_maa_w2_{f}", (C, D), p + "att.time_maa_w2", source_size=5 * D * C,
+                     transform=(lambda a, i=i: a[i]) if from_rwkv_cpp else (lambda a, i=i: a[i].T), role="lora")
         P.vector(p + "att.time_decay", (C,))                          # raw: the decay is computed per token
         P.vector(p + "att.bonus", (H, N), p + "att.time_faaaa")
         if P.has(p + "att.time_state"):                                # state-tuned initial state, [h][value][key]
@@ -171,9 +181,19 @@ class Layer:
         self.ln2_w, self.ln2_b = v(p + "ln2.weight"), v(p + "ln2.bias")
         self.maa_x = v(p + "att.time_maa_x")
         self.maa = [v(p + f"att.time_maa_{f}") for f in MIX_ORDER]          # w, k, v, r, g
-        self.maa_w1, self.maa_w2 = v(p + "att.time_maa_w1"), v(p + "att.time_maa_w2")
         self.time_decay = v(p + "att.time_decay")
-        self.decay_w1, self.decay_w2 = v(p + "att.time_decay_w1"), v(p + "att.time_decay_w2")
+        # LoRA factors: matrices (role 'lora'), or an earlier file's float32 arrays in BlinkDL's orientation
+        self.lora_matrices = weights.role(p + "att.time_maa_w1") == "lora"
+        if self.lora_matrices:
+            self.maa_w1 = m(p + "att.time_maa_w1")                          # (5 D, C)
+            self.maa_up = tuple(m(p + f"att.time_maa_w2_{f}") for f in MIX_ORDER)    # (C, D) each
+            self.decay_w1, self.decay_w2 = m(p + "att.time_decay_w1"), m(p + "att.time_decay_w2")
+            self.d_mix = self.maa_w1.shape[0] // 5
+        else:
+            self.maa_w1, maa_w2 = v(p + "att.time_maa_w1"), v(p + "att.time_maa_w2")
+            self.maa_up = tuple(maa_w2[f] for f in range(5))             # (D, C) each
+            self.decay_w1, self.decay_w2 = v(p + "att.time_decay_w1"), v(p + "att.time_decay_w2")
+            self.d_mix = self.maa_w1.shape[1] // 5
         self.bonus = v(p + "att.bonus")
         self.ln_x_w, self.ln_x_b = v(p + "att.ln_x.weight"), v(p + "att.ln_x.bias")
         self.W_r, self.W_k = m(p + "att.receptance.weight"), m(p + "att.key.weight")
@@ -185,7 +205,6 @@ class Layer:
         # for the compiled row kernels: mixes stacked, the token-shift LoRA's up factors one per mix
         self.maa_stack = np.stack(self.maa)
         self.maa_x_stack = self.maa_x.reshape(1, -1)
-        self.maa_up = tuple(self.maa_w2[f] for f in range(5))
         self.ffn_mixes = np.stack([self.ffn_maa_k, self.ffn_maa_r])
 
 
@@ -199,16 +218,24 @@ def time_mix(L: Layer, a, state, l, run):
     cfg = run.cfg
     previous = state["att_x"][l]
     # data-dependent token shift: a LoRA of the mixed input gives each of w, k, v, r, g its own extra mix
-    (z,) = lora_down((pointwise.shift_mixes(a, previous, L.maa_x_stack)[0],), (L.maa_w1,))
-    D = L.maa_w1.shape[1] // 5
-    z = np.tanh(z)
-    extra = np.stack(lora_up([z[:, f * D:(f + 1) * D] for f in range(5)], L.maa_up))     # (5, T, C)
+    x = pointwise.shift_mixes(a, previous, L.maa_x_stack)[0]
+    D = L.d_mix
+    if L.lora_matrices:                  # (the observer watches role 'matrix' products only)
+        z = np.tanh(linear(L.maa_w1, x))
+        extra = np.stack(linear_many(L.maa_up, [z[:, f * D:(f + 1) * D] for f in range(5)]))    # (5, T, C)
+    else:
+        (z,) = lora_down((x,), (L.maa_w1,))
+        z = np.tanh(z)
+        extra = np.stack(lora_up([z[:, f * D:(f + 1) * D] for f in range(5)], L.maa_up))
     xw, xk, xv, xr, xg = pointwise.shift_mixes(a, previous, L.maa_stack, extra)
     r, k, v, g = linear_many((L.W_r, L.W_k, L.W_v, L.W_g), (xr, xk, xv, xg), run.observer)
     g = silu(g)
     # data-dependent decay, one per token and channel
-    (h,) = lora_down((xw,), (L.decay_w1,))
-    (u,) = lora_up((np.tanh(h),), (L.decay_w2,))
+    if L.lora_matrices:
+        u = linear(L.decay_w2, np.tanh(linear(L.decay_w1, xw)))
+    else:
+        (h,) = lora_down((xw,), (L.decay_w1,))
+        (u,) = lora_up((np.tanh(h),), (L.decay_w2,))
     w = pointwise.rwkv6_decay(L.time_decay, u)
     o = np.empty_like(r)
     wkv6(r, k, v, w, L.bonus, state["wkv"][l], o)
@@ -243,15 +270,23 @@ def time_mix_batch(L: Layer, a, states, l, run):
     cfg, obs = run.cfg, run.observer
     previous = previous_rows(states, "att_x", l)
     (x,) = pointwise.shift_mixes_rows(a, previous, L.maa_x_stack)
-    (z,) = lowrank_down_rows((x,), (L.maa_w1,))
-    D = L.maa_w1.shape[1] // 5
-    z = np.tanh(z)
-    extra = lowrank_up_rows([z[:, f * D:(f + 1) * D] for f in range(5)], L.maa_up)        # (5, B, C)
+    D = L.d_mix
+    if L.lora_matrices:
+        z = np.tanh(linear_rows(L.maa_w1, x))
+        extra = np.stack([linear_rows(F, np.ascontiguousarray(z[:, f * D:(f + 1) * D]))
+                          for f, F in enumerate(L.maa_up)])                                   # (5, B, C)
+    else:
+        (z,) = lowrank_down_rows((x,), (L.maa_w1,))
+        z = np.tanh(z)
+        extra = lowrank_up_rows([z[:, f * D:(f + 1) * D] for f in range(5)], L.maa_up)
     xw, xk, xv, xr, xg = pointwise.shift_mixes_rows(a, previous, L.maa_stack, extra)
     r, k, v, g = (linear_rows(W, x, obs) for W, x in ((L.W_r, xr), (L.W_k, xk), (L.W_v, xv), (L.W_g, xg)))
     g = silu(g)
-    (h,) = lowrank_down_rows((xw,), (L.decay_w1,))
-    (u,) = lowrank_up_rows((np.tanh(h),), (L.decay_w2,))
+    if L.lora_matrices:
+        u = linear_rows(L.decay_w2, np.tanh(linear_rows(L.decay_w1, xw)))
+    else:
+        (h,) = lowrank_down_rows((xw,), (L.decay_w1,))
+        (u,) = lowrank_up_rows((np.tanh(h),), (L.decay_w2,))
     w = pointwise.rwkv6_decay(L.time_decay, u)
     o = np.empty_like(r)
     wkv6_rows(r, k, v, w, L.bonus, row_addresses(states, "wkv", l), o)

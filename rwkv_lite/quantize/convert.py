@@ -33,7 +33,7 @@ ROW_BLOCK_BYTES = 64 << 20          # float32 bytes of source rows converted at 
 def storage_plan(quant: str, group: int | None = None, head: str | None = None) -> dict[str, object]:
     """Scheme per tensor role for a --quant choice.
 
-    RWKV-7's LoRA factors (role 'lora') are int8 in int8 and int4 files: 4-bit steps in the decay's LoRA would
+    RWKV-6/7's LoRA factors (role 'lora') are int8 in int8 and int4 files: 4-bit steps in the decay's LoRA would
     move every token's forgetting; int8 keeps 0.2 GB of float32 per token of the G1 1.5B shape to 0.05 GB.
     The embedding is read one row per token, so it costs memory but no bandwidth. int8 files keep it at fp16: on
     the tiny real models an int8 embedding raised the int8 file's mean KL vs fp32 by a third (5v2, head fp32:
