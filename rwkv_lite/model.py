@@ -111,9 +111,7 @@ class Model:
         server reuses states)."""
         state.check_compatible(self.config)
         state.check_shapes(self._state_shapes)
-        start = self._start_state()
-        for name, array in state.arrays.items():
-            np.copyto(array, start.arrays[name])
+        state.assign(self._start_state())
 
     def _start_state(self) -> State:
         """initial_state if one is set, else the file's initial state (built once and kept)."""

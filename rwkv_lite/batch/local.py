@@ -14,7 +14,7 @@ from .schema import BatchError, Failure, Job, JobSettings
 
 
 # Sequences decoded together by default. A batch job has no latency to protect, so it takes more than the server's
-# default: on a 2-core Zen 4, 256 prompts of the 1.5B int4 shape ran 3.15x one by one at 32 against 3.05x at 16
+# default: on a 2-core Zen 5 VM, 256 prompts of the 1.5B int4 shape ran 3.15x one by one at 32 against 3.05x at 16
 # (docs/performance.md), for one more state per sequence (12.6 MB at 1.5B, 34 MB at 7B).
 DEFAULT_MAX_BATCH = 32
 

@@ -145,8 +145,8 @@ def gemv_many(matrices, xs) -> list[np.ndarray]:
     run one GEMV each. The results are identical either way.
 
     A decode step makes this call ~3 times per layer with the same matrices, so the grouping and each group's
-    kernel arguments are worked out once and kept on the first matrix (_ManyPlan): building them every time cost
-    ~50 us per call, a few ms per token at the 1.5B shape."""
+    kernel arguments are worked out once and kept on the first matrix (_ManyPlan): building them on every call
+    cost 6-10% of a 1.5B decode token (docs/performance.md)."""
     plan = _many_plan(matrices)
     out = [None] * len(matrices)
     for i in plan.singles:
@@ -195,6 +195,23 @@ def _many_plan(matrices) -> _ManyPlan:
     if plan is None:
         plan = plans[key] = _ManyPlan(matrices)
     return plan
+
+
+def row_major_many_runner(kernel, matrices, weights, scales):
+    """The `_many_runner` of the row-major int8/int4 schemes: one launch of `kernel` (int8_kernels.gemv_i8g_many,
+    int4_kernels.gemv_i4_many) over the arrays `weights` and `scales` of every matrix; its concatenated output
+    is handed back as one view per matrix."""
+    first = matrices[0]
+    ws, ss = tuple(getattr(m, weights) for m in matrices), tuple(getattr(m, scales) for m in matrices)
+    rows = np.array([m.shape[0] for m in matrices], np.int64)
+    ends = np.cumsum(rows).tolist()
+    starts = [0] + ends[:-1]
+    source, group = first.block_source, first.group
+
+    def run(X):
+        y = kernel(ws, ss, X, source, group, rows)
+        return [y[a:b] for a, b in zip(starts, ends)]
+    return run
 
 
 def padded_columns(X: np.ndarray, cols: int) -> np.ndarray:

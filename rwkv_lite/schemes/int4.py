@@ -33,7 +33,7 @@ from numba import njit, prange
 
 from ..kernels import batched, int4_kernels
 from ..kernels.int4_kernels import int4_scale
-from ..kernels.linear import Matrix, padded_columns
+from ..kernels.linear import Matrix, padded_columns, row_major_many_runner
 from ..kernels.simd import INT4_BLOCK, INT4_GROUPS, aligned
 from . import panel
 from .base import Scheme, SchemeError, group_param, matrix_shape
@@ -70,18 +70,7 @@ class Int4Matrix(Matrix):
 
     @staticmethod
     def _many_runner(matrices):
-        """One launch of gemv_i4_many for these matrices: X (n, padded_cols) -> their n results."""
-        first = matrices[0]
-        weights, scales = tuple(m.packed for m in matrices), tuple(m.groups for m in matrices)
-        rows = np.array([m.shape[0] for m in matrices], np.int64)
-        ends = np.cumsum(rows).tolist()
-        starts = [0] + ends[:-1]
-        source, group = first.block_source, first.group
-
-        def run(X):
-            y = int4_kernels.gemv_i4_many(weights, scales, X, source, group, rows)
-            return [y[a:b] for a, b in zip(starts, ends)]
-        return run
+        return row_major_many_runner(int4_kernels.gemv_i4_many, matrices, "packed", "groups")
 
     def _matmul_rows(self, X, parallel):
         kernel = batched.gemm_i4 if parallel else batched.gemm_i4_serial

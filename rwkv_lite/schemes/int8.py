@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..kernels import batched, int8_kernels
-from ..kernels.linear import Matrix, padded_columns
+from ..kernels.linear import Matrix, padded_columns, row_major_many_runner
 from ..kernels.simd import INT4_BLOCK, INT4_GROUPS, aligned, f16_to_f32, f32_to_f16
 from . import panel
 from .base import Scheme, SchemeError, group_param, matrix_shape
@@ -77,18 +77,7 @@ class Int8GroupMatrix(Matrix):
 
     @staticmethod
     def _many_runner(matrices):
-        """One launch of gemv_i8g_many for these matrices: X (n, padded_cols) -> their n results."""
-        first = matrices[0]
-        weights, scales = tuple(m.q for m in matrices), tuple(m.scale for m in matrices)
-        rows = np.array([m.shape[0] for m in matrices], np.int64)
-        ends = np.cumsum(rows).tolist()
-        starts = [0] + ends[:-1]
-        source, group = first.block_source, first.group
-
-        def run(X):
-            y = int8_kernels.gemv_i8g_many(weights, scales, X, source, group, rows)
-            return [y[a:b] for a, b in zip(starts, ends)]
-        return run
+        return row_major_many_runner(int8_kernels.gemv_i8g_many, matrices, "q", "scale")
 
     def _matmul_rows(self, X, parallel):
         X = padded_columns(X, self.padded_cols)
