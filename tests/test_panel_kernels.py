@@ -99,6 +99,61 @@ def test_two_digit_activations_keep_15_bits_and_the_sign():
     assert (np.abs(approx - X) <= amax / 16256 * 0.5001).all()
 
 
+def _rounded_in_numpy(X, cols, digits):
+    """quantize_rows's definition in NumPy: per row and 32-column group (zero-padded to `cols`), levels =
+    rint(x * (L / max|x|)) with L = 127 or 16256, scale max|x| / L; NaN scale for a non-finite group, zeros for
+    max|x| < 1e-30."""
+    B, C = X.shape
+    Xp = np.zeros((B, cols), np.float32)
+    Xp[:, :C] = X
+    L = np.float32(127 if digits == 1 else 16256)
+    levels, scales = np.zeros((cols // 32, B, 32), np.int64), np.zeros((cols // 32, B), np.float32)
+    for g in range(cols // 32):
+        for b in range(B):
+            v = Xp[b, 32 * g: 32 * g + 32]
+            amax = np.abs(v).max()
+            if not np.isfinite(amax):
+                scales[g, b] = np.nan
+            elif amax >= np.float32(1e-30):
+                levels[g, b] = np.rint(v * (L / amax)).astype(np.int64)
+                scales[g, b] = amax / L
+    return levels, scales
+
+
+@pytest.mark.parametrize("digits,wide", [(1, False), (2, False), (2, True)])
+def test_activation_rounding_is_exactly_its_numpy_definition(digits, wide):
+    # every value rounded from one IEEE product x * (L / max|x|), whatever the row count, width or compile-time
+    # constants of the caller (a fast-math version once folded the division into the products differently for
+    # different callers); ties, a partial last group, non-finite and tiny groups included
+    rng = np.random.default_rng(6)
+    X = (rng.standard_normal((7, 200)) * rng.choice([1e-3, 1.0, 40.0], (7, 1))).astype(np.float32)
+    X[0, 3], X[1, 40], X[2, 100] = np.nan, np.inf, -np.inf
+    X[3, :32] = 0
+    X[3, 64:96] = 1e-35
+    X[4] = rng.integers(-6, 7, 200) * np.float32(0.5)           # exact ties for rint
+    X[5, 7] = 3.4e38
+    want, scales = _rounded_in_numpy(X, 224, digits)
+    xq, xs, xsum = panel.quantize_rows(X, 224, digits, wide)
+    if wide:
+        levels = xq.view(np.int16).astype(np.int64)
+    elif digits == 2:
+        hi, lo = xq[:, :, :32].astype(np.int64), xq[:, :, 32:].astype(np.int64)
+        assert ((hi == 0) | (lo == 0) | (np.sign(hi) == np.sign(lo))).all()      # hi toward zero
+        levels = 128 * hi + lo
+    else:
+        levels = xq.astype(np.int64)
+    np.testing.assert_array_equal(levels, want)
+    np.testing.assert_array_equal(xs, scales)
+    np.testing.assert_array_equal(xsum, want.sum(-1))
+    for b in (0, 4, 6):                                            # a row rounds the same alone or among others
+        one = panel.quantize_rows(X[b:b + 1], 224, digits, wide)
+        for a, full in zip(one, (xq, xs, xsum)):
+            np.testing.assert_array_equal(a[:, 0], full[:, b])
+    strided = np.asfortranarray(X)                                 # any memory order
+    for a, full in zip(panel.quantize_rows(strided, 224, digits, wide), (xq, xs, xsum)):
+        np.testing.assert_array_equal(a, full)
+
+
 def test_nan_and_inf_activations_give_nan_zeros_give_zero():
     _, m = _matrix("int4", 32, 64)
     x = np.zeros(64, np.float32)

@@ -49,13 +49,14 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd import (F16, F32, FASTMATH, I8, I16, I32, I64, PREFETCH_BYTES, fma, is_c_array, load_vec,
-                   prefetch_ptr, splat, splat_const, vec)
+from .pointwise import sigmoid_f32, tanh_f32
+from .simd import (F16, F32, I8, I16, I32, I64, PREFETCH_BYTES, bits_to_f32, fma, is_c_array,
+                   load_vec, prefetch_ptr, splat, splat_const, vec)
 
 PANEL = 16            # weight rows per panel: the int32 lanes of one 512-bit vector
 GROUP = 32            # columns per weight scale and per activation scale
 ROW_TILE = 64         # activation rows per pass over a panel (the float accumulators stay in L1)
-FLOAT32_MAX = np.float32(3.4028235e38)          # larger |x| (Inf) or NaN: the group's scale is NaN
+FLOAT32_MAX_BITS = np.int32(0x7F7FFFFF)  # the largest float32's bits: larger |x| (Inf) or NaN: the group's scale is NaN
 ISAS = ("vnni512", "vnni256", "avx2", "generic")
 
 
@@ -380,50 +381,121 @@ panel_i4_rows = make_panel_kernel("i4", False)
 # ----------------------------------------------------------------------------------------------------------------
 # Activations
 
-@njit(cache=CACHE, fastmath=FASTMATH, nogil=True)
+def _vector_reduce(builder, op, v):
+    """llvm.vector.reduce.<op> of an integer vector (op: add, umax)."""
+    n = v.type.count
+    fnty = ir.FunctionType(v.type.element, [v.type])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.vector.reduce.{op}.v{n}i{v.type.element.width}")
+    return builder.call(fn, [v])
+
+
+def _group_source(context, builder, sig, args):
+    """The 32 float32 values at element args[1] of the C-contiguous array args[0] (no alignment assumed)."""
+    data = context.make_array(sig.args[0])(context, builder, args[0]).data
+    offset = context.cast(builder, args[1], sig.args[1], types.intp)
+    return load_vec(builder, data, offset, vec(F32, GROUP))
+
+
+def _is_float32_c(ty):
+    return isinstance(ty, types.Array) and ty.dtype == types.float32 and ty.layout == "C"
+
+
+@intrinsic
+def group_abs_max_bits(typingctx, src, offset):
+    """max |x| over the 32 floats src.flat[offset:offset + 32], as the bits of a float32 (int32): the float bits
+    with the sign cleared order like the magnitudes, Inf and NaN above every finite value (> FLOAT32_MAX_BITS)."""
+    if not (_is_float32_c(src) and isinstance(offset, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        bits = builder.bitcast(_group_source(context, builder, sig, args), vec(I32, GROUP))
+        return _vector_reduce(builder, "umax", builder.and_(bits, splat_const(I32, GROUP, 0x7FFFFFFF)))
+    return types.int32(src, offset), codegen
+
+
+def _make_round_group(kind):
+    """Intrinsic round(src, offset, inv, dst, dst_offset) -> int32: q = rint(x * inv) for the 32 floats
+    src.flat[offset:offset + 32] (one IEEE product each, as np.rint(x * inv) in float32), stored from element
+    dst_offset of the C-contiguous dst as
+      "i8":    32 int8 (one digit, |q| <= 127)
+      "i16":   32 int16 (two digits kept together, the avx2 kernels' wide activations)
+      "split": 32 int8 hi then 32 int8 lo, q = 128 * hi + lo, hi rounded toward zero (lo keeps the sign of q)
+    and returns sum(q). One vector pass: the scalar loop it replaces was not vectorised by LLVM (~55 ns a group,
+    3.6 us per 2048-wide row, serial time before every decode product)."""
+    dtype = types.int16 if kind == "i16" else types.int8
+    elem = I16 if kind == "i16" else I8
+
+    def typer(typingctx, src, offset, inv, dst, dst_offset):
+        if not (_is_float32_c(src) and isinstance(offset, types.Integer) and inv == types.float32
+                and isinstance(dst, types.Array) and dst.dtype == dtype and dst.layout == "C"
+                and isinstance(dst_offset, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            x = _group_source(context, builder, sig, args)
+            y = builder.fmul(x, splat(builder, args[2], GROUP))
+            fnty = ir.FunctionType(y.type, [y.type])
+            rint = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.rint.v{GROUP}f32")
+            q = builder.fptosi(builder.call(rint, [y]), vec(I32, GROUP))
+            out = context.make_array(sig.args[3])(context, builder, args[3]).data
+            at = context.cast(builder, args[4], sig.args[4], types.intp)
+            vty = vec(elem, GROUP)
+
+            def store(values, index):
+                ptr = builder.bitcast(builder.gep(out, [index]), vty.as_pointer())
+                builder.store(builder.trunc(values, vty), ptr, align=1)
+            if kind == "split":
+                sign_fix = builder.and_(builder.ashr(q, splat_const(I32, GROUP, 31)), splat_const(I32, GROUP, 127))
+                hi = builder.ashr(builder.add(q, sign_fix), splat_const(I32, GROUP, 7))
+                store(hi, at)
+                store(builder.sub(q, builder.shl(hi, splat_const(I32, GROUP, 7))),
+                      builder.add(at, ir.Constant(at.type, GROUP)))
+            else:
+                store(q, at)
+            return _vector_reduce(builder, "add", q)
+        return types.int32(src, offset, inv, dst, dst_offset), codegen
+    return intrinsic(typer)
+
+
+round_group_i8 = _make_round_group("i8")
+round_group_i16 = _make_round_group("i16")
+round_group_split = _make_round_group("split")
+
+
+@njit(cache=CACHE, nogil=True)
 def _quantize_row(X, b, digits, wide, xq, x16, xs, xsum):
-    """Row b of quantize_rows."""
+    """Row b of quantize_rows: per group, max |x| and the rounding in one vector pass each (the intrinsics
+    above); a last, partial group goes through a zero-padded copy."""
     C = X.shape[1]
     ng = xs.shape[0]
+    B = xs.shape[1]
     levels = np.float32(127.0) if digits == 1 else np.float32(16256.0)
-    v = np.zeros(GROUP, np.float32)
+    tail = np.zeros(GROUP, np.float32)
+    flat = X.reshape(-1)                       # (a view: X is C-contiguous)
     for g in range(ng):
         c0 = g * GROUP
         n = min(GROUP, C - c0)
-        amax = np.float32(0.0)
-        finite = True
-        for i in range(GROUP):
-            v[i] = X[b, c0 + i] if i < n else np.float32(0.0)
-        for i in range(GROUP):
-            a = abs(v[i])
-            finite = finite and a <= FLOAT32_MAX
-            amax = max(amax, a)
-        if not finite:
+        src, at = flat, b * C + c0
+        if n < GROUP:
+            for i in range(GROUP):
+                tail[i] = X[b, c0 + i] if i < n else np.float32(0.0)
+            src, at = tail, 0
+        top = group_abs_max_bits(src, at)
+        if top > FLOAT32_MAX_BITS:               # Inf or NaN in the group
             xs[g, b] = np.nan
             continue
+        amax = bits_to_f32(top)
         if amax < np.float32(1e-30):           # zeros, or so small that levels / amax would overflow
             continue
         inv = levels / amax
         xs[g, b] = amax / levels
-        s = 0
+        row = g * B + b
         if digits == 1:
-            for i in range(GROUP):
-                q = np.int32(np.rint(v[i] * inv))
-                xq[g, b, i] = q
-                s += q
+            xsum[g, b] = round_group_i8(src, at, inv, xq, row * GROUP)
         elif wide:
-            for i in range(GROUP):
-                q = np.int32(np.rint(v[i] * inv))
-                x16[g, b, i] = q
-                s += q
+            xsum[g, b] = round_group_i16(src, at, inv, x16, row * GROUP)
         else:
-            for i in range(GROUP):
-                q = np.int32(np.rint(v[i] * inv))
-                hi = q // 128 if q >= 0 else -((-q) // 128)          # toward zero: lo keeps the sign of q
-                xq[g, b, i] = hi
-                xq[g, b, GROUP + i] = q - 128 * hi
-                s += q
-        xsum[g, b] = s
+            xsum[g, b] = round_group_split(src, at, inv, xq, row * 2 * GROUP)
 
 
 @njit(cache=CACHE, nogil=True)
@@ -441,6 +513,7 @@ def quantize_rows(X, cols, digits, wide=False):
     group meets every row's activation bytes in one contiguous run. See the module docstring for the rounding.
     Two digits are stored as 32 bytes hi then 32 bytes lo; with `wide` (the avx2 int8 kernel) as the 32 values
     x15 = 128 * hi + lo in int16 instead (the same 64 bytes)."""
+    X = np.ascontiguousarray(X)                # (no copy when it is already: the rounding reads rows as vectors)
     xq, x16, xs, xsum = _activation_arrays(X.shape[0], cols, digits, wide)
     for b in range(X.shape[0]):
         _quantize_row(X, b, digits, wide, xq, x16, xs, xsum)
@@ -452,6 +525,7 @@ def quantize_rows_parallel(X, cols, digits, wide=False):
     """quantize_rows with the rows split over Numba's threads (identical results): otherwise the serial part of
     every prompt-sized product (0.28 ms per 128 x 2048 block on one Zen 4 core; ~60 ms of a 128-token prompt of
     the RWKV-7 1.5B shape, which 16 threads read in ~1 s)."""
+    X = np.ascontiguousarray(X)
     xq, x16, xs, xsum = _activation_arrays(X.shape[0], cols, digits, wide)
     for b in prange(X.shape[0]):
         _quantize_row(X, b, digits, wide, xq, x16, xs, xsum)
@@ -549,4 +623,51 @@ def gemv_many(int8, wps, wds, X, cols, npanels):
     for i in prange(total):
         m = tasks[i, 0]
         _run_panels(int8, wps[m], wds[m], xq, xs, xsum, tasks[i, 1], tasks[i, 2], m, m + 1, Y)
+    return Y
+
+
+@njit(cache=CACHE, nogil=True)
+def _task_table(npanels):
+    """(tasks, 3) rows (matrix, first panel, end panel): every matrix's panels in runs of PANELS_PER_TASK."""
+    total = 0
+    for m in range(npanels.shape[0]):
+        total += (npanels[m] + PANELS_PER_TASK - 1) // PANELS_PER_TASK
+    tasks = np.empty((total, 3), np.int64)
+    t = 0
+    for m in range(npanels.shape[0]):
+        for p0 in range(0, npanels[m], PANELS_PER_TASK):
+            tasks[t, 0], tasks[t, 1], tasks[t, 2] = m, p0, min(npanels[m], p0 + PANELS_PER_TASK)
+            t += 1
+    return tasks
+
+
+@njit(cache=CACHE, nogil=True, parallel=True)
+def lora_chain(down_wps, down_wds, up_wps, up_wds, X, cols, dims, down_tasks, up_tasks, up_groups, out_cols):
+    """RWKV-7's LoRAs of one token in one call: Y[m] = B_m f_m(A_m X[m]) for the n int8 panel factor pairs
+    (A_m (D_m, C) = down_wps/wds[m], B_m (C, D_m) = up_wps/wds[m]), f = tanh for the first (the decay's), the
+    sigmoid for the last (the gate's), the identity between. The same integers and float operations as gemv_many
+    on the down factors, pointwise.tanh / sigmoid, then gemv_many on the up factors (equal bits), without the
+    Python between them: two parallel loops in one launch from Python.
+
+    dims[m] = D_m; down_tasks / up_tasks: _task_table of the factors' panel counts; up_groups[m]: B_m's
+    32-column groups (D_m padded); out_cols: C padded to whole panels. H rows are zero past D_m (after f too, as
+    gemv_many's padding), and B_m reads only its own groups of the rounded H (a group's rounding does not depend
+    on the others)."""
+    n = X.shape[0]
+    xq, xs, xsum = quantize_rows(X, cols, 2, WIDE)
+    hcols = up_groups.max() * GROUP
+    H = np.zeros((n, hcols), np.float32)
+    for i in prange(down_tasks.shape[0]):
+        m = down_tasks[i, 0]
+        _run_panels(True, down_wps[m], down_wds[m], xq, xs, xsum, down_tasks[i, 1], down_tasks[i, 2], m, m + 1, H)
+    for c in range(dims[0]):
+        H[0, c] = tanh_f32(H[0, c])
+    for c in range(dims[n - 1]):
+        H[n - 1, c] = sigmoid_f32(H[n - 1, c])
+    hq, hs, hsum = quantize_rows(H, hcols, 2, WIDE)
+    Y = np.empty((n, out_cols), np.float32)
+    for i in prange(up_tasks.shape[0]):
+        m = up_tasks[i, 0]
+        g = up_groups[m]
+        _run_panels(True, up_wps[m], up_wds[m], hq[:g], hs[:g], hsum[:g], up_tasks[i, 1], up_tasks[i, 2], m, m + 1, Y)
     return Y

@@ -182,19 +182,35 @@ def token_mix(a, p, mu):
 
 
 # The element-wise activations share one row kernel; `fn` picks the function once per row.
-SIGMOID, SILU, RELU_SQUARE = 0, 1, 2
+SIGMOID, SILU, RELU_SQUARE, TANH = 0, 1, 2, 3
+
+
+@njit(inline="always", error_model="numpy")
+def sigmoid_f32(x):
+    """1 / (1 + exp(-x)) of a float32 (every sigmoid of the forward pass, so that fused kernels give the same
+    bits as the row kernels here)."""
+    one = np.float32(1.0)
+    return one / (one + exp_f32(-x))
+
+
+@njit(inline="always", error_model="numpy")
+def tanh_f32(x):
+    """tanh of a float32 (the C library's tanhf), shared with fused kernels like sigmoid_f32."""
+    return np.tanh(x)
 
 
 @njit(cache=True, error_model="numpy")
 def _activation_row(t, x, fn, out):
-    one = np.float32(1.0)
     if fn == SIGMOID:
         for c in range(x.shape[1]):
-            out[t, c] = one / (one + exp_f32(-x[t, c]))
+            out[t, c] = sigmoid_f32(x[t, c])
     elif fn == SILU:
         for c in range(x.shape[1]):
             v = x[t, c]
-            out[t, c] = v * (one / (one + exp_f32(-v)))
+            out[t, c] = v * sigmoid_f32(v)
+    elif fn == TANH:
+        for c in range(x.shape[1]):
+            out[t, c] = tanh_f32(x[t, c])
     else:
         for c in range(x.shape[1]):
             v = max(x[t, c], np.float32(0.0))
@@ -220,6 +236,11 @@ def _activation_parallel(x, fn):
 def sigmoid(x):
     """1 / (1 + exp(-x))."""
     return _by_rows(_activation_serial, _activation_parallel, 0.4, x, SIGMOID)
+
+
+def tanh(x):
+    """np.tanh(x) (in float32, by the C library's tanhf)."""
+    return _by_rows(_activation_serial, _activation_parallel, 0.4, x, TANH)
 
 
 def silu(x):
