@@ -11,6 +11,11 @@ Python then imports ``rwkv_lite`` as an empty namespace package. So before any k
                                             ~/Library/Caches/rwkv-lite on macOS, %LOCALAPPDATA%\\rwkv-lite\\Cache
                                             on Windows)
 
+Kernels live in a subfolder named by a digest of the package's Python sources. Numba checks a cached function
+against its own source file only, but kernels inline helpers from other files (an activation shared by two
+kernel modules, say): after a change to such a helper alone, the cached kernel would silently keep the old code.
+A new digest means a fresh folder instead.
+
 If that folder cannot be created or written, rwkv-lite's kernels run uncached (compiled again by every process)
 and one notice says so on stderr; they never fall back to the package folder.
 
@@ -55,6 +60,18 @@ def default_cache_dir() -> Path:
     return home / ".cache" / "rwkv-lite"
 
 
+def source_digest(package_dir: Path | None = None) -> str:
+    """A short digest of every .py file under the package folder (paths and contents): the kernel cache's
+    subfolder name (see the module docstring)."""
+    import hashlib
+    root = Path(package_dir) if package_dir is not None else Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode("utf-8") + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _home_known() -> bool:
     try:
         Path.home()
@@ -80,7 +97,9 @@ def configure() -> Path | None:
         return cache_dir
     _configured = True
     try:
-        path = default_cache_dir()
+        base, folder = default_cache_dir(), f"kernels-{source_digest()}"
+        # (a child process inherits NUMBA_CACHE_DIR, already this folder)
+        path = base if base.name == folder else base / folder
     except OSError:
         path = None
     if path is not None and _usable(path):

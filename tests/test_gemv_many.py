@@ -50,3 +50,38 @@ def test_wrong_input_width_is_an_error(monkeypatch):
     matrices = [_matrix("int8", {}, 64, 256, s) for s in range(2)]
     with pytest.raises(ValueError):
         gemv_many(matrices, [np.ones(256, np.float32), np.ones(255, np.float32)])
+
+
+def _panel_int8(R, C, seed):
+    return _matrix("int8", {"group": 32, "layout": "p16"}, R, C, seed)
+
+
+@pytest.mark.parametrize("dims, middles", [((96, 96, 64, 256), ("tanh", "linear", "linear", "sigmoid")),
+                                           ((96, 80, 256), ("tanh", "linear", "sigmoid")),       # RWKV-7 layer 0
+                                           ((40,), ("sigmoid",))])
+def test_low_rank_chain_equals_its_steps(dims, middles):
+    # RWKV-7's LoRAs of a decode step in one launch (kernels/panel.lora_chain): the same bits as the down
+    # products, the compiled activation, then the up products, run one by one; widths that are not whole groups
+    # or panels (80, 40) included, whose zero padding must stay zero after the sigmoid
+    from rwkv_lite.arch.common import sigmoid, tanh
+    C, R = 520, 300
+    downs = [_panel_int8(D, C, seed) for seed, D in enumerate(dims)]
+    ups = [_panel_int8(R, D, 10 + seed) for seed, D in enumerate(dims)]
+    run = linear.chain_runner(downs, ups, middles)
+    assert run is not None
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal(C, dtype=np.float32) * 3 for _ in dims]
+    act = {"tanh": tanh, "sigmoid": sigmoid, "linear": lambda h: h}
+    want = [up(act[f](down(x)[None, :])[0]) for down, up, f, x in zip(downs, ups, middles, xs)]
+    got = run(xs)
+    assert [y.shape for y in got] == [(R,)] * len(dims)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(got[0], ups[0](downs[0](xs[0])))       # the middle step is applied
+
+
+def test_low_rank_chain_only_for_int8_panel_factors():
+    fp = _matrix("fp32", {}, 64, 256, 0)
+    up = _matrix("fp32", {}, 256, 64, 1)
+    assert linear.chain_runner([fp], [up], ["tanh"]) is None
+    assert linear.chain_runner([_panel_int8(64, 256, 0)], [up], ["tanh"]) is None

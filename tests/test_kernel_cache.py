@@ -113,3 +113,18 @@ def test_this_process_caches_outside_the_package():
     assert kernel_cache.cache_dir is not None
     assert PACKAGE not in kernel_cache.cache_dir.parents
     assert numba.core.config.CACHE_DIR == str(kernel_cache.cache_dir)
+
+
+def test_kernels_are_cached_per_version_of_the_sources(tmp_path):
+    # Numba checks a cached kernel against its own file only, while kernels inline helpers from other files: a
+    # folder per digest of all sources keeps a kernel compiled against an older helper from being loaded
+    import shutil
+
+    from rwkv_lite import kernel_cache
+    assert kernel_cache.cache_dir.name == f"kernels-{kernel_cache.source_digest()}"
+    copy = tmp_path / "pkg"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__", "data"))
+    assert kernel_cache.source_digest(copy) == kernel_cache.source_digest()
+    helper = copy / "kernels" / "pointwise.py"
+    helper.write_text(helper.read_text(encoding="utf-8") + "\n# changed\n", encoding="utf-8")
+    assert kernel_cache.source_digest(copy) != kernel_cache.source_digest()

@@ -49,6 +49,10 @@ def sigmoid(x):
     return pointwise.sigmoid(_rows(x))
 
 
+def tanh(x):
+    return pointwise.tanh(_rows(x))
+
+
 def silu(x):
     """x * sigmoid(x)."""
     return pointwise.silu(_rows(x))

@@ -33,12 +33,13 @@ import numpy as np
 
 from ..errors import FormatError
 from ..kernels.batched import lowrank_down_rows, lowrank_up_rows
+from ..kernels.linear import chain_runner
 from ..kernels.wkv7 import wkv7, wkv7_rows
 from ..kernels import pointwise
 from . import common
 from .batch import linear_rows, per_row, previous_rows, row_addresses, store_rows
 from .common import (Planner, PlannedTensor, layer_count, layer_norm, linear, linear_many, lora_down, lora_up,
-                     relu_square, sigmoid)
+                     relu_square, sigmoid, tanh)
 
 VERSIONS = ("7",)
 LN_X_EPS = 64e-5                       # reference, training code and rwkv.cpp agree for v7
@@ -281,6 +282,12 @@ class Layer:
         # Files since the panel layout store the factors (out, in) as matrices (int8 in int8/int4 files): they run
         # through the matrices' kernels. Earlier files hold float32 (in, out) arrays for kernels/lowrank.py.
         self.lora_matrices = not isinstance(self.w1, np.ndarray)
+        # One token's LoRAs in one launch where the factors' scheme has one (int8 factors: kernels/panel.py
+        # lora_chain), with the middle steps of _between; None: _loras runs them step by step
+        self.lora_chain = None
+        if self.lora_matrices:
+            middles = ("tanh",) + ("linear",) * (len(loras) - 2) + ("sigmoid",)
+            self.lora_chain = chain_runner(self.lora_down, self.lora_up, middles)
 
 
 def load_weights(store, cfg: Config) -> common.Weights:
@@ -371,13 +378,16 @@ def time_mix_batch(L: Layer, a, states, l, run):
 
 
 def _between(hs):
-    """The LoRAs' middle step: tanh for the decay's, sigmoid for the gate's, nothing for the others."""
-    return (np.tanh(hs[0]),) + tuple(hs[1:-1]) + (sigmoid(hs[-1]),)
+    """The LoRAs' middle step: tanh for the decay's, sigmoid for the gate's, nothing for the others (compiled
+    kernels whose element functions the one-launch chain of a decode step shares: the same bits either way)."""
+    return (tanh(hs[0]),) + tuple(hs[1:-1]) + (sigmoid(hs[-1]),)
 
 
 def _loras(L: Layer, xs):
     """The LoRA outputs (decay, learning rate, [value residual,] gate) of T tokens: x . A, the middle step, . B."""
     if L.lora_matrices:                  # (the observer watches role 'matrix' products only)
+        if L.lora_chain is not None and xs[0].shape[0] == 1:           # one token: one launch
+            return [y[None, :] for y in L.lora_chain([x[0] for x in xs])]
         return linear_many(L.lora_up, _between(linear_many(L.lora_down, xs)))
     return lora_up(_between(lora_down(xs, L.lora_down)), L.lora_up)
 

@@ -197,6 +197,15 @@ def _many_plan(matrices) -> _ManyPlan:
     return plan
 
 
+def chain_runner(downs, ups, middles):
+    """run(xs) -> [B_m f_m(A_m x_m) for each m], one token (x_m float32 (C,)) through n pairs of low-rank factors
+    A_m = downs[m] (D_m, C), B_m = ups[m] (R, D_m) with middle steps f_m = middles[m] ("linear", "tanh",
+    "sigmoid"), in one launch where the factors' scheme has one (``_chain_runner``: int8 panel matrices,
+    kernels/panel.lora_chain); None otherwise (then: gemv_many, the activation, gemv_many; the same bits)."""
+    make = getattr(type(downs[0]), "_chain_runner", None)
+    return None if make is None else make(tuple(downs), tuple(ups), tuple(middles))
+
+
 def row_major_many_runner(kernel, matrices, weights, scales):
     """The `_many_runner` of the row-major int8/int4 schemes: one launch of `kernel` (int8_kernels.gemv_i8g_many,
     int4_kernels.gemv_i4_many) over the arrays `weights` and `scales` of every matrix; its concatenated output

@@ -604,30 +604,8 @@ def gemm_parallel(int8, wp, wd, X, cols, threads):
     return Y
 
 
-@njit(cache=CACHE, nogil=True, parallel=True)
-def gemv_many(int8, wps, wds, X, cols, npanels):
-    """Y (n, max panels * 16): row m = matrix m (wps[m], wds[m]) times X[m], for one token of n matrices of one
-    width in one parallel launch (a layer's r/k/v/g projections); identical to one gemm per matrix."""
-    n = X.shape[0]
-    xq, xs, xsum = quantize_rows(X, cols, 2 if int8 else 1, WIDE and int8)
-    total = 0
-    for m in range(n):
-        total += (npanels[m] + PANELS_PER_TASK - 1) // PANELS_PER_TASK
-    tasks = np.empty((total, 3), np.int64)
-    t = 0
-    for m in range(n):
-        for p0 in range(0, npanels[m], PANELS_PER_TASK):
-            tasks[t, 0], tasks[t, 1], tasks[t, 2] = m, p0, min(npanels[m], p0 + PANELS_PER_TASK)
-            t += 1
-    Y = np.empty((n, npanels.max() * PANEL), np.float32)
-    for i in prange(total):
-        m = tasks[i, 0]
-        _run_panels(int8, wps[m], wds[m], xq, xs, xsum, tasks[i, 1], tasks[i, 2], m, m + 1, Y)
-    return Y
-
-
 @njit(cache=CACHE, nogil=True)
-def _task_table(npanels):
+def task_table(npanels):
     """(tasks, 3) rows (matrix, first panel, end panel): every matrix's panels in runs of PANELS_PER_TASK."""
     total = 0
     for m in range(npanels.shape[0]):
@@ -642,17 +620,36 @@ def _task_table(npanels):
 
 
 @njit(cache=CACHE, nogil=True, parallel=True)
-def lora_chain(down_wps, down_wds, up_wps, up_wds, X, cols, dims, down_tasks, up_tasks, up_groups, out_cols):
-    """RWKV-7's LoRAs of one token in one call: Y[m] = B_m f_m(A_m X[m]) for the n int8 panel factor pairs
-    (A_m (D_m, C) = down_wps/wds[m], B_m (C, D_m) = up_wps/wds[m]), f = tanh for the first (the decay's), the
-    sigmoid for the last (the gate's), the identity between. The same integers and float operations as gemv_many
-    on the down factors, pointwise.tanh / sigmoid, then gemv_many on the up factors (equal bits), without the
-    Python between them: two parallel loops in one launch from Python.
+def gemv_many(int8, wps, wds, X, cols, npanels):
+    """Y (n, max panels * 16): row m = matrix m (wps[m], wds[m]) times X[m], for one token of n matrices of one
+    width in one parallel launch (a layer's r/k/v/g projections); identical to one gemm per matrix."""
+    n = X.shape[0]
+    xq, xs, xsum = quantize_rows(X, cols, 2 if int8 else 1, WIDE and int8)
+    tasks = task_table(npanels)
+    Y = np.empty((n, npanels.max() * PANEL), np.float32)
+    for i in prange(tasks.shape[0]):
+        m = tasks[i, 0]
+        _run_panels(int8, wps[m], wds[m], xq, xs, xsum, tasks[i, 1], tasks[i, 2], m, m + 1, Y)
+    return Y
 
-    dims[m] = D_m; down_tasks / up_tasks: _task_table of the factors' panel counts; up_groups[m]: B_m's
-    32-column groups (D_m padded); out_cols: C padded to whole panels. H rows are zero past D_m (after f too, as
-    gemv_many's padding), and B_m reads only its own groups of the rounded H (a group's rounding does not depend
-    on the others)."""
+
+# The middle step of a low-rank chain, per pair (lora_chain's `middles`)
+LINEAR, TANH, SIGMOID = 0, 1, 2
+
+
+@njit(cache=CACHE, nogil=True, parallel=True)
+def lora_chain(down_wps, down_wds, up_wps, up_wds, X, cols, dims, middles, down_tasks, up_tasks, up_groups,
+               out_cols):
+    """One token's low-rank products in one call: Y[m] = B_m f_m(A_m X[m]) for n pairs of int8 panel factors
+    (A_m (D_m, C) = down_wps/wds[m], B_m (R, D_m) = up_wps/wds[m]), f_m = middles[m]: LINEAR, TANH or SIGMOID
+    (pointwise.tanh_f32 / sigmoid_f32). The same integers and float operations as gemv_many over the A_m, the
+    pointwise kernel, then each B_m's product (so the same bits), without returning to Python in between: RWKV-7's
+    four LoRAs of a layer took four launches and three trips through Python (docs/performance.md).
+
+    dims[m] = D_m; down_tasks / up_tasks: task_table of the factors' panel counts; up_groups[m]: B_m's 32-column
+    groups (D_m padded); out_cols: R padded to whole panels. H rows are zero past D_m (after f_m too, as the
+    padding of a separate product would be), and B_m reads only its own groups of the rounded H (a group's
+    rounding does not depend on the others)."""
     n = X.shape[0]
     xq, xs, xsum = quantize_rows(X, cols, 2, WIDE)
     hcols = up_groups.max() * GROUP
@@ -660,14 +657,18 @@ def lora_chain(down_wps, down_wds, up_wps, up_wds, X, cols, dims, down_tasks, up
     for i in prange(down_tasks.shape[0]):
         m = down_tasks[i, 0]
         _run_panels(True, down_wps[m], down_wds[m], xq, xs, xsum, down_tasks[i, 1], down_tasks[i, 2], m, m + 1, H)
-    for c in range(dims[0]):
-        H[0, c] = tanh_f32(H[0, c])
-    for c in range(dims[n - 1]):
-        H[n - 1, c] = sigmoid_f32(H[n - 1, c])
+    for m in range(n):
+        if middles[m] == TANH:
+            for c in range(dims[m]):
+                H[m, c] = tanh_f32(H[m, c])
+        elif middles[m] == SIGMOID:
+            for c in range(dims[m]):
+                H[m, c] = sigmoid_f32(H[m, c])
     hq, hs, hsum = quantize_rows(H, hcols, 2, WIDE)
     Y = np.empty((n, out_cols), np.float32)
     for i in prange(up_tasks.shape[0]):
         m = up_tasks[i, 0]
         g = up_groups[m]
-        _run_panels(True, up_wps[m], up_wds[m], hq[:g], hs[:g], hsum[:g], up_tasks[i, 1], up_tasks[i, 2], m, m + 1, Y)
+        _run_panels(True, up_wps[m], up_wds[m], hq[:g], hs[:g], hsum[:g], up_tasks[i, 1], up_tasks[i, 2], m, m + 1,
+                    Y)
     return Y

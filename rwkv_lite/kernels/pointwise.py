@@ -195,8 +195,19 @@ def sigmoid_f32(x):
 
 @njit(inline="always", error_model="numpy")
 def tanh_f32(x):
-    """tanh of a float32 (the C library's tanhf), shared with fused kernels like sigmoid_f32."""
-    return np.tanh(x)
+    """tanh of a float32 within 2 ulp, written to vectorise like exp_f32 (the C library's tanhf, one element at a
+    time, took ~13 ns a value: 160 us for a prompt's 128 x 96 decay LoRA). Cephes' tanhf: an odd polynomial
+    for |x| < 0.625, 1 - 2 / (exp(2|x|) + 1) with x's sign above (exp overflowing to inf gives 1; NaN stays NaN).
+    Shared with fused kernels like sigmoid_f32."""
+    a = abs(x)
+    z = x * x
+    p = ((((np.float32(-5.70498872745e-3) * z + np.float32(2.06390887954e-2)) * z
+           - np.float32(5.37397155531e-2)) * z + np.float32(1.33314422036e-1)) * z
+         - np.float32(3.33332819422e-1)) * z * x + x
+    t = np.float32(1.0) - np.float32(2.0) / (exp_f32(a + a) + np.float32(1.0))
+    if x < 0:
+        t = -t
+    return p if a < np.float32(0.625) else t
 
 
 @njit(cache=True, error_model="numpy")
@@ -239,7 +250,7 @@ def sigmoid(x):
 
 
 def tanh(x):
-    """np.tanh(x) (in float32, by the C library's tanhf)."""
+    """np.tanh(x) (float32, within 2 ulp: tanh_f32)."""
     return _by_rows(_activation_serial, _activation_parallel, 0.4, x, TANH)
 
 

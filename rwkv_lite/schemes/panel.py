@@ -209,6 +209,37 @@ class PanelMatrix(Matrix):
             return [Y[i, :R] for i, R in enumerate(rows)]
         return run
 
+    @staticmethod
+    def _chain_runner(downs, ups, middles):
+        """One launch of kernels/panel.lora_chain for the pairs (downs[m], ups[m]) with middle steps `middles`
+        (names: "linear", "tanh", "sigmoid"): xs (n vectors (C,)) -> n results (R,). None unless every factor is
+        an int8 panel matrix, the downs of one width and the ups of one height."""
+        pairs = tuple(downs) + tuple(ups)
+        if not all(isinstance(m, PanelMatrix) and m.int8 for m in pairs):
+            return None
+        if len({m.padded_cols for m in downs}) != 1 or len({m.shape[0] for m in ups}) != 1:
+            return None
+        codes = {"linear": kernels.LINEAR, "tanh": kernels.TANH, "sigmoid": kernels.SIGMOID}
+        down_wp, down_words = tuple(m.wp for m in downs), tuple(m.words for m in downs)
+        up_wp, up_words = tuple(m.wp for m in ups), tuple(m.words for m in ups)
+        C, cols, R = downs[0].shape[1], downs[0].padded_cols, ups[0].shape[0]
+        dims = np.array([m.shape[1] for m in ups], np.int64)
+        middle = np.array([codes[f] for f in middles], np.int64)
+        down_tasks = kernels.task_table(np.array([m.npanels for m in downs], np.int64))
+        up_tasks = kernels.task_table(np.array([m.npanels for m in ups], np.int64))
+        up_groups = np.array([m.padded_cols // GROUP for m in ups], np.int64)
+        out_cols = ups[0].npanels * ROW_STEP
+        n = len(downs)
+
+        def run(xs):
+            X = np.zeros((n, cols), np.float32)
+            for i, x in enumerate(xs):
+                X[i, :C] = x
+            Y = kernels.lora_chain(down_wp, down_words, up_wp, up_words, X, cols, dims, middle, down_tasks,
+                                   up_tasks, up_groups, out_cols)
+            return [Y[i, :R] for i in range(n)]
+        return run
+
     def _dequantize(self, ids, out):
         out[:] = self._dequantize_rows(ids)[:, : out.shape[1]]
 
