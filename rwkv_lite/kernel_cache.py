@@ -11,7 +11,7 @@ Python then imports ``rwkv_lite`` as an empty namespace package. So before any k
                                             ~/Library/Caches/rwkv-lite on macOS, %LOCALAPPDATA%\\rwkv-lite\\Cache
                                             on Windows)
 
-Kernels live in a subfolder named by a digest of the package's Python sources. Numba checks a cached function
+Kernels live in a subfolder named by a digest of the package's Numba code (its files that mention numba). Numba checks a cached function
 against its own source file only, but kernels inline helpers from other files (an activation shared by two
 kernel modules, say): after a change to such a helper alone, the cached kernel would silently keep the old code.
 A new digest means a fresh folder instead.
@@ -61,14 +61,16 @@ def default_cache_dir() -> Path:
 
 
 def source_digest(package_dir: Path | None = None) -> str:
-    """A short digest of every .py file under the package folder (paths and contents): the kernel cache's
-    subfolder name (see the module docstring)."""
+    """A short digest of the package's Numba code: every .py file under the package folder that mentions numba
+    (paths and contents). The kernel cache's subfolder name (see the module docstring); editing other files (the
+    CLI, the server) does not recompile the kernels."""
     import hashlib
     root = Path(package_dir) if package_dir is not None else Path(__file__).parent
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode("utf-8") + b"\0")
-        digest.update(path.read_bytes())
+        text = path.read_bytes()
+        if b"numba" in text:
+            digest.update(path.relative_to(root).as_posix().encode("utf-8") + b"\0" + text)
     return digest.hexdigest()[:16]
 
 
