@@ -59,9 +59,24 @@ def main():
         calls[key] += 1
         return ys
 
+    def timed_chain(run, n):                  # RWKV-7's LoRAs in one launch (Layer.lora_chain)
+        key = f"one launch: LoRA chain of {n} factor pairs"
+
+        def timed(xs):
+            t = time.perf_counter()
+            ys = run(xs)
+            spent[key] += time.perf_counter() - t
+            calls[key] += 1
+            return ys
+        return timed
+
+    chains = [L for L in getattr(model.weights, "layers", []) if getattr(L, "lora_chain", None) is not None]
+    original_chains = [L.lora_chain for L in chains]
     linear.Matrix.__call__ = timed_call
     import rwkv_lite.arch.common as common
     common.gemv_many = timed_many
+    for L in chains:
+        L.lora_chain = timed_chain(L.lora_chain, len(L.lora_down))
     try:
         t0 = time.perf_counter()
         for _ in range(args.tokens):
@@ -69,6 +84,8 @@ def main():
         total = (time.perf_counter() - t0) / args.tokens
     finally:
         linear.Matrix.__call__, common.gemv_many = original_call, original_many
+        for L, run in zip(chains, original_chains):
+            L.lora_chain = run
     print(f"instrumented: {1e3 * total:.1f} ms/token")
     gemv = 0.0
     for key, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
