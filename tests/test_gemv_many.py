@@ -85,3 +85,5 @@ def test_low_rank_chain_only_for_int8_panel_factors():
     up = _matrix("fp32", {}, 256, 64, 1)
     assert linear.chain_runner([fp], [up], ["tanh"]) is None
     assert linear.chain_runner([_panel_int8(64, 256, 0)], [up], ["tanh"]) is None
+    assert linear.chain_runner([_panel_int8(64, 256, 0)], [_panel_int8(256, 32, 1)], ["tanh"]) is None   # 64 != 32
+    assert linear.chain_runner([_panel_int8(64, 256, 0)], [_panel_int8(256, 64, 1)], ["tanh"]) is not None

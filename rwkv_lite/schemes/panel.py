@@ -213,11 +213,14 @@ class PanelMatrix(Matrix):
     def _chain_runner(downs, ups, middles):
         """One launch of kernels/panel.lora_chain for the pairs (downs[m], ups[m]) with middle steps `middles`
         (names: "linear", "tanh", "sigmoid"): xs (n vectors (C,)) -> n results (R,). None unless every factor is
-        an int8 panel matrix, the downs of one width and the ups of one height."""
+        an int8 panel matrix, the downs of one width, the ups of one height and each up as wide as its down is
+        tall."""
         pairs = tuple(downs) + tuple(ups)
         if not all(isinstance(m, PanelMatrix) and m.int8 for m in pairs):
             return None
-        if len({m.padded_cols for m in downs}) != 1 or len({m.shape[0] for m in ups}) != 1:
+        if len({(m.shape[1], m.padded_cols) for m in downs}) != 1 or len({m.shape[0] for m in ups}) != 1:
+            return None
+        if any(a.shape[0] != b.shape[1] for a, b in zip(downs, ups)) or len(downs) != len(ups):
             return None
         codes = {"linear": kernels.LINEAR, "tanh": kernels.TANH, "sigmoid": kernels.SIGMOID}
         down_wp, down_words = tuple(m.wp for m in downs), tuple(m.words for m in downs)
