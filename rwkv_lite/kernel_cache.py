@@ -11,10 +11,10 @@ Python then imports ``rwkv_lite`` as an empty namespace package. So before any k
                                             ~/Library/Caches/rwkv-lite on macOS, %LOCALAPPDATA%\\rwkv-lite\\Cache
                                             on Windows)
 
-Kernels live in a subfolder named by a digest of the package's Numba code (its files that mention numba). Numba checks a cached function
-against its own source file only, but kernels inline helpers from other files (an activation shared by two
-kernel modules, say): after a change to such a helper alone, the cached kernel would silently keep the old code.
-A new digest means a fresh folder instead.
+Kernels live in a subfolder named by a digest of the package's Numba code (its files that mention numba). Numba
+checks a cached function against its own source file only, but kernels inline helpers from other files (an
+activation shared by two kernel modules, say): after a change to such a helper alone, the cached kernel would
+silently keep the old code. A new digest means a fresh folder instead.
 
 If that folder cannot be created or written, rwkv-lite's kernels run uncached (compiled again by every process)
 and one notice says so on stderr; they never fall back to the package folder.

@@ -130,7 +130,9 @@ def test_activation_rounding_is_exactly_its_numpy_definition(digits, wide):
     X[0, 3], X[1, 40], X[2, 100] = np.nan, np.inf, -np.inf
     X[3, :32] = 0
     X[3, 64:96] = 1e-35
-    X[4] = rng.integers(-6, 7, 200) * np.float32(0.5)           # exact ties for rint
+    L = 127 if digits == 1 else 16256                             # every group's max |x| = L, so x * (L / L)
+    X[4] = rng.integers(-2 * L + 1, 2 * L, 200) * np.float32(0.5)   # is x: half-integers, exact ties for rint
+    X[4, ::32] = L
     X[5, 7] = 3.4e38
     want, scales = _rounded_in_numpy(X, 224, digits)
     xq, xs, xsum = panel.quantize_rows(X, 224, digits, wide)

@@ -74,6 +74,8 @@ def _drivers():
          lambda x, p: (x, P.SIGMOID), lambda x, p: _sigmoid64(x)),
         ("silu", P._activation_serial, P._activation_parallel,
          lambda x, p: (x, P.SILU), lambda x, p: x * _sigmoid64(x)),
+        ("tanh", P._activation_serial, P._activation_parallel,
+         lambda x, p: (x * 3, P.TANH), lambda x, p: np.tanh(x.astype(np.float64) * 3)),
         ("relu_square", P._activation_serial, P._activation_parallel,
          lambda x, p: (x, P.RELU_SQUARE), lambda x, p: np.maximum(x.astype(np.float64), 0) ** 2),
         ("shift_mixes", P._shift_mixes_serial, P._shift_mixes_parallel,
@@ -104,6 +106,42 @@ def test_public_kernels_agree_with_the_serial_driver_at_any_row_count():
         assert np.array_equal(P.sigmoid(x), P._activation_serial(x, P.SIGMOID))
         w = np.ones(2048, np.float32)
         assert np.array_equal(P.layer_norm(x, w, w, 1e-5), P._group_norm_serial(x, 1, w, w, 1e-5))
+
+
+def _eight_partial_sums(values):
+    """The norms' summation order in plain Python float64: partial j takes elements j, j + 8, ...; the last
+    len % 8 elements go to partial 0; then ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))."""
+    s = [0.0] * 8
+    whole = len(values) - len(values) % 8
+    for i in range(whole):
+        s[i % 8] += float(values[i])
+    for v in values[whole:]:
+        s[0] += float(v)
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 64, 203, 2048])
+def test_norm_sums_keep_their_fixed_order(n):
+    # the vector-IR sums must give the bits of the documented order, whatever the width and offset
+    from numba import njit
+
+    @njit
+    def sums(x, t, c0, n, mean):
+        return P._sum(x, t, c0, n), P._squares(x, t, c0, n, mean)
+    scales = 10.0 ** RNG.uniform(-12, 12, (3, n + 5))               # so that float64 sums round, order-dependently
+    x = (rows(3, n + 5) * scales).astype(np.float32)
+    mean = float(np.mean(x[1, 3:3 + n], dtype=np.float64))
+    total, squares = sums(x, 1, 3, n, mean)
+    assert total == _eight_partial_sums(x[1, 3:3 + n].astype(np.float64))
+    assert squares == _eight_partial_sums((x[1, 3:3 + n].astype(np.float64) - mean) ** 2)
+
+
+def test_norms_take_strided_rows():
+    x = rows(4, 256)
+    w, b = rows(1, 128)[0], rows(1, 128)[0]
+    view = x[:, ::2]
+    assert np.array_equal(P.layer_norm(view, w, b, 1e-5), P.layer_norm(np.ascontiguousarray(view), w, b, 1e-5))
+    assert np.array_equal(P.group_norm(view, 4, w, b, 1e-5), P.group_norm(np.ascontiguousarray(view), 4, w, b, 1e-5))
 
 
 def test_nan_propagates():

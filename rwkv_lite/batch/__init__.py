@@ -29,6 +29,6 @@ from .schema import (DEFAULT_MAX_TOKENS, GENERATE_FIELDS, PERPLEXITY_FIELDS, SAM
                      Failure, InputScan, Job, JobSettings, LineError, check_fields, check_id, id_key, read_jobs)
 
 __all__ = ["TASKS", "DEFAULT_MAX_TOKENS", "DEFAULT_MAX_BATCH", "FLUSH_SECONDS", "PARTIAL_SUFFIX", "SAMPLING_FIELDS",
-           "GENERATE_FIELDS", "PERPLEXITY_FIELDS", "BatchError", "LineError", "Job", "InputScan", "Failure", "JobSettings", "id_key",
-           "check_fields", "check_id", "read_jobs", "LocalRunner", "generation_record", "perplexity_record",
+           "GENERATE_FIELDS", "PERPLEXITY_FIELDS", "BatchError", "LineError", "Job", "InputScan", "Failure",
+           "JobSettings", "id_key", "check_fields", "check_id", "read_jobs", "LocalRunner", "generation_record", "perplexity_record",
            "result_line", "OpenedOutput", "ResultFile", "JobSummary", "run_job"]

@@ -173,8 +173,10 @@ def _group_norm_parallel(x, n_head, weight, bias, eps):
 
 def group_norm(x, n_head, weight, bias, eps):
     """layer_norm of each of the n_head consecutive groups of a row, then * weight + bias over the whole row
-    (torch group_norm with one group per head)."""
-    return _by_rows(_group_norm_serial, _group_norm_parallel, 2.2, x, n_head, weight, bias, eps)
+    (torch group_norm with one group per head). x in any memory order (the sums read rows as vectors: a strided
+    view is copied first)."""
+    return _by_rows(_group_norm_serial, _group_norm_parallel, 2.2, np.ascontiguousarray(x), n_head, weight, bias,
+                    eps)
 
 
 def layer_norm(x, weight, bias, eps):
@@ -465,4 +467,5 @@ def _rwkv7_output_parallel(o, r, k, v, r_k, gate, weight, bias, n_head, eps):
 
 def rwkv7_output(o, r, k, v, r_k, gate, weight, bias, n_head, eps):
     """(GroupNorm_H(o) * weight + bias + (sum over the head of r * k * r_k) * v) * gate, per row (RWKV-7)."""
-    return _by_rows(_rwkv7_output_serial, _rwkv7_output_parallel, 3.4, o, r, k, v, r_k, gate, weight, bias, n_head, eps)
+    return _by_rows(_rwkv7_output_serial, _rwkv7_output_parallel, 3.4, np.ascontiguousarray(o), r, k, v, r_k, gate,
+                    weight, bias, n_head, eps)
