@@ -34,7 +34,7 @@ import numpy as np
 from ..errors import FormatError
 from ..kernels.batched import lowrank_down_rows, lowrank_up_rows
 from ..kernels.linear import chain_runner
-from ..kernels.wkv7 import wkv7, wkv7_rows
+from ..kernels.wkv7 import rwkv7_token, wkv7
 from ..kernels import pointwise
 from . import common
 from .batch import linear_rows, per_row, previous_rows, row_addresses, store_rows
@@ -308,12 +308,17 @@ def time_mix(L: Layer, a, state, l, run):
     else:
         u_w, u_a, gate = _loras(L, (xw, xa, xg))
         u_v, v0, run.v_first = v, L.a0, v                  # layer 0's value is the value residual of later ones
-    w, k, v, neg_kappa, kappa_alpha = pointwise.rwkv7_wkv_inputs(
-        k, v, run.v_first, u_w, u_a, u_v, L.w0, L.a0, v0, L.k_k, L.k_a, H, L.has_value_residual, DECAY_SCALE,
-        NORM_FLOOR)
-    o = np.empty_like(r)
-    wkv7(r, w, k, v, neg_kappa, kappa_alpha, state["wkv"][l], o)
-    y = pointwise.rwkv7_output(o, r, k, v, L.r_k, gate, L.ln_x_w, L.ln_x_b, H, float(run.cfg.ln_x_eps))
+    if a.shape[0] == 1:                  # one token: WKV inputs, update and output in one launch, the same bits
+        y = rwkv7_token(r, k, v, run.v_first, u_w, u_a, u_v, gate, L.w0, L.a0, v0, L.k_k, L.k_a, L.r_k, L.ln_x_w,
+                        L.ln_x_b, H, L.has_value_residual, DECAY_SCALE, NORM_FLOOR, run.cfg.ln_x_eps,
+                        state=state["wkv"][l])
+    else:
+        w, k, v, neg_kappa, kappa_alpha = pointwise.rwkv7_wkv_inputs(
+            k, v, run.v_first, u_w, u_a, u_v, L.w0, L.a0, v0, L.k_k, L.k_a, H, L.has_value_residual, DECAY_SCALE,
+            NORM_FLOOR)
+        o = np.empty_like(r)
+        wkv7(r, w, k, v, neg_kappa, kappa_alpha, state["wkv"][l], o)
+        y = pointwise.rwkv7_output(o, r, k, v, L.r_k, gate, L.ln_x_w, L.ln_x_b, H, float(run.cfg.ln_x_eps))
     state["att_x"][l] = a[-1]
     return linear(L.W_o, y, run.observer)
 
@@ -367,12 +372,9 @@ def time_mix_batch(L: Layer, a, states, l, run):
     else:
         u_w, u_a, gate = _loras_batch(L, (xw, xa, xg))
         u_v, v0, run.v_first = v, L.a0, v                  # layer 0's value is the value residual of later ones
-    w, k, v, neg_kappa, kappa_alpha = pointwise.rwkv7_wkv_inputs(
-        k, v, run.v_first, u_w, u_a, u_v, L.w0, L.a0, v0, L.k_k, L.k_a, H, L.has_value_residual, DECAY_SCALE,
-        NORM_FLOOR)
-    o = np.empty_like(r)
-    wkv7_rows(r, w, k, v, neg_kappa, kappa_alpha, row_addresses(states, "wkv", l), H, o)
-    y = pointwise.rwkv7_output(o, r, k, v, L.r_k, gate, L.ln_x_w, L.ln_x_b, H, float(run.cfg.ln_x_eps))
+    y = rwkv7_token(r, k, v, run.v_first, u_w, u_a, u_v, gate, L.w0, L.a0, v0, L.k_k, L.k_a, L.r_k, L.ln_x_w,
+                    L.ln_x_b, H, L.has_value_residual, DECAY_SCALE, NORM_FLOOR, run.cfg.ln_x_eps,
+                    states=row_addresses(states, "wkv", l))
     store_rows(states, "att_x", l, a)
     return linear_rows(L.W_o, y, obs)
 

@@ -144,15 +144,21 @@ def _squares(typingctx, x, t, c0, n, mean):
     return types.float64(x, t, c0, n, mean), _row_sum_codegen(True)
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _group_norm_head(t, h, x, n_head, weight, bias, eps, out):
+    """Group (head) h of row t: the unit of _group_norm_row, and of the fused RWKV-7 step (kernels/wkv7.py)."""
+    N = x.shape[1] // n_head
+    c0 = h * N
+    mean = _sum(x, t, c0, N) / N
+    inv = 1.0 / math.sqrt(_squares(x, t, c0, N, mean) / N + eps)
+    for c in range(c0, c0 + N):
+        out[t, c] = np.float32((x[t, c] - mean) * inv) * weight[c] + bias[c]
+
+
 @njit(cache=True, error_model="numpy")
 def _group_norm_row(t, x, n_head, weight, bias, eps, out):
-    N = x.shape[1] // n_head
     for h in range(n_head):
-        c0 = h * N
-        mean = _sum(x, t, c0, N) / N
-        inv = 1.0 / math.sqrt(_squares(x, t, c0, N, mean) / N + eps)
-        for c in range(c0, c0 + N):
-            out[t, c] = np.float32((x[t, c] - mean) * inv) * weight[c] + bias[c]
+        _group_norm_head(t, h, x, n_head, weight, bias, eps, out)
 
 
 @njit(cache=True, error_model="numpy")
@@ -377,33 +383,43 @@ def rwkv6_decay(time_decay, u):
     return _by_rows(_rwkv6_decay_serial, _rwkv6_decay_parallel, 1.0, u, time_decay)
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def rwkv7_wkv_inputs_head(t, h, k, v, v_first, u_w, u_a, u_v, w0, a0, v0, k_k, k_a, n_head, value_residual,
+                          decay_scale, norm_floor, w, kt, vt, neg, b):
+    """Head h of row t of rwkv7_wkv_inputs (every quantity is per channel but kappa's norm, which is per head):
+    the unit that the row kernels and the fused RWKV-7 step (kernels/wkv7.py) share, so both give the same bits.
+    Indices LLVM cannot prove >= 0 get a wrap-around check (Python's negative indices) that stops the loops from
+    vectorising (5-7x slower here): the loops count from 0 and the guard below tells LLVM that h and N are >= 0."""
+    N = k.shape[1] // n_head
+    if t < 0 or h < 0 or N <= 0:
+        return
+    c0 = h * N
+    one = np.float32(1.0)
+    sq = 0.0
+    for j in range(N):
+        x = k[t, c0 + j] * k_k[c0 + j]
+        sq += np.float64(x) * x
+    norm = max(np.float32(np.sqrt(sq)), norm_floor)
+    for j in range(N):
+        c = c0 + j
+        w[t, c] = exp_f32(decay_scale * sigmoid_f32(w0[c] + u_w[t, c]))
+        alpha = sigmoid_f32(a0[c] + u_a[t, c])
+        kappa = (k[t, c] * k_k[c]) / norm
+        neg[t, c] = -kappa
+        b[t, c] = kappa * alpha
+        kt[t, c] = k[t, c] * (one + (alpha - one) * k_a[c])
+        if value_residual:
+            vt[t, c] = v[t, c] + (v_first[t, c] - v[t, c]) * sigmoid_f32(v0[c] + u_v[t, c])
+        else:
+            vt[t, c] = v[t, c]
+
+
 @njit(cache=True, error_model="numpy")
 def _rwkv7_wkv_inputs_row(t, k, v, v_first, u_w, u_a, u_v, w0, a0, v0, k_k, k_a, n_head, value_residual,
                           decay_scale, norm_floor, w, kt, vt, neg, b):
-    C = k.shape[1]
-    N = C // n_head
-    one = np.float32(1.0)
-    kk = np.empty(N, np.float32)
     for h in range(n_head):
-        c0 = h * N
-        sq = 0.0
-        for j in range(N):
-            x = k[t, c0 + j] * k_k[c0 + j]
-            kk[j] = x
-            sq += np.float64(x) * x
-        norm = max(np.float32(np.sqrt(sq)), norm_floor)
-        for j in range(N):
-            c = c0 + j
-            w[t, c] = exp_f32(decay_scale * (one / (one + exp_f32(-(w0[c] + u_w[t, c])))))
-            alpha = one / (one + exp_f32(-(a0[c] + u_a[t, c])))
-            kappa = kk[j] / norm
-            neg[t, c] = -kappa
-            b[t, c] = kappa * alpha
-            kt[t, c] = k[t, c] * (one + (alpha - one) * k_a[c])
-            if value_residual:
-                vt[t, c] = v[t, c] + (v_first[t, c] - v[t, c]) * (one / (one + exp_f32(-(v0[c] + u_v[t, c]))))
-            else:
-                vt[t, c] = v[t, c]
+        rwkv7_wkv_inputs_head(t, h, k, v, v_first, u_w, u_a, u_v, w0, a0, v0, k_k, k_a, n_head, value_residual,
+                              decay_scale, norm_floor, w, kt, vt, neg, b)
 
 
 @njit(cache=True, error_model="numpy")
@@ -436,17 +452,26 @@ def rwkv7_wkv_inputs(k, v, v_first, u_w, u_a, u_v, w0, a0, v0, k_k, k_a, n_head,
     return outs
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def rwkv7_output_head(t, h, o, r, k, v, r_k, gate, weight, bias, n_head, eps, out):
+    """Head h of row t of rwkv7_output (shared with the fused RWKV-7 step like rwkv7_wkv_inputs_head; the guard as
+    there)."""
+    N = o.shape[1] // n_head
+    if t < 0 or h < 0 or N <= 0:
+        return
+    _group_norm_head(t, h, o, n_head, weight, bias, eps, out)
+    c0 = h * N
+    s = np.float32(0.0)
+    for j in range(c0, c0 + N):
+        s += r[t, j] * k[t, j] * r_k[j]
+    for j in range(c0, c0 + N):
+        out[t, j] = (out[t, j] + s * v[t, j]) * gate[t, j]
+
+
 @njit(cache=True, error_model="numpy")
 def _rwkv7_output_row(t, o, r, k, v, r_k, gate, weight, bias, n_head, eps, out):
-    N = o.shape[1] // n_head
-    _group_norm_row(t, o, n_head, weight, bias, eps, out)
     for h in range(n_head):
-        c0 = h * N
-        s = np.float32(0.0)
-        for j in range(c0, c0 + N):
-            s += r[t, j] * k[t, j] * r_k[j]
-        for j in range(c0, c0 + N):
-            out[t, j] = (out[t, j] + s * v[t, j]) * gate[t, j]
+        rwkv7_output_head(t, h, o, r, k, v, r_k, gate, weight, bias, n_head, eps, out)
 
 
 @njit(cache=True, error_model="numpy")
