@@ -17,9 +17,10 @@ from .progress import Progress
 
 
 class DecodeSteps:
-    """Single-token decode steps the way rwkv_lite.generate takes them: each step copies the state into a
-    second, reused buffer and advances that one in place (so a step never faults in fresh pages, and an
-    interrupted step would leave the previous state intact). step(token) -> logits."""
+    """Single-token decode steps the way rwkv_lite.generate takes them: each step writes its new state into a
+    second, reused buffer, starting from the previous state (Model.forward_in_place with `source`: a step never
+    faults in fresh pages, and an interrupted step would leave the previous state intact). step(token) ->
+    logits."""
 
     def __init__(self, model, first_token: int):
         self.model = model
@@ -27,8 +28,7 @@ class DecodeSteps:
         self._spare = self.state.copy()
 
     def step(self, token: int) -> np.ndarray:
-        self._spare.assign(self.state)
-        self.logits = self.model.forward_in_place([token], self._spare)
+        self.logits = self.model.forward_in_place([token], self._spare, source=self.state)
         self.state, self._spare = self._spare, self.state
         return self.logits
 

@@ -175,14 +175,14 @@ class Generation:
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def _feed(self) -> None:
-        # The step runs on a copy, so that an interrupted call (Ctrl-C) leaves the previous, valid state in place.
-        # From the third step on the copy goes into the memory of the state before last (double buffering):
-        # a fresh copy's pages must be faulted in (~30 ms for a 1.5B model's 12.6 MB state on a small VM, where a
-        # token takes ~30 ms), a reused buffer's need not.
+        # The step writes a second state, so that an interrupted call (Ctrl-C) leaves the previous, valid state in
+        # place. From the third step on that is the memory of the state before last (double buffering): a fresh
+        # copy's pages must be faulted in (~30 ms for a 1.5B model's 12.6 MB state on a small VM, where a token
+        # takes ~30 ms), a reused buffer's need not; and the step reads the previous state as its source, so
+        # that a version that can (RWKV-7) need not copy it first.
         spare = self._spare
         if spare is not None and self._state is not None and hasattr(self.model, "forward_in_place"):
-            spare.assign(self._state)
-            logits, state = self.model.forward_in_place(self._unfed, spare), spare
+            logits, state = self.model.forward_in_place(self._unfed, spare, source=self._state), spare
         else:
             logits, state = self.model.forward(self._unfed, self._state)
         previous, previous_ours = self._state, self._state_ours

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import arch as arch_registry
+from .arch.common import SOURCE
 from .errors import FormatError, NumericalError, ResourceError
 from .format import TOKENIZER_ARRAY, ModelFile, read_model_file, verify_checksums
 from .kernels.threads import use_threads
@@ -148,12 +149,30 @@ class Model:
         state = self.new_state() if state is None else state.copy()     # (forward_in_place checks it)
         return self.forward_in_place(tokens, state, all_logits, observer), state
 
-    def forward_in_place(self, tokens, state: State, all_logits: bool = False, observer=None) -> np.ndarray:
+    def forward_in_place(self, tokens, state: State, all_logits: bool = False, observer=None,
+                         source: State | None = None) -> np.ndarray:
         """forward() that updates `state` itself instead of a copy, and returns only the logits: for a loop that
         owns its state (the serving engine's prompt reading; forward_batch updates in place too). Copying the
         state is cheap when its memory is reused, but a fresh copy's pages must first be faulted in (measured
         ~30 ms for the 12.6 MB state of a 1.5B model on a 2-core VM, about a tenth of reading a 64-token
-        prompt). If the call fails, `state` is left part-way: discard it."""
+        prompt). If the call fails, `state` is left part-way: discard it.
+
+        `source`: start from this state instead (left unchanged; `state` receives the result and is only
+        written): generate()'s double buffering. Where the version can (RWKV-7, one token), the step reads the
+        WKV memory from `source` itself rather than after a copy of the whole state into `state`."""
+        if source is not None and source is not state:
+            source.check_compatible(self.config)
+            source.check_shapes(self._state_shapes)
+            from_source = getattr(self.arch, "STEP_FROM_SOURCE", ()) if np.size(tokens) == 1 else ()
+            for name, array in state.arrays.items():
+                if name not in from_source:
+                    np.copyto(array, source.arrays[name])
+            if from_source:
+                return self._forward(tokens, state, all_logits, observer,
+                                     {name + SOURCE: source.arrays[name] for name in from_source})
+        return self._forward(tokens, state, all_logits, observer, {})
+
+    def _forward(self, tokens, state: State, all_logits, observer, sources: dict) -> np.ndarray:
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             raise ValueError("forward() needs at least one token")
@@ -168,11 +187,11 @@ class Model:
         for start in range(0, ids.size, CHUNK_TOKENS):
             chunk = ids[start:start + CHUNK_TOKENS]
             last = start + CHUNK_TOKENS >= ids.size
+            arrays = {**state.arrays, **sources} if sources else state.arrays
             if all_logits or last:
-                outputs.append(self.arch.forward(self.weights, chunk, state.arrays, all_logits, _check_finite,
-                                                 observer))
+                outputs.append(self.arch.forward(self.weights, chunk, arrays, all_logits, _check_finite, observer))
             else:
-                self.arch.forward(self.weights, chunk, state.arrays, False, _check_finite, observer)
+                self.arch.forward(self.weights, chunk, arrays, False, _check_finite, observer)
         logits = np.concatenate(outputs) if all_logits else outputs[-1][0]
         if not np.isfinite(logits).all():
             raise NumericalError("NaN or Inf in the output logits (head / ln_out)")

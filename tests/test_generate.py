@@ -416,13 +416,13 @@ class CopyingOnly:
     def forward(self, tokens, state=None):
         return self.model.forward(tokens, state)
 
-    def _forward_in_place(self, tokens, state):
+    def _forward_in_place(self, tokens, state, source=None):
         self.calls += 1
         if self.calls == self.interrupt_at:
             for array in state.arrays.values():
                 array[...] = 12345.0            # a step that was cut off part-way
             raise KeyboardInterrupt
-        return self.model.forward_in_place(tokens, state)
+        return self.model.forward_in_place(tokens, state, source=source)
 
 
 @pytest.fixture(scope="module")

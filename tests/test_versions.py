@@ -365,3 +365,26 @@ def test_files_with_float_lora_arrays_still_load(name, model_of, tmp_path):
             np.testing.assert_array_equal(batched[b], old_model.forward([tokens[b]])[0])
     finally:
         old_model.close()
+
+
+# generate()'s double buffering: each step writes a reused second state, starting from the previous one
+# (forward_in_place with `source`; RWKV-7 reads its WKV memory from the source inside the step instead of after a
+# copy). The same logits and state as forward(), the source untouched, the target's old contents irrelevant.
+@pytest.mark.parametrize("name", ONE_SPEC_PER_VERSION)
+@pytest.mark.parametrize("quant", ["fp32", "int8"])
+def test_a_step_from_a_source_state_equals_forward(name, quant, model_of):
+    model = model_of(name, quant)
+    tokens = _tokens(name)
+    _, source = model.forward(tokens[:7])
+    kept = source.copy()
+    for piece in ([tokens[7]], tokens[7:10]):
+        want_logits, want_state = model.forward(piece, source)
+        target = model.new_state()
+        for array in target.arrays.values():
+            array[...] = 12345.0                    # whatever the buffer held before
+        got = model.forward_in_place(piece, target, source=source)
+        np.testing.assert_array_equal(got, want_logits, err_msg=f"{name} {quant} {len(piece)} tokens")
+        for k, arr in want_state.arrays.items():
+            np.testing.assert_array_equal(target.arrays[k], arr, err_msg=f"{name} {quant} state {k}")
+        for k, arr in kept.arrays.items():
+            np.testing.assert_array_equal(source.arrays[k], arr, err_msg=f"{name} {quant}: the source changed")

@@ -28,6 +28,9 @@ from ..kernels.lowrank import down_many, matmul_many, up_many
 from .batch import BatchStates, linear_rows
 
 LN_EPS = np.float32(1e-5)        # LayerNorm epsilon of every RWKV version (ln0, ln1, ln2, ln_out)
+# A version whose single-token step reads some state arrays from the state it starts from (its STEP_FROM_SOURCE
+# names) finds them in the state dict under name + SOURCE (Model.forward_in_place with `source`).
+SOURCE = ":source"
 
 
 def layer_norm(x, weight, bias, eps=LN_EPS):

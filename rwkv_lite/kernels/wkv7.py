@@ -89,11 +89,14 @@ def wkv7(r, w, k, v, a, b, state, out):
 
 @njit(cache=True, error_model="numpy")
 def _token_heads(row, h0, h1, r, k, v, v_first, u_w, u_a, u_v, gate, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b,
-                 n_head, value_residual, decay_scale, norm_floor, eps, state, w, kt, vt, neg, b, o, y):
+                 n_head, value_residual, decay_scale, norm_floor, eps, source, copy_source, state, w, kt, vt, neg, b,
+                 o, y):
     for h in range(h0, h1):
         rwkv7_wkv_inputs_head(row, h, k, v, v_first, u_w, u_a, u_v, w0, a0, v0, k_k, k_a, n_head, value_residual,
                               decay_scale, norm_floor, w, kt, vt, neg, b)
     for h in range(h0, h1):
+        if copy_source:                 # the head's memory, still in cache for the update that follows
+            state[h] = source[h]
         _wkv7_step(row, h, r, w, kt, vt, neg, b, state, o)
     for h in range(h0, h1):
         rwkv7_output_head(row, h, o, r, kt, vt, r_k, gate, ln_w, ln_b, n_head, eps, y)
@@ -109,13 +112,13 @@ def _scratch(shape):
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def _token_one(r, k, v, v_first, u_w, u_a, u_v, gate, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, n_head,
-               value_residual, decay_scale, norm_floor, eps, state, blocks):
+               value_residual, decay_scale, norm_floor, eps, source, copy_source, state, blocks):
     w, kt, vt, neg, b, o, y = _scratch(r.shape)
     per = (n_head + blocks - 1) // blocks
     for i in prange(blocks):
         _token_heads(0, i * per, min(n_head, (i + 1) * per), r, k, v, v_first, u_w, u_a, u_v, gate, w0, a0, v0,
-                     k_k, k_a, r_k, ln_w, ln_b, n_head, value_residual, decay_scale, norm_floor, eps, state, w, kt,
-                     vt, neg, b, o, y)
+                     k_k, k_a, r_k, ln_w, ln_b, n_head, value_residual, decay_scale, norm_floor, eps, source,
+                     copy_source, state, w, kt, vt, neg, b, o, y)
     return y
 
 
@@ -130,19 +133,22 @@ def _token_rows(r, k, v, v_first, u_w, u_a, u_v, gate, w0, a0, v0, k_k, k_a, r_k
         state = carray(f32_pointer(states[row]), (n_head, N, N))
         _token_heads(row, block * per, min(n_head, (block + 1) * per), r, k, v, v_first, u_w, u_a, u_v, gate, w0,
                      a0, v0, k_k, k_a, r_k, ln_w, ln_b, n_head, value_residual, decay_scale, norm_floor, eps, state,
-                     w, kt, vt, neg, b, o, y)
+                     False, state, w, kt, vt, neg, b, o, y)
     return y
 
 
 def rwkv7_token(r, k, v, v_first, u_w, u_a, u_v, gate, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, n_head,
-                value_residual, decay_scale, norm_floor, eps, state=None, states=None):
+                value_residual, decay_scale, norm_floor, eps, state=None, states=None, source=None):
     """y (B, C): pointwise.rwkv7_wkv_inputs, wkv7 and pointwise.rwkv7_output of one token per row in one launch
     (arguments as theirs; u_v, v0 are ignored without value_residual). The WKV state: `state` (H, N, N) for one
     row, or `states` (B,) int64 addresses of each row's (H, N, N) state (arch/batch.py: row_addresses); updated
-    in place. Each row's heads are split into one block per thread (fewer when there are more rows)."""
+    in place. One row may start from another state, `source` (H, N, N), left unchanged: each head of it is copied
+    into `state` just before that head's update, where copying the whole state first read and wrote it once
+    more (12.6 MB a token at the 1.5B shape). Each row's heads are split into one block per thread (fewer when
+    there are more rows)."""
     args = (r, k, v, v_first, u_w, u_a, u_v, gate, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, n_head,
             value_residual, np.float32(decay_scale), np.float32(norm_floor), float(eps))
     blocks = max(1, min(n_head, numba.get_num_threads() // r.shape[0]))
     if states is None:
-        return _token_one(*args, state, blocks)
+        return _token_one(*args, state if source is None else source, source is not None, state, blocks)
     return _token_rows(*args, states, blocks)
