@@ -10,7 +10,8 @@ prints the 1-minute load average before and after, and the CPU model. `--threads
 threads (default: every core). On a shared machine, `--quiet-wait S` waits (up to S seconds) before each round
 until the other processes use less than a quarter of the CPUs, and reports the busy share seen before each round.
 `--prompt N` also times, per round and model, an N-token prompt read from a fresh state (sequence mode) and
-reports its median tokens/s and the median per-round ratio of speeds to the first model.
+reports its median tokens/s and the median per-round ratio of speeds to the first model. Every file is first
+dropped from the page cache and read back front to back (see refresh_page_cache; `--as-cached` leaves them).
 """
 from __future__ import annotations
 
@@ -23,7 +24,18 @@ import time
 import numpy as np
 
 import rwkv_lite
+from rwkv_lite.format import evict_from_page_cache
 from rwkv_lite.kernels.threads import set_threads
+
+
+def refresh_page_cache(path):
+    """Drop the file from the page cache, then read it front to back, so that every file compared is cached the
+    same way, in large pieces. How a file came into the cache matters: written or faulted in small pieces it stays
+    cached in small folios (Linux 6.x), and a decode step reading it took ~1.08x the time (docs/performance.md)."""
+    evict_from_page_cache(path)
+    with open(path, "rb") as f:
+        while f.read(1 << 24):
+            pass
 
 
 def cpu_model() -> str:
@@ -127,7 +139,12 @@ def main():
     ap.add_argument("--prompt", type=int, default=0, metavar="N", help="also time an N-token prompt per round")
     ap.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
                     help="before each round wait up to S seconds for the other processes to go quiet")
+    ap.add_argument("--as-cached", action="store_true",
+                    help="leave the files in the page cache as they are (default: drop each and read it back)")
     args = ap.parse_args()
+    if not args.as_cached:
+        for path in args.models:
+            refresh_page_cache(path)
     threads = set_threads(args.threads)
     print(f"CPU: {cpu_model()}, {threads} threads, NUMBA_CPU_NAME={os.environ.get('NUMBA_CPU_NAME', '(host)')}, "
           f"load average {os.getloadavg()[0]:.2f}")

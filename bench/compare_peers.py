@@ -9,7 +9,8 @@ memory-bandwidth and fp32 GEMM probes measured in the same window. Builds nothin
 
 Each --case is a label, one rwkv-lite file and one or more peer files (`llama:` a GGUF for llama-bench,
 `rwkvcpp:` an rwkv.cpp .bin loaded through its shared library with ctypes). Every engine runs in its own
-process that stays up for the whole run (the model stays loaded, the page cache warm); a round runs every engine
+process that stays up for the whole run (the model stays loaded, the page cache warm: every file is first
+dropped from the cache and read back front to back, so all are cached alike); a round runs every engine
 of every case in turn (the order reversed every other round), so all engines see the same machine load.
 
 Per engine and round:
@@ -54,7 +55,7 @@ try:
     import rwkv_lite                                              # noqa: F401
 except ImportError:                                               # run from a checkout without installing
     sys.path.insert(0, os.path.dirname(_HERE))
-from compare_decode import cpu_busy_share, cpu_model, wait_for_quiet   # noqa: E402
+from compare_decode import cpu_busy_share, cpu_model, refresh_page_cache, wait_for_quiet   # noqa: E402
 
 from rwkv_lite.benchmark import DecodeSteps, bytes_read_per_token, memory_bandwidth   # noqa: E402
 
@@ -251,12 +252,6 @@ class LlamaBench:
         pass
 
 
-def drop_into_page_cache(path):
-    with open(path, "rb") as f:
-        while f.read(1 << 24):
-            pass
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -285,6 +280,8 @@ def main():
         if len(spec) < 3:
             ap.error("--case needs LABEL LITE_FILE and at least one peer")
         label, lite, peers = spec[0], spec[1], spec[2:]
+        for path in [lite] + [p.partition(":")[2] for p in peers]:
+            refresh_page_cache(path)
         engines = []
         for p in peers:
             kind, _, path = p.partition(":")
@@ -301,8 +298,6 @@ def main():
             else:
                 ap.error(f"peer {p!r}: expected llama:FILE or rwkvcpp:FILE")
             engines[-1].file = os.path.basename(path)
-            drop_into_page_cache(path)
-        drop_into_page_cache(lite)
         w = Worker("lite", (lite, args.threads, args.tokens, args.prompt))
         w.name, w.file = "rwkv-lite", os.path.basename(lite)
         cases.append({"label": label, "engines": [w] + engines, "results": {}})

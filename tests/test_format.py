@@ -92,3 +92,36 @@ def test_converter_runs_with_torch_unimportable(random_v52, tmp_path):
             "assert sys.modules['torch'] is None\n")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "NUMBA_NUM_THREADS": "1"})
     assert (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page-cache advice and mincore are Linux")
+def test_a_written_model_file_leaves_the_page_cache(tmp_path, monkeypatch):
+    """A model-sized file is dropped from the page cache once written (so that its first reader caches it in large
+    pieces, read sequentially); a small file (a saved state) stays cached."""
+    import mmap
+    from rwkv_lite import format as fmt
+    from rwkv_lite.readahead import resident
+
+    def cached_share(path):
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            pages = resident(np.frombuffer(mm, np.uint8).ctypes.data, len(mm))
+        finally:
+            mm.close()
+        if pages is None:
+            pytest.skip("mincore unavailable")
+        return pages.mean()
+
+    data = np.random.default_rng(0).integers(0, 255, size=(64, 65536), dtype=np.uint8)     # 4 MiB
+    monkeypatch.setattr(fmt, "EVICT_WRITTEN_BYTES", 1 << 20)
+    for name, evicted in (("big.safetensors", True), ("small.safetensors", False)):
+        rows = data if evicted else data[:8]                   # 4 MiB, or 512 KiB (below the threshold)
+        with ModelWriter(tmp_path / name, {"kind": "test"}, [("a", np.uint8, rows.shape)]) as w:
+            w.append("a", rows)
+            w.close()
+        share = cached_share(tmp_path / name)
+        if evicted:
+            assert share < 0.5, f"{name}: {share:.0%} of its pages still cached"
+        else:
+            assert share > 0.5, f"{name}: only {share:.0%} of its pages cached"
