@@ -41,33 +41,40 @@ def _head(r, k, v, w, w_per_token, u, s, out, h):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _heads_parallel(r, k, v, w, w_per_token, u, state, out):
+def _heads_parallel(r, k, v, w, w_per_token, u, source, copy_source, state, out):
     for h in prange(state.shape[0]):
+        if copy_source:                 # the head's old state, still in cache for the update that follows
+            state[h] = source[h]
         _head(r, k, v, w, w_per_token, u, state[h], out, h)
 
 
 @njit(cache=True, error_model="numpy")
-def _heads_serial(r, k, v, w, w_per_token, u, state, out):
+def _heads_serial(r, k, v, w, w_per_token, u, source, copy_source, state, out):
     for h in range(state.shape[0]):
+        if copy_source:
+            state[h] = source[h]
         _head(r, k, v, w, w_per_token, u, state[h], out, h)
 
 
-def _run(r, k, v, w, w_per_token, u, state, out):
+def _run(r, k, v, w, w_per_token, u, state, out, source):
     H, N = u.shape
+    args = (r, k, v, w, w_per_token, u, state if source is None else source, source is not None, state, out)
     if H > 1 and r.shape[0] * H * N * N >= PARALLEL_MIN_WORK:
-        _heads_parallel(r, k, v, w, w_per_token, u, state, out)
+        _heads_parallel(*args)
     else:
-        _heads_serial(r, k, v, w, w_per_token, u, state, out)
+        _heads_serial(*args)
 
 
-def wkv5(r, k, v, w, u, state, out):
-    """r, k, v, out: (T, H*N) float32; w, u: (H, N); state: (H, N, N) updated in place."""
-    _run(r, k, v, w, False, u, state, out)
+def wkv5(r, k, v, w, u, state, out, source=None):
+    """r, k, v, out: (T, H*N) float32; w, u: (H, N); state: (H, N, N) updated in place. `source` (H, N, N): start
+    from it instead (left unchanged; each head is copied into `state` just before its update, where copying the
+    whole state first would read and write it once more)."""
+    _run(r, k, v, w, False, u, state, out, source)
 
 
-def wkv6(r, k, v, w, u, state, out):
+def wkv6(r, k, v, w, u, state, out, source=None):
     """As wkv5 but with a decay per token: w (T, H*N) float32."""
-    _run(r, k, v, w, True, u, state, out)
+    _run(r, k, v, w, True, u, state, out, source)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
