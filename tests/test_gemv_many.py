@@ -87,3 +87,27 @@ def test_low_rank_chain_only_for_int8_panel_factors():
     assert linear.chain_runner([_panel_int8(64, 256, 0)], [up], ["tanh"]) is None
     assert linear.chain_runner([_panel_int8(64, 256, 0)], [_panel_int8(256, 32, 1)], ["tanh"]) is None   # 64 != 32
     assert linear.chain_runner([_panel_int8(64, 256, 0)], [_panel_int8(256, 64, 1)], ["tanh"]) is not None
+
+
+def test_task_tables_cover_every_panel_once_in_tasks_of_similar_bytes():
+    """The LoRA chain's up factors differ in width (RWKV-7 1.5B: 96, 96, 64, 256 columns): their tasks take more
+    panels of the narrow ones, so that each of Numba's equal runs of tasks streams about as many bytes."""
+    from rwkv_lite.kernels import panel
+    npanels = np.array([128, 128, 128, 128], np.int64)
+    panel_bytes = [96 * 16, 96 * 16, 64 * 16, 256 * 16]
+    per_task = panel.balanced_panels_per_task(panel_bytes)
+    assert per_task[3] == panel.PANELS_PER_TASK and per_task[2] > per_task[0] > per_task[3]
+    tasks = panel.task_table_sized(npanels, per_task)
+    for m in range(4):                                   # every panel exactly once, in order
+        mine = tasks[tasks[:, 0] == m]
+        assert mine[0, 1] == 0 and mine[-1, 2] == npanels[m] and (mine[1:, 1] == mine[:-1, 2]).all()
+    task_bytes = [(b - a) * panel_bytes[m] for m, a, b in tasks]
+    full = [t for t, (m, a, b) in zip(task_bytes, tasks) if b - a == per_task[m]]     # all but matrix ends
+    assert max(full) / min(full) < 1.25
+    half = len(tasks) // 2                               # two threads' runs of tasks
+    first, second = sum(task_bytes[:half]), sum(task_bytes[half:])
+    assert max(first, second) / min(first, second) < 1.2
+    plain = panel.task_table(npanels)                    # the default table: equal panel counts
+    plain_bytes = [(b - a) * panel_bytes[m] for m, a, b in plain]
+    h = len(plain) // 2
+    assert max(sum(plain_bytes[:h]), sum(plain_bytes[h:])) / min(sum(plain_bytes[:h]), sum(plain_bytes[h:])) > 1.5

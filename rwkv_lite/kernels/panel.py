@@ -607,16 +607,32 @@ def gemm_parallel(int8, wp, wd, X, cols, threads):
 @njit(cache=CACHE, nogil=True)
 def task_table(npanels):
     """(tasks, 3) rows (matrix, first panel, end panel): every matrix's panels in runs of PANELS_PER_TASK."""
+    return task_table_sized(npanels, np.full(npanels.shape[0], PANELS_PER_TASK, np.int64))
+
+
+@njit(cache=CACHE, nogil=True)
+def task_table_sized(npanels, per_task):
+    """task_table with per_task[m] panels per task of matrix m: matrices whose panels differ in size get tasks of
+    about the same bytes (see balanced_panels_per_task)."""
     total = 0
     for m in range(npanels.shape[0]):
-        total += (npanels[m] + PANELS_PER_TASK - 1) // PANELS_PER_TASK
+        total += (npanels[m] + per_task[m] - 1) // per_task[m]
     tasks = np.empty((total, 3), np.int64)
     t = 0
     for m in range(npanels.shape[0]):
-        for p0 in range(0, npanels[m], PANELS_PER_TASK):
-            tasks[t, 0], tasks[t, 1], tasks[t, 2] = m, p0, min(npanels[m], p0 + PANELS_PER_TASK)
+        for p0 in range(0, npanels[m], per_task[m]):
+            tasks[t, 0], tasks[t, 1], tasks[t, 2] = m, p0, min(npanels[m], p0 + per_task[m])
             t += 1
     return tasks
+
+
+def balanced_panels_per_task(panel_bytes):
+    """Panels per task for matrices whose panels hold panel_bytes[m] bytes: PANELS_PER_TASK for the largest, more
+    for smaller ones, so every task streams about as many bytes. Numba hands each thread an equal run of tasks:
+    with PANELS_PER_TASK for all, RWKV-7's four LoRA up factors (panels of 96, 96, 64 and 256 columns) gave one of
+    two threads 384 KB and the other 640 KB per layer."""
+    largest = max(panel_bytes)
+    return np.array([max(1, round(PANELS_PER_TASK * largest / b)) for b in panel_bytes], np.int64)
 
 
 @njit(cache=CACHE, nogil=True, parallel=True)

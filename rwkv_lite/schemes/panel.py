@@ -229,7 +229,8 @@ class PanelMatrix(Matrix):
         dims = np.array([m.shape[1] for m in ups], np.int64)
         middle = np.array([codes[f] for f in middles], np.int64)
         down_tasks = kernels.task_table(np.array([m.npanels for m in downs], np.int64))
-        up_tasks = kernels.task_table(np.array([m.npanels for m in ups], np.int64))
+        up_tasks = kernels.task_table_sized(np.array([m.npanels for m in ups], np.int64),
+                                            kernels.balanced_panels_per_task([m.wp.shape[1] for m in ups]))
         up_groups = np.array([m.padded_cols // GROUP for m in ups], np.int64)
         out_cols = ups[0].npanels * ROW_STEP
         n = len(downs)
