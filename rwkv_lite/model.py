@@ -158,11 +158,12 @@ class Model:
         prompt). If the call fails, `state` is left part-way: discard it.
 
         `source`: start from this state instead (left unchanged; `state` receives the result and is only
-        written): generate()'s double buffering. Where the version can (RWKV-7, one token), the step reads the
-        WKV memory from `source` itself rather than after a copy of the whole state into `state`."""
+        written): generate()'s double buffering. Where the version can (RWKV-5, 6 and 7, one token), the step
+        reads the WKV memory from `source` itself rather than after a copy of the whole state into `state`."""
         if source is not None and source is not state:
-            source.check_compatible(self.config)
-            source.check_shapes(self._state_shapes)
+            for s in (state, source):
+                s.check_compatible(self.config)
+                s.check_shapes(self._state_shapes)
             from_source = getattr(self.arch, "STEP_FROM_SOURCE", ()) if np.size(tokens) == 1 else ()
             for name, array in state.arrays.items():
                 if name not in from_source:

@@ -388,3 +388,13 @@ def test_a_step_from_a_source_state_equals_forward(name, quant, model_of):
             np.testing.assert_array_equal(target.arrays[k], arr, err_msg=f"{name} {quant} state {k}")
         for k, arr in kept.arrays.items():
             np.testing.assert_array_equal(source.arrays[k], arr, err_msg=f"{name} {quant}: the source changed")
+
+
+def test_a_step_from_a_source_of_another_model_is_refused(model_of):
+    """Either state of another model is a clear error before anything is copied (not a NumPy broadcast error)."""
+    from rwkv_lite.errors import FormatError
+    a, b = model_of("v7_b", "fp32"), model_of("v52_a", "fp32")
+    with pytest.raises(FormatError, match="this model has arch"):
+        a.forward_in_place([1], a.new_state(), source=b.new_state())
+    with pytest.raises(FormatError, match="this model has arch"):
+        a.forward_in_place([1], b.new_state(), source=a.new_state())
