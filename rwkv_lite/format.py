@@ -161,7 +161,7 @@ def atomic_write_bytes(dst: str | os.PathLike, data: bytes) -> None:
 # A model file just written sits in the page cache in the pieces the writer wrote it in, small ones when the
 # converter appends row blocks; the kernel then keeps those pieces (4 KiB-64 KiB folios) for as long as the file stays
 # cached. Read back sequentially (the loader's read-ahead, or the first pass's page faults), the same file is cached
-# in 2 MiB folios, and decoding from it is faster: RWKV-7 1.5B int8 decode took 0.89-0.92x the time on a Zen 5 VM
+# in 2 MiB folios, and decoding from it is faster: RWKV-7 1.5B int8 decode took 0.93x the time on a Zen 5 VM
 # (Linux 6.18, ext4) with the file re-read (docs/performance.md). So once the written data is on disk the writer drops
 # it from the cache: the first load reads the file from disk, sequentially (a cold start, with its progress line).
 EVICT_WRITTEN_BYTES = 64 << 20

@@ -33,6 +33,13 @@ LN_EPS = np.float32(1e-5)        # LayerNorm epsilon of every RWKV version (ln0,
 SOURCE = ":source"
 
 
+def wkv_source(state, l):
+    """Layer l of the WKV state a step starts from, when that is not `state`'s own (see SOURCE), else None: the
+    WKV kernels then copy each head just before updating it, instead of the whole state being copied first."""
+    source = state.get("wkv" + SOURCE)
+    return None if source is None else source[l]
+
+
 def layer_norm(x, weight, bias, eps=LN_EPS):
     """Row-wise LayerNorm with biased variance, as torch.nn.functional.layer_norm."""
     return pointwise.layer_norm(_rows(x), weight, bias, float(eps))

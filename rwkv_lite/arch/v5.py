@@ -137,15 +137,7 @@ def plan(refs: dict, cfg: dict, source_kind: str):
 # ---------------------------------------------------------------------------------------------------------------
 # Running
 
-# A single-token step can start from another state's WKV memory (Model.forward_in_place with `source`): the WKV
-# kernel copies each head just before updating it, instead of the whole state being copied first.
-STEP_FROM_SOURCE = ("wkv",)
-
-
-def _wkv_source(state, l):
-    """Layer l of the WKV state this step starts from, when it is not `state`'s own (see STEP_FROM_SOURCE)."""
-    source = state.get("wkv" + common.SOURCE)
-    return None if source is None else source[l]
+STEP_FROM_SOURCE = ("wkv",)          # a single-token step reads the WKV memory from its source (common.wkv_source)
 
 
 def state_shapes(cfg) -> dict[str, tuple[int, ...]]:
@@ -192,7 +184,7 @@ def time_mix(L: Layer, a, state, l, run):
     else:
         r, k, v = linear_many((L.W_r, L.W_k, L.W_v), (xr, xk, xv), run.observer)
     o = np.empty_like(r)
-    wkv5(r, k, v, L.decay, L.bonus, state["wkv"][l], o, _wkv_source(state, l))
+    wkv5(r, k, v, L.decay, L.bonus, state["wkv"][l], o, common.wkv_source(state, l))
     y = group_norm(o, cfg.n_head, L.ln_x_w, L.ln_x_b, cfg.ln_x_eps)
     if L.has_gate:
         y = y * silu(g)

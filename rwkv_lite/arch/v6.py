@@ -161,15 +161,7 @@ def plan(refs: dict, cfg: dict, source_kind: str):
 # ---------------------------------------------------------------------------------------------------------------
 # Running
 
-# A single-token step can start from another state's WKV memory (Model.forward_in_place with `source`): the WKV
-# kernel copies each head just before updating it, instead of the whole state being copied first.
-STEP_FROM_SOURCE = ("wkv",)
-
-
-def _wkv_source(state, l):
-    """Layer l of the WKV state this step starts from, when it is not `state`'s own (see STEP_FROM_SOURCE)."""
-    source = state.get("wkv" + common.SOURCE)
-    return None if source is None else source[l]
+STEP_FROM_SOURCE = ("wkv",)          # a single-token step reads the WKV memory from its source (common.wkv_source)
 
 
 def state_shapes(cfg) -> dict[str, tuple[int, ...]]:
@@ -249,7 +241,7 @@ def time_mix(L: Layer, a, state, l, run):
         (u,) = lora_up((np.tanh(h),), (L.decay_w2,))
     w = pointwise.rwkv6_decay(L.time_decay, u)
     o = np.empty_like(r)
-    wkv6(r, k, v, w, L.bonus, state["wkv"][l], o, _wkv_source(state, l))
+    wkv6(r, k, v, w, L.bonus, state["wkv"][l], o, common.wkv_source(state, l))
     y = group_norm(o, cfg.n_head, L.ln_x_w, L.ln_x_b, cfg.ln_x_eps) * g
     state["att_x"][l] = a[-1]
     return linear(L.W_o, y, run.observer)

@@ -45,10 +45,7 @@ VERSIONS = ("7",)
 LN_X_EPS = 64e-5                       # reference, training code and rwkv.cpp agree for v7
 DECAY_SCALE = np.float32(-0.606531)    # -exp(-1/2), as the reference writes it
 NORM_FLOOR = np.float32(1e-12)         # F.normalize's eps
-# A single-token step can start from another state's WKV memory, read as state["wkv" + common.SOURCE] (Model.
-# forward_in_place with `source`): the fused step copies each head just before updating it, instead of the whole
-# state being copied first.
-STEP_FROM_SOURCE = ("wkv",)
+STEP_FROM_SOURCE = ("wkv",)            # a single-token step reads the WKV memory from its source (common.wkv_source)
 MIXES = "rwkvag"                       # the token-shift mixes, in rwkv.cpp's x_rwkvag order
 LORAS = "wavg"                         # decay, in-context learning rate, value residual, gate
 
@@ -313,10 +310,9 @@ def time_mix(L: Layer, a, state, l, run):
         u_w, u_a, gate = _loras(L, (xw, xa, xg))
         u_v, v0, run.v_first = v, L.a0, v                  # layer 0's value is the value residual of later ones
     if a.shape[0] == 1:                  # one token: WKV inputs, update and output in one launch, the same bits
-        source = state.get("wkv" + common.SOURCE)                               # see STEP_FROM_SOURCE
         y = rwkv7_token(r, k, v, run.v_first, u_w, u_a, u_v, gate, L.w0, L.a0, v0, L.k_k, L.k_a, L.r_k, L.ln_x_w,
                         L.ln_x_b, H, L.has_value_residual, DECAY_SCALE, NORM_FLOOR, run.cfg.ln_x_eps,
-                        state=state["wkv"][l], source=None if source is None else source[l])
+                        state=state["wkv"][l], source=common.wkv_source(state, l))
     else:
         w, k, v, neg_kappa, kappa_alpha = pointwise.rwkv7_wkv_inputs(
             k, v, run.v_first, u_w, u_a, u_v, L.w0, L.a0, v0, L.k_k, L.k_a, H, L.has_value_residual, DECAY_SCALE,

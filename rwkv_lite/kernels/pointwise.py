@@ -389,7 +389,8 @@ def rwkv7_wkv_inputs_head(t, h, k, v, v_first, u_w, u_a, u_v, w0, a0, v0, k_k, k
     """Head h of row t of rwkv7_wkv_inputs (every quantity is per channel but kappa's norm, which is per head):
     the unit that the row kernels and the fused RWKV-7 step (kernels/wkv7.py) share, so both give the same bits.
     Indices LLVM cannot prove >= 0 get a wrap-around check (Python's negative indices) that stops the loops from
-    vectorising (5-7x slower here): the loops count from 0 and the guard below tells LLVM that h and N are >= 0."""
+    vectorising: the guard below tells LLVM that t, h and N are >= 0 (one token's inputs, each head a call: 74
+    against 26 us without and with it)."""
     N = k.shape[1] // n_head
     if t < 0 or h < 0 or N <= 0:
         return
