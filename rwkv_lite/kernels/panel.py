@@ -635,6 +635,19 @@ def balanced_panels_per_task(panel_bytes):
     return np.array([max(1, round(PANELS_PER_TASK * largest / b)) for b in panel_bytes], np.int64)
 
 
+# Inside a parallel=True function, an array's .max() and np.zeros are parallel loops of their own: a fork and a
+# join of the thread pool each, before the launch's real work. These helpers compile apart, serial.
+
+@njit(cache=CACHE, nogil=True)
+def _largest(a):
+    return a.max()
+
+
+@njit(cache=CACHE, nogil=True)
+def _zeros(rows, cols):
+    return np.zeros((rows, cols), np.float32)
+
+
 @njit(cache=CACHE, nogil=True, parallel=True)
 def gemv_many(int8, wps, wds, X, cols, npanels):
     """Y (n, max panels * 16): row m = matrix m (wps[m], wds[m]) times X[m], for one token of n matrices of one
@@ -642,7 +655,7 @@ def gemv_many(int8, wps, wds, X, cols, npanels):
     n = X.shape[0]
     xq, xs, xsum = quantize_rows(X, cols, 2 if int8 else 1, WIDE and int8)
     tasks = task_table(npanels)
-    Y = np.empty((n, npanels.max() * PANEL), np.float32)
+    Y = np.empty((n, _largest(npanels) * PANEL), np.float32)
     for i in prange(tasks.shape[0]):
         m = tasks[i, 0]
         _run_panels(int8, wps[m], wds[m], xq, xs, xsum, tasks[i, 1], tasks[i, 2], m, m + 1, Y)
@@ -668,8 +681,8 @@ def lora_chain(down_wps, down_wds, up_wps, up_wds, X, cols, dims, middles, down_
     rounding does not depend on the others)."""
     n = X.shape[0]
     xq, xs, xsum = quantize_rows(X, cols, 2, WIDE)
-    hcols = up_groups.max() * GROUP
-    H = np.zeros((n, hcols), np.float32)
+    hcols = _largest(up_groups) * GROUP
+    H = _zeros(n, hcols)
     for i in prange(down_tasks.shape[0]):
         m = down_tasks[i, 0]
         _run_panels(True, down_wps[m], down_wds[m], xq, xs, xsum, down_tasks[i, 1], down_tasks[i, 2], m, m + 1, H)
