@@ -73,7 +73,8 @@ def main():
         cases = [
             ("layer_norm", P._group_norm_serial, P._group_norm_parallel, (a, 1, vec, vec, 1e-5), 2.2),
             ("group_norm", P._group_norm_serial, P._group_norm_parallel, (a, H, vec, vec, 1e-5), 2.2),
-            ("token_mix", P._token_mix_serial, P._token_mix_parallel, (a, p, vec), 0.15),
+            ("token_mix x4", P._token_mixes_serial, P._token_mixes_parallel, (a, p, rng.random((4, C)).astype(np.float32)),
+             0.6),
             ("sigmoid", P._activation_serial, P._activation_parallel, (a, P.SIGMOID), 0.4),
             ("shift x6", P._shift_mixes_serial, P._shift_mixes_parallel,
              (a, p, rng.random((6, C)).astype(np.float32), None), 0.72),

@@ -68,8 +68,12 @@ def _drivers():
          lambda x, p: (x, 4, w, b, 1e-5), lambda x, p: group_norm_ref(x, 4)),
         ("layer_norm", P._group_norm_serial, P._group_norm_parallel,
          lambda x, p: (x, 1, w, b, 1e-5), lambda x, p: group_norm_ref(x, 1)),
-        ("token_mix", P._token_mix_serial, P._token_mix_parallel,
-         lambda x, p: (x, p, mu), lambda x, p: x * mu + p * (1.0 - mu.astype(np.float64))),
+        ("token_mixes", P._token_mixes_serial, P._token_mixes_parallel,
+         lambda x, p: (x, p, mus), lambda x, p: x * mus[:, None, :] + p * (1.0 - mus[:, None, :].astype(np.float64))),
+        ("silu_gate", P._gate_serial, P._gate_parallel,
+         lambda x, p: (x, p, P.SILU), lambda x, p: x * (p * _sigmoid64(p))),
+        ("sigmoid_gate", P._gate_serial, P._gate_parallel,
+         lambda x, p: (x, p, P.SIGMOID), lambda x, p: _sigmoid64(p) * x),
         ("sigmoid", P._activation_serial, P._activation_parallel,
          lambda x, p: (x, P.SIGMOID), lambda x, p: _sigmoid64(x)),
         ("silu", P._activation_serial, P._activation_parallel,
@@ -106,6 +110,22 @@ def test_public_kernels_agree_with_the_serial_driver_at_any_row_count():
         assert np.array_equal(P.sigmoid(x), P._activation_serial(x, P.SIGMOID))
         w = np.ones(2048, np.float32)
         assert np.array_equal(P.layer_norm(x, w, w, 1e-5), P._group_norm_serial(x, 1, w, w, 1e-5))
+
+
+@pytest.mark.parametrize("T", [1, 3, 200])
+def test_one_pass_kernels_equal_their_steps_bit_for_bit(T):
+    # RWKV-4/5's token shift of all mixes in one call, and the gates: the bits of the separate steps they replace
+    # (the blend in NumPy float32, the order a * mu + p * (1 - mu); the activation kernel, then NumPy's product)
+    a, previous_row, y, g = rows(T, 2048), rows(1, 2048)[0], rows(T, 2048), rows(T, 2048) * 4
+    mus = RNG.random((4, 2048)).astype(np.float32)
+    p = np.concatenate([previous_row[None, :], a[:-1]])
+    mixed = P.token_mixes(a, previous_row, mus)
+    assert mixed.shape == (4, T, 2048)
+    for f in range(4):
+        assert np.array_equal(mixed[f], a * mus[f] + p * (np.float32(1.0) - mus[f]))
+    assert np.array_equal(P.token_mixes_rows(a, p, mus), mixed)
+    assert np.array_equal(P.silu_gate(y, g), y * P.silu(g))
+    assert np.array_equal(P.sigmoid_gate(g, y), P.sigmoid(g) * y)
 
 
 def _eight_partial_sums(values):

@@ -50,9 +50,25 @@ def group_norm(x, n_head, weight, bias, eps):
     return pointwise.group_norm(_rows(x), int(n_head), weight, bias, float(eps))
 
 
-def token_mix(a, p, mu):
-    """a * mu + p * (1 - mu): the token-shift blend of this token's row with the previous one's."""
-    return pointwise.token_mix(_rows(a), _rows(p), mu)
+def token_mixes(a, previous_row, mus):
+    """The token-shift blends a * mu + p * (1 - mu) of RWKV-4/5 for each row mu of mus (n, C), p being a shifted by
+    one token with `previous_row` (the state's last row) first -> (n, T, C), one kernel call."""
+    return pointwise.token_mixes(_rows(a), previous_row, mus)
+
+
+def token_mixes_rows(a, previous, mus):
+    """token_mixes for B sequences at one token each: row b of `a` against previous[b], its own state's row."""
+    return pointwise.token_mixes_rows(_rows(a), _rows(previous), mus)
+
+
+def silu_gate(y, gate):
+    """y * silu(gate), one kernel call."""
+    return pointwise.silu_gate(_rows(y), _rows(gate))
+
+
+def sigmoid_gate(gate, y):
+    """sigmoid(gate) * y, one kernel call."""
+    return pointwise.sigmoid_gate(_rows(gate), _rows(y))
 
 
 def sigmoid(x):
@@ -71,11 +87,6 @@ def silu(x):
 def relu_square(x):
     """max(x, 0) ** 2."""
     return pointwise.relu_square(_rows(x))
-
-
-def shifted(x, previous_row):
-    """Token shift: row t of the result is row t-1 of x, and row 0 is `previous_row` (the state's last row)."""
-    return pointwise.shifted(_rows(x), previous_row)
 
 
 def _rows(x):

@@ -25,7 +25,8 @@ from ..errors import FormatError
 from ..kernels.wkv4 import wkv4
 from . import common
 from .batch import linear_rows, previous_rows, store_rows
-from .common import Planner, layer_count, linear, linear_many, relu_square, shifted, sigmoid, token_mix
+from .common import (Planner, layer_count, linear, linear_many, relu_square, sigmoid_gate, token_mixes,
+                     token_mixes_rows)
 
 VERSIONS = ("4",)
 PP_INIT = np.float32(-1e30)     # "minus infinity" of the running maximum exponent, as the reference
@@ -132,6 +133,8 @@ class Layer:
         self.ffn_mix_k, self.ffn_mix_r = v(p + "ffn.time_mix_k"), v(p + "ffn.time_mix_r")
         self.F_k, self.F_v = m(p + "ffn.key.weight"), m(p + "ffn.value.weight")
         self.F_r = m(p + "ffn.receptance.weight")
+        self.mixes = np.stack([self.mix_k, self.mix_v, self.mix_r])      # for one kernel call each
+        self.ffn_mixes = np.stack([self.ffn_mix_k, self.ffn_mix_r])
 
 
 def load_weights(store, cfg: Config) -> common.Weights:
@@ -140,23 +143,20 @@ def load_weights(store, cfg: Config) -> common.Weights:
 
 def time_mix(L: Layer, a, state, l, run):
     """RWKV-4 attention replacement of layer l over T tokens; updates the layer's shift and (aa, bb, pp)."""
-    p = shifted(a, state["att_x"][l])
-    xk, xv, xr = token_mix(a, p, L.mix_k), token_mix(a, p, L.mix_v), token_mix(a, p, L.mix_r)
+    xk, xv, xr = token_mixes(a, state["att_x"][l], L.mixes)
     r, k, v = linear_many((L.W_r, L.W_k, L.W_v), (xr, xk, xv), run.observer)
-    r = sigmoid(r)
     wkv = np.empty_like(k)
     wkv4(k, v, L.w, L.u, state["aa"][l], state["bb"][l], state["pp"][l], wkv)
     state["att_x"][l] = a[-1]
-    return linear(L.W_o, r * wkv, run.observer)
+    return linear(L.W_o, sigmoid_gate(r, wkv), run.observer)
 
 
 def channel_mix(L: Layer, b, state, l, run):
     """Feed-forward of layer l over T tokens; updates the layer's shift state."""
-    q = shifted(b, state["ffn_x"][l])
-    xk, xr = token_mix(b, q, L.ffn_mix_k), token_mix(b, q, L.ffn_mix_r)
+    xk, xr = token_mixes(b, state["ffn_x"][l], L.ffn_mixes)
     k, r = linear_many((L.F_k, L.F_r), (xk, xr), run.observer)
     state["ffn_x"][l] = b[-1]
-    return sigmoid(r) * linear(L.F_v, relu_square(k), run.observer)
+    return sigmoid_gate(r, linear(L.F_v, relu_square(k), run.observer))
 
 
 def forward(W: common.Weights, tokens: np.ndarray, state: dict, all_logits: bool, check=None,
@@ -171,24 +171,22 @@ def forward(W: common.Weights, tokens: np.ndarray, state: dict, all_logits: bool
 def time_mix_batch(L: Layer, a, states, l, run):
     """time_mix for B sequences at one token each: row b of `a` belongs to states[b]."""
     obs = run.observer
-    p = previous_rows(states, "att_x", l)
-    xk, xv, xr = token_mix(a, p, L.mix_k), token_mix(a, p, L.mix_v), token_mix(a, p, L.mix_r)
-    r = sigmoid(linear_rows(L.W_r, xr, obs))
+    xk, xv, xr = token_mixes_rows(a, previous_rows(states, "att_x", l), L.mixes)
+    r = linear_rows(L.W_r, xr, obs)
     k, v = linear_rows(L.W_k, xk, obs), linear_rows(L.W_v, xv, obs)
     wkv = np.empty_like(k)
     for b, s in enumerate(states):
         wkv4(k[b:b + 1], v[b:b + 1], L.w, L.u, s["aa"][l], s["bb"][l], s["pp"][l], wkv[b:b + 1])
     store_rows(states, "att_x", l, a)
-    return linear_rows(L.W_o, r * wkv, obs)
+    return linear_rows(L.W_o, sigmoid_gate(r, wkv), obs)
 
 
 def channel_mix_batch(L: Layer, b, states, l, run):
     obs = run.observer
-    q = previous_rows(states, "ffn_x", l)
-    xk, xr = token_mix(b, q, L.ffn_mix_k), token_mix(b, q, L.ffn_mix_r)
+    xk, xr = token_mixes_rows(b, previous_rows(states, "ffn_x", l), L.ffn_mixes)
     hidden = relu_square(linear_rows(L.F_k, xk, obs))
     store_rows(states, "ffn_x", l, b)
-    return sigmoid(linear_rows(L.F_r, xr, obs)) * linear_rows(L.F_v, hidden, obs)
+    return sigmoid_gate(linear_rows(L.F_r, xr, obs), linear_rows(L.F_v, hidden, obs))
 
 
 def forward_batch(W: common.Weights, tokens: np.ndarray, states: list, observer=None) -> np.ndarray:

@@ -23,8 +23,8 @@ from ..errors import FormatError
 from ..kernels.wkv5 import wkv5, wkv5_rows
 from . import common
 from .batch import linear_rows, previous_rows, row_addresses, store_rows
-from .common import (Planner, group_norm, layer_count, linear, linear_many, relu_square, shifted, sigmoid, silu,
-                     token_mix)
+from .common import (Planner, group_norm, layer_count, linear, linear_many, relu_square, sigmoid_gate, silu_gate,
+                     token_mixes, token_mixes_rows)
 
 VERSIONS = ("5.0", "5.1", "5.2")
 DEFAULT_LN_X_EPS = 64e-5     # reference and training code: GroupNorm(x / 8, eps 1e-5) == GroupNorm(x, eps 64e-5)
@@ -168,6 +168,9 @@ class Layer:
         self.W_o = m(p + "att.output.weight")
         self.ffn_mix_k, self.ffn_mix_r = v(p + "ffn.time_mix_k"), v(p + "ffn.time_mix_r")
         self.F_k, self.F_r, self.F_v = m(p + "ffn.key.weight"), m(p + "ffn.receptance.weight"), m(p + "ffn.value.weight")
+        # the token-shift mixes stacked for one kernel call each: k, v, r[, g] and k, r
+        self.mixes = np.stack([self.mix_k, self.mix_v, self.mix_r] + ([self.mix_g] if self.has_gate else []))
+        self.ffn_mixes = np.stack([self.ffn_mix_k, self.ffn_mix_r])
 
 
 def load_weights(store, cfg: Config) -> common.Weights:
@@ -177,28 +180,26 @@ def load_weights(store, cfg: Config) -> common.Weights:
 def time_mix(L: Layer, a, state, l, run):
     """Attention replacement of layer l over T tokens; updates the layer's shift and WKV state."""
     cfg = run.cfg
-    p = shifted(a, state["att_x"][l])
-    xk, xv, xr = token_mix(a, p, L.mix_k), token_mix(a, p, L.mix_v), token_mix(a, p, L.mix_r)
+    xs = token_mixes(a, state["att_x"][l], L.mixes)                   # k, v, r[, g]
     if L.has_gate:
-        r, k, v, g = linear_many((L.W_r, L.W_k, L.W_v, L.W_g), (xr, xk, xv, token_mix(a, p, L.mix_g)), run.observer)
+        r, k, v, g = linear_many((L.W_r, L.W_k, L.W_v, L.W_g), (xs[2], xs[0], xs[1], xs[3]), run.observer)
     else:
-        r, k, v = linear_many((L.W_r, L.W_k, L.W_v), (xr, xk, xv), run.observer)
+        r, k, v = linear_many((L.W_r, L.W_k, L.W_v), (xs[2], xs[0], xs[1]), run.observer)
     o = np.empty_like(r)
     wkv5(r, k, v, L.decay, L.bonus, state["wkv"][l], o, common.wkv_source(state, l))
     y = group_norm(o, cfg.n_head, L.ln_x_w, L.ln_x_b, cfg.ln_x_eps)
     if L.has_gate:
-        y = y * silu(g)
+        y = silu_gate(y, g)
     state["att_x"][l] = a[-1]
     return linear(L.W_o, y, run.observer)
 
 
 def channel_mix(L: Layer, b, state, l, run):
     """Feed-forward of layer l over T tokens; updates the layer's shift state."""
-    q = shifted(b, state["ffn_x"][l])
-    xk, xr = token_mix(b, q, L.ffn_mix_k), token_mix(b, q, L.ffn_mix_r)
+    xk, xr = token_mixes(b, state["ffn_x"][l], L.ffn_mixes)
     k, r = linear_many((L.F_k, L.F_r), (xk, xr), run.observer)
     state["ffn_x"][l] = b[-1]
-    return sigmoid(r) * linear(L.F_v, relu_square(k), run.observer)
+    return sigmoid_gate(r, linear(L.F_v, relu_square(k), run.observer))
 
 
 def forward(W: common.Weights, tokens: np.ndarray, state: dict, all_logits: bool, check=None,
@@ -213,25 +214,23 @@ def forward(W: common.Weights, tokens: np.ndarray, state: dict, all_logits: bool
 def time_mix_batch(L: Layer, a, states, l, run):
     """time_mix for B sequences at one token each: row b of `a` belongs to states[b]."""
     cfg, obs = run.cfg, run.observer
-    p = previous_rows(states, "att_x", l)
-    xk, xv, xr = token_mix(a, p, L.mix_k), token_mix(a, p, L.mix_v), token_mix(a, p, L.mix_r)
-    r, k, v = linear_rows(L.W_r, xr, obs), linear_rows(L.W_k, xk, obs), linear_rows(L.W_v, xv, obs)
+    xs = token_mixes_rows(a, previous_rows(states, "att_x", l), L.mixes)     # k, v, r[, g]
+    r, k, v = linear_rows(L.W_r, xs[2], obs), linear_rows(L.W_k, xs[0], obs), linear_rows(L.W_v, xs[1], obs)
     o = np.empty_like(r)
     wkv5_rows(r, k, v, L.decay, L.bonus, row_addresses(states, "wkv", l), o)
     y = group_norm(o, cfg.n_head, L.ln_x_w, L.ln_x_b, cfg.ln_x_eps)
     if L.has_gate:
-        y = y * silu(linear_rows(L.W_g, token_mix(a, p, L.mix_g), obs))
+        y = silu_gate(y, linear_rows(L.W_g, xs[3], obs))
     store_rows(states, "att_x", l, a)
     return linear_rows(L.W_o, y, obs)
 
 
 def channel_mix_batch(L: Layer, b, states, l, run):
     obs = run.observer
-    q = previous_rows(states, "ffn_x", l)
-    xk, xr = token_mix(b, q, L.ffn_mix_k), token_mix(b, q, L.ffn_mix_r)
+    xk, xr = token_mixes_rows(b, previous_rows(states, "ffn_x", l), L.ffn_mixes)
     k, r = linear_rows(L.F_k, xk, obs), linear_rows(L.F_r, xr, obs)
     store_rows(states, "ffn_x", l, b)
-    return sigmoid(r) * linear_rows(L.F_v, relu_square(k), obs)
+    return sigmoid_gate(r, linear_rows(L.F_v, relu_square(k), obs))
 
 
 def forward_batch(W: common.Weights, tokens: np.ndarray, states: list, observer=None) -> np.ndarray:
