@@ -40,24 +40,53 @@ def _head(r, k, v, w, w_per_token, u, s, out, h):
                 si[j] = kv + wi * si[j]
 
 
+@njit(cache=True, error_model="numpy")
+def _head_from(r, k, v, w, w_per_token, u, source, s, out, h):
+    """_head for one token that reads head h's old state from `source` and writes the new one into `s`, which it
+    never reads: a decode step from the previous state without copying the memory across first. The same
+    operations in the same order as _head, so the same bits; a separate function because _head, handed the same
+    array twice for an update in place, would take the vectoriser's scalar fallback."""
+    N = s.shape[0]
+    base = h * N
+    vt = v[0, base:base + N]
+    ot = out[0, base:base + N]
+    for j in range(N):
+        ot[j] = 0.0
+    for i in range(N):
+        ki = k[0, base + i]
+        ri = r[0, base + i]
+        ui = u[h, i]
+        wi = w[0, base + i] if w_per_token else w[h, i]
+        old, new = source[i], s[i]
+        for j in range(N):
+            kv = ki * vt[j]
+            ot[j] += ri * (ui * kv + old[j])
+            new[j] = kv + wi * old[j]
+
+
 @njit(cache=True, parallel=True, error_model="numpy")
 def _heads_parallel(r, k, v, w, w_per_token, u, source, copy_source, state, out):
     for h in prange(state.shape[0]):
-        if copy_source:                 # the head's old state, still in cache for the update that follows
-            state[h] = source[h]
-        _head(r, k, v, w, w_per_token, u, state[h], out, h)
+        if copy_source:
+            _head_from(r, k, v, w, w_per_token, u, source[h], state[h], out, h)
+        else:
+            _head(r, k, v, w, w_per_token, u, state[h], out, h)
 
 
 @njit(cache=True, error_model="numpy")
 def _heads_serial(r, k, v, w, w_per_token, u, source, copy_source, state, out):
     for h in range(state.shape[0]):
         if copy_source:
-            state[h] = source[h]
-        _head(r, k, v, w, w_per_token, u, state[h], out, h)
+            _head_from(r, k, v, w, w_per_token, u, source[h], state[h], out, h)
+        else:
+            _head(r, k, v, w, w_per_token, u, state[h], out, h)
 
 
 def _run(r, k, v, w, w_per_token, u, state, out, source):
     H, N = u.shape
+    if source is not None and r.shape[0] > 1:           # the kernels read a source for one token only
+        state[...] = source
+        source = None
     args = (r, k, v, w, w_per_token, u, state if source is None else source, source is not None, state, out)
     if H > 1 and r.shape[0] * H * N * N >= PARALLEL_MIN_WORK:
         _heads_parallel(*args)
@@ -67,8 +96,8 @@ def _run(r, k, v, w, w_per_token, u, state, out, source):
 
 def wkv5(r, k, v, w, u, state, out, source=None):
     """r, k, v, out: (T, H*N) float32; w, u: (H, N); state: (H, N, N) updated in place. `source` (H, N, N): start
-    from it instead (left unchanged; each head is copied into `state` just before its update, where copying the
-    whole state first would read and write it once more)."""
+    from it instead (left unchanged; one token's update reads each head from it and writes `state`, where copying
+    the whole state first would read and write it once more)."""
     _run(r, k, v, w, False, u, state, out, source)
 
 
