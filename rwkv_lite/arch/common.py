@@ -35,7 +35,8 @@ SOURCE = ":source"
 
 def wkv_source(state, l):
     """Layer l of the WKV state a step starts from, when that is not `state`'s own (see SOURCE), else None: the
-    WKV kernels then copy each head just before updating it, instead of the whole state being copied first."""
+    WKV kernels then read the old memory from it while writing the new one into `state` (RWKV-7: each row copied
+    just before its update), instead of the whole state being copied first."""
     source = state.get("wkv" + SOURCE)
     return None if source is None else source[l]
 
