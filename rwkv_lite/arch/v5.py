@@ -168,8 +168,8 @@ class Layer:
         self.W_o = m(p + "att.output.weight")
         self.ffn_mix_k, self.ffn_mix_r = v(p + "ffn.time_mix_k"), v(p + "ffn.time_mix_r")
         self.F_k, self.F_r, self.F_v = m(p + "ffn.key.weight"), m(p + "ffn.receptance.weight"), m(p + "ffn.value.weight")
-        # the token-shift mixes stacked for one kernel call each: k, v, r[, g] and k, r
-        self.mixes = np.stack([self.mix_k, self.mix_v, self.mix_r] + ([self.mix_g] if self.has_gate else []))
+        # the token-shift mixes stacked for one kernel call each: r, k, v[, g] and k, r
+        self.mixes = np.stack([self.mix_r, self.mix_k, self.mix_v] + ([self.mix_g] if self.has_gate else []))
         self.ffn_mixes = np.stack([self.ffn_mix_k, self.ffn_mix_r])
 
 
@@ -180,11 +180,11 @@ def load_weights(store, cfg: Config) -> common.Weights:
 def time_mix(L: Layer, a, state, l, run):
     """Attention replacement of layer l over T tokens; updates the layer's shift and WKV state."""
     cfg = run.cfg
-    xs = token_mixes(a, state["att_x"][l], L.mixes)                   # k, v, r[, g]
+    xr, xk, xv, *xg = token_mixes(a, state["att_x"][l], L.mixes)
     if L.has_gate:
-        r, k, v, g = linear_many((L.W_r, L.W_k, L.W_v, L.W_g), (xs[2], xs[0], xs[1], xs[3]), run.observer)
+        r, k, v, g = linear_many((L.W_r, L.W_k, L.W_v, L.W_g), (xr, xk, xv, xg[0]), run.observer)
     else:
-        r, k, v = linear_many((L.W_r, L.W_k, L.W_v), (xs[2], xs[0], xs[1]), run.observer)
+        r, k, v = linear_many((L.W_r, L.W_k, L.W_v), (xr, xk, xv), run.observer)
     o = np.empty_like(r)
     wkv5(r, k, v, L.decay, L.bonus, state["wkv"][l], o, common.wkv_source(state, l))
     y = group_norm(o, cfg.n_head, L.ln_x_w, L.ln_x_b, cfg.ln_x_eps)
@@ -214,13 +214,13 @@ def forward(W: common.Weights, tokens: np.ndarray, state: dict, all_logits: bool
 def time_mix_batch(L: Layer, a, states, l, run):
     """time_mix for B sequences at one token each: row b of `a` belongs to states[b]."""
     cfg, obs = run.cfg, run.observer
-    xs = token_mixes_rows(a, previous_rows(states, "att_x", l), L.mixes)     # k, v, r[, g]
-    r, k, v = linear_rows(L.W_r, xs[2], obs), linear_rows(L.W_k, xs[0], obs), linear_rows(L.W_v, xs[1], obs)
+    xr, xk, xv, *xg = token_mixes_rows(a, previous_rows(states, "att_x", l), L.mixes)
+    r, k, v = linear_rows(L.W_r, xr, obs), linear_rows(L.W_k, xk, obs), linear_rows(L.W_v, xv, obs)
     o = np.empty_like(r)
     wkv5_rows(r, k, v, L.decay, L.bonus, row_addresses(states, "wkv", l), o)
     y = group_norm(o, cfg.n_head, L.ln_x_w, L.ln_x_b, cfg.ln_x_eps)
     if L.has_gate:
-        y = silu_gate(y, linear_rows(L.W_g, xs[3], obs))
+        y = silu_gate(y, linear_rows(L.W_g, xg[0], obs))
     store_rows(states, "att_x", l, a)
     return linear_rows(L.W_o, y, obs)
 
