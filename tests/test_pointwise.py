@@ -172,3 +172,24 @@ def test_nan_propagates():
         others = np.ones(out.shape, bool)
         others[1, 5] = False
         assert np.isnan(out[1, 5]) and np.isfinite(out[others]).all()
+
+
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("per_token_decay", [False, True])
+def test_wkv5_from_a_source_equals_copying_it_first(T, per_token_decay):
+    # One token reads the old memory from `source` and writes `state` (wkv5._head_from); several tokens copy the
+    # source first. Either way: the bits of an update in place on a copy, and the source untouched.
+    from rwkv_lite.kernels.wkv5 import wkv5, wkv6
+    H, N = 4, 64
+    r, k, v = rows(T, H * N), rows(T, H * N), rows(T, H * N)
+    u = rows(H, N)
+    w = RNG.random((T, H * N)).astype(np.float32) if per_token_decay else RNG.random((H, N)).astype(np.float32)
+    kernel = wkv6 if per_token_decay else wkv5
+    source = RNG.standard_normal((H, N, N)).astype(np.float32)
+    kept = source.copy()
+    want_state, want = source.copy(), np.empty((T, H * N), np.float32)
+    kernel(r, k, v, w, u, want_state, want)
+    state, got = np.full((H, N, N), 7.0, np.float32), np.empty((T, H * N), np.float32)
+    kernel(r, k, v, w, u, state, got, source=source)
+    assert np.array_equal(got, want) and np.array_equal(state, want_state)
+    assert np.array_equal(source, kept)
