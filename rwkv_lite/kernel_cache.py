@@ -25,8 +25,10 @@ Numba-using code in a process that imports rwkv_lite caches there too, rather th
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 ENV_VAR = "RWKV_LITE_CACHE_DIR"
@@ -36,6 +38,7 @@ PACKAGE = __name__.rpartition(".")[0]          # "rwkv_lite"
 cache_dir: Path | None = None
 _configured = False
 _announcer_installed = False
+_ctrl_c_deferral_installed = False
 
 
 def default_cache_dir() -> Path:
@@ -168,3 +171,47 @@ def announce_compiles(write=None) -> None:
             pass
 
     event.register("numba:compile", _Announcer())
+
+
+def defer_ctrl_c_during_compiles() -> None:
+    """Make a Ctrl-C that arrives while Numba compiles take effect when the compile ends, never be lost.
+
+    Python raises KeyboardInterrupt in whatever Python code runs next, and a compile runs many weakref callbacks
+    and finalizers (Numba disposes of its typing contexts' globals that way), where an exception is printed as
+    "Exception ignored" and dropped: the command would then run on to the end. So while the main thread compiles
+    (Numba's "numba:compile" events, nested ones counted), SIGINT only records itself, and the end of the
+    outermost compile raises KeyboardInterrupt at that one safe point. A handler the program installed itself is
+    left alone."""
+    global _ctrl_c_deferral_installed
+    if _ctrl_c_deferral_installed:
+        return
+    _ctrl_c_deferral_installed = True
+    from numba.core import event
+
+    depth = 0
+    pressed = []
+
+    def record(signum, frame):
+        pressed.append(signum)
+
+    class _CtrlCDeferral(event.Listener):
+        def on_start(self, ev):
+            nonlocal depth
+            if threading.current_thread() is not threading.main_thread():
+                return
+            depth += 1
+            if depth == 1 and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                signal.signal(signal.SIGINT, record)
+
+        def on_end(self, ev):
+            nonlocal depth
+            if threading.current_thread() is not threading.main_thread():
+                return
+            depth -= 1
+            if depth == 0 and signal.getsignal(signal.SIGINT) is record:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                if pressed:
+                    pressed.clear()
+                    raise KeyboardInterrupt
+
+    event.register("numba:compile", _CtrlCDeferral())

@@ -124,6 +124,9 @@ def _wait_for_cpu_seconds(pid: int, seconds: float, deadline_s: float = 120.0) -
 def test_perplexity_ctrl_c_prints_the_partial_score(tiny):
     """A real process and a real SIGINT while it scores a 4.4 MB text: the score so far, exit code 130."""
     book = shared_file("text", "kjv-bible.txt")
+    # Compiled kernels first (into the cache the process reads), so that the SIGINT lands in the scoring; one
+    # during the compile stops the run before any score (test_kernel_cache.py checks that).
+    _json(run("perplexity", tiny, "-f", shared_file("text", "english-gpl3-8k.txt"), "-n", "3000", "--json"))
     env = {**os.environ, "PYTHONPATH": str(REPO), "NUMBA_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "rwkv_lite.cli", "perplexity", str(tiny), "-f", str(book),
                              "-n", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)

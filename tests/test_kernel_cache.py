@@ -3,6 +3,7 @@ kernels run uncached with one notice; a compile is announced on stderr, a cached
 from __future__ import annotations
 
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -131,3 +132,71 @@ def test_kernels_are_cached_per_version_of_the_sources(tmp_path):
     helper = copy / "kernels" / "pointwise.py"
     helper.write_text(helper.read_text(encoding="utf-8") + "\n# changed\n", encoding="utf-8")
     assert kernel_cache.source_digest(copy) != kernel_cache.source_digest()
+
+
+def test_ctrl_c_during_a_compile_is_raised_when_the_compile_ends():
+    """Python raises KeyboardInterrupt in whatever Python code runs next; during a compile that is often a weakref
+    callback, where it is printed as "Exception ignored" and lost. Inside a (nested) compile event SIGINT is only
+    recorded; the end of the outermost compile raises it."""
+    from numba.core import event
+
+    from rwkv_lite.kernel_cache import defer_ctrl_c_during_compiles
+
+    defer_ctrl_c_during_compiles()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with event.trigger_event("numba:compile", data={}):
+            with event.trigger_event("numba:compile", data={}):       # a kernel compiled for the one at hand
+                signal.raise_signal(signal.SIGINT)
+                steps.append("inner compile went on")
+            steps.append("outer compile went on")
+    assert steps == ["inner compile went on", "outer compile went on"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    with event.trigger_event("numba:compile", data={}):                  # no Ctrl-C: nothing raised
+        steps.append("quiet compile")
+    assert steps[-1] == "quiet compile"
+
+
+def test_a_programs_own_ctrl_c_handler_is_left_alone_during_compiles():
+    from numba.core import event
+
+    from rwkv_lite.kernel_cache import defer_ctrl_c_during_compiles
+
+    defer_ctrl_c_during_compiles()
+    seen = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        with event.trigger_event("numba:compile", data={}):
+            signal.raise_signal(signal.SIGINT)
+            assert seen == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="sends SIGINT")
+def test_ctrl_c_while_the_first_run_compiles_stops_the_command(tmp_path):
+    """The real thing: Ctrl-C a few CPU seconds into the first run's kernel compile (an empty cache folder). The
+    command stops with exit code 130 and one line, instead of losing the Ctrl-C and generating anyway."""
+    from test_cli_flags import _wait_for_cpu_seconds
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NUMBA_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+           "RWKV_LITE_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("NUMBA_CACHE_DIR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "rwkv_lite.cli", "generate", "-p", "And God said", "-n", "200"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    try:
+        line = b""
+        while COMPILING.encode() not in line:
+            line = proc.stderr.readline()
+            assert line, "the process ended before compiling"
+        _wait_for_cpu_seconds(proc.pid, 1.0)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = stderr.decode()
+    assert proc.returncode == 130, (stdout.decode(), err)
+    assert "Traceback" not in err and "Exception ignored" not in err and "interrupted" in err, err

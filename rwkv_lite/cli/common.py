@@ -339,9 +339,11 @@ def model_path(model, model_opt) -> Path:
 
 
 def announce_compiles() -> None:
-    """One line on stderr when kernels are about to be compiled (first run), so the wait is explained."""
-    from ..kernel_cache import announce_compiles as announce
+    """One line on stderr when kernels are about to be compiled (first run), so the wait is explained; a Ctrl-C
+    during that wait stops the command once the kernel at hand is compiled, instead of being lost."""
+    from ..kernel_cache import announce_compiles as announce, defer_ctrl_c_during_compiles
     announce(lambda line: click.echo(line, err=True))
+    defer_ctrl_c_during_compiles()
 
 
 def require_model_file(path: Path) -> None:
