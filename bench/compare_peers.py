@@ -15,9 +15,11 @@ of every case in turn (the order reversed every other round), so all engines see
 
 Per engine and round:
 * decode: ms/token averaged over the round's timed tokens (rwkv-lite and rwkv.cpp: --tokens single-token steps
-  continuing one state after 2 warm-up steps at start-up; rwkv-lite's as generate() takes them, the state copied
-  into a reused buffer and advanced there, rwkv.cpp's in place; llama.cpp: llama-bench's tg figure, `-n --tokens*2`,
-  one repetition after its own warm-up). rwkv-lite and rwkv.cpp also report the median and max of their single
+  continuing one state after 2 warm-up steps at start-up and one untimed step at the start of every round;
+  rwkv-lite's as generate() takes them, the state copied into a reused buffer and advanced there, rwkv.cpp's in
+  place; llama.cpp: llama-bench's tg figure, `-n --tokens*2`, one repetition after its own warm-up run). The
+  round's untimed step matches llama-bench's warm-up: the first step after the other engines' turn finds cold
+  caches and sleeping threads in every engine. rwkv-lite and rwkv.cpp also report the median and max of their single
   steps, and the case the median over rounds of the ratio of median steps (a few slow steps move a round's mean).
 * prompt: tokens/s over --prompt random tokens from a fresh state (rwkv-lite: one `forward`; rwkv.cpp:
   `rwkv_eval_sequence_in_chunks` with --rwkv-cpp-chunk; llama.cpp: llama-bench's pp figure).
@@ -108,6 +110,7 @@ class LiteEngine:
         self.model.forward(self.rng.integers(1, self.vocab, size=prompt).tolist())     # warm the sequence path
 
     def round(self):
+        self.steps.step(int(np.argmax(self.steps.logits)))          # untimed, as llama-bench's warm-up run
         times = []
         for _ in range(self.tokens):
             token = int(np.argmax(self.steps.logits))
@@ -171,6 +174,7 @@ class RwkvCppEngine:
             raise RuntimeError("rwkv_eval_sequence_in_chunks failed")
 
     def round(self):
+        self._eval(int(np.argmax(self.logits)))                     # untimed, as llama-bench's warm-up run
         times = []
         for _ in range(self.tokens):
             token = int(np.argmax(self.logits))
