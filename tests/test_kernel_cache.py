@@ -154,9 +154,8 @@ def test_ctrl_c_during_a_compile_is_raised_when_the_compile_ends():
     assert steps == ["inner compile went on", "outer compile went on"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
-    with event.trigger_event("numba:compile", data={}):                  # no Ctrl-C: nothing raised
-        steps.append("quiet compile")
-    assert steps[-1] == "quiet compile"
+    with event.trigger_event("numba:compile", data={}):      # no Ctrl-C this time: the one above is used up, and
+        pass                                                   # raising it again here would fail the test
 
 
 def test_a_programs_own_ctrl_c_handler_is_left_alone_during_compiles():
@@ -177,7 +176,7 @@ def test_a_programs_own_ctrl_c_handler_is_left_alone_during_compiles():
 
 @pytest.mark.skipif(os.name != "posix", reason="sends SIGINT")
 def test_ctrl_c_while_the_first_run_compiles_stops_the_command(tmp_path):
-    """The real thing: Ctrl-C a few CPU seconds into the first run's kernel compile (an empty cache folder). The
+    """The real thing: Ctrl-C one CPU second into the first run's kernel compile (an empty cache folder). The
     command stops with exit code 130 and one line, instead of losing the Ctrl-C and generating anyway."""
     from test_cli_flags import _wait_for_cpu_seconds
 
