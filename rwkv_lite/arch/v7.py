@@ -34,7 +34,10 @@ import numpy as np
 from ..errors import FormatError
 from ..kernels.batched import lowrank_down_rows, lowrank_up_rows
 from ..kernels.linear import chain_runner
+from ..kernels.rwkv7_block import rwkv7_block_token
+from ..kernels.threads import get_threads
 from ..kernels.wkv7 import rwkv7_token, wkv7
+from ..schemes.panel import ChainLaunch, PanelMatrix
 from ..kernels import pointwise
 from . import common
 from .batch import linear_rows, per_row, previous_rows, row_addresses, store_rows
@@ -289,10 +292,42 @@ class Layer:
         if self.lora_matrices:
             middles = ("tanh",) + ("linear",) * (len(loras) - 2) + ("sigmoid",)
             self.lora_chain = chain_runner(self.lora_down, self.lora_up, middles)
+        self.block_token = _block_token_args(self, cfg)
+
+
+def _block_token_args(L: Layer, cfg: Config):
+    """The weights' arguments of kernels/rwkv7_block.rwkv7_block_token (the whole block for one token in one
+    compiled call), or None where it does not cover this block: a product not a panel-layout matrix, LoRA factors
+    without the one-launch chain, DeepEmbed."""
+    C = cfg.n_embd
+    rkv, o, fk, fv = (L.W_r, L.W_k, L.W_v), L.W_o, L.F_k, L.F_v
+    if L.s_emb is not None or not isinstance(L.lora_chain, ChainLaunch):
+        return None
+    if not all(isinstance(m, PanelMatrix) for m in (*rkv, o, fk, fv)):
+        return None
+    if len({(m.int8, m.shape, m.padded_cols) for m in rkv}) != 1 or rkv[0].shape != (C, C) or o.shape != (C, C):
+        return None
+    chain = L.lora_chain
+    if chain.C != C or chain.R != C:
+        return None
+    first = rkv[0]
+    return (np.float64(common.LN_EPS), L.ln1_w, L.ln1_b, L.mixes, C,
+            first.int8, tuple(m.wp for m in rkv), tuple(m.words for m in rkv), first.padded_cols,
+            np.array([m.npanels for m in rkv], np.int64),
+            chain.down_wp, chain.down_words, chain.up_wp, chain.up_words, chain.cols, chain.dims, chain.middles,
+            chain.down_tasks, chain.up_tasks, chain.up_groups, chain.out_cols,
+            L.w0, L.a0, L.v0 if L.has_value_residual else L.a0, L.k_k, L.k_a, L.r_k, L.ln_x_w, L.ln_x_b,
+            cfg.n_head, L.has_value_residual, DECAY_SCALE, NORM_FLOOR, float(cfg.ln_x_eps),
+            o.int8, o.wp, o.words, o.padded_cols, o.parallel,
+            L.ln2_w, L.ln2_b, L.ffn_mixes,
+            fk.int8, fk.wp, fk.words, fk.padded_cols, fk.shape[0], fk.parallel,
+            fv.int8, fv.wp, fv.words, fv.padded_cols, fv.parallel)
 
 
 def load_weights(store, cfg: Config) -> common.Weights:
-    return common.Weights(store, cfg, Layer)
+    W = common.Weights(store, cfg, Layer)
+    W.block_token = all(L.block_token is not None for L in W.layers)
+    return W
 
 
 def time_mix(L: Layer, a, state, l, run):
@@ -352,7 +387,27 @@ def deep_embed_scale(L: Layer, b, tokens):
 def forward(W: common.Weights, tokens: np.ndarray, state: dict, all_logits: bool, check=None,
             observer=None) -> np.ndarray:
     """Run T tokens (one chunk) through the model; returns logits (T, V) or (1, V) of the last token."""
+    if len(tokens) == 1 and observer is None and W.block_token:
+        return _forward_token(W, tokens, state, all_logits, check)
     return common.forward(time_mix, channel_mix, W, tokens, state, all_logits, check, observer)
+
+
+def _forward_token(W: common.Weights, tokens, state: dict, all_logits: bool, check=None) -> np.ndarray:
+    """forward() of one token with each block one compiled call (kernels/rwkv7_block.py): the same bits as
+    time_mix and channel_mix, without ~13 trips between Python and Numba per block."""
+    x = W.emb.rows(tokens)
+    threads = get_threads()
+    blocks = max(1, min(W.cfg.n_head, threads))
+    att_x, ffn_x, wkv = state["att_x"], state["ffn_x"], state["wkv"]
+    source = state.get("wkv" + common.SOURCE)
+    v_first = x                                      # (layer 0 puts its value here)
+    for l, L in enumerate(W.layers):
+        x, v_first = rwkv7_block_token(x, v_first, threads, blocks, att_x[l], ffn_x[l], wkv[l],
+                                       wkv[l] if source is None else source[l], source is not None,
+                                       *L.block_token)
+        if check is not None:
+            check(x, l)
+    return common.output_logits(W, x, all_logits)
 
 
 # ---------------------------------------------------------------------------------------------------------------

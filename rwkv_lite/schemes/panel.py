@@ -222,30 +222,38 @@ class PanelMatrix(Matrix):
             return None
         if any(a.shape[0] != b.shape[1] for a, b in zip(downs, ups)) or len(downs) != len(ups):
             return None
-        codes = {"linear": kernels.LINEAR, "tanh": kernels.TANH, "sigmoid": kernels.SIGMOID}
-        down_wp, down_words = tuple(m.wp for m in downs), tuple(m.words for m in downs)
-        up_wp, up_words = tuple(m.wp for m in ups), tuple(m.words for m in ups)
-        C, cols, R = downs[0].shape[1], downs[0].padded_cols, ups[0].shape[0]
-        dims = np.array([m.shape[1] for m in ups], np.int64)
-        middle = np.array([codes[f] for f in middles], np.int64)
-        down_tasks = kernels.task_table(np.array([m.npanels for m in downs], np.int64))
-        up_tasks = kernels.task_table_sized(np.array([m.npanels for m in ups], np.int64),
-                                            kernels.balanced_panels_per_task([m.wp.shape[1] for m in ups]))
-        up_groups = np.array([m.padded_cols // GROUP for m in ups], np.int64)
-        out_cols = ups[0].npanels * ROW_STEP
-        n = len(downs)
-
-        def run(xs):
-            X = np.zeros((n, cols), np.float32)
-            for i, x in enumerate(xs):
-                X[i, :C] = x
-            Y = kernels.lora_chain(down_wp, down_words, up_wp, up_words, X, cols, dims, middle, down_tasks,
-                                   up_tasks, up_groups, out_cols)
-            return [Y[i, :R] for i in range(n)]
-        return run
+        return ChainLaunch(downs, ups, middles)
 
     def _dequantize(self, ids, out):
         out[:] = self._dequantize_rows(ids)[:, : out.shape[1]]
 
     def _arrays(self):
         return (self.wp, self.words)
+
+
+class ChainLaunch:
+    """PanelMatrix._chain_runner's result: call it with n vectors (C,) for their n results (R,). Its attributes are
+    kernels/panel.lora_chain's arguments after the input (compiled callers such as kernels/rwkv7_block.py pass
+    them on themselves)."""
+
+    def __init__(self, downs, ups, middles):
+        codes = {"linear": kernels.LINEAR, "tanh": kernels.TANH, "sigmoid": kernels.SIGMOID}
+        self.down_wp, self.down_words = tuple(m.wp for m in downs), tuple(m.words for m in downs)
+        self.up_wp, self.up_words = tuple(m.wp for m in ups), tuple(m.words for m in ups)
+        self.C, self.cols, self.R = downs[0].shape[1], downs[0].padded_cols, ups[0].shape[0]
+        self.dims = np.array([m.shape[1] for m in ups], np.int64)
+        self.middles = np.array([codes[f] for f in middles], np.int64)
+        self.down_tasks = kernels.task_table(np.array([m.npanels for m in downs], np.int64))
+        self.up_tasks = kernels.task_table_sized(np.array([m.npanels for m in ups], np.int64),
+                                                 kernels.balanced_panels_per_task([m.wp.shape[1] for m in ups]))
+        self.up_groups = np.array([m.padded_cols // GROUP for m in ups], np.int64)
+        self.out_cols = ups[0].npanels * ROW_STEP
+        self.n = len(downs)
+
+    def __call__(self, xs):
+        X = np.zeros((self.n, self.cols), np.float32)
+        for i, x in enumerate(xs):
+            X[i, :self.C] = x
+        Y = kernels.lora_chain(self.down_wp, self.down_words, self.up_wp, self.up_words, X, self.cols, self.dims,
+                               self.middles, self.down_tasks, self.up_tasks, self.up_groups, self.out_cols)
+        return [Y[i, :self.R] for i in range(self.n)]

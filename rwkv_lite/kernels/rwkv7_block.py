@@ -1,0 +1,94 @@
+"""RWKV-7's block for one token as one compiled call (arch/v7.py's `time_mix` and `channel_mix` at T = 1).
+
+A decode step of RWKV-7 used to be ~13 calls from Python into Numba per block (the two norms, the token shifts,
+the r/k/v launch, the LoRA chain, the WKV step, three more products, the activation) plus the Python around them:
+~110 us a block, 2.6 ms a token over 24 blocks, whatever the model's size (docs/performance.md, "fixed cost").
+Here the same kernels run in the same order from compiled code, so a block costs one call from Python: the results
+are the same bits (tests/test_rwkv7_block.py), and the products still split over Numba's threads inside (a
+parallel kernel called from compiled code launches its own parallel region).
+
+It covers the files most people run: every product a panel-layout int8 / int4 matrix (schemes/panel.py), the
+LoRA factors int8 panels in one chain launch. Other files, DeepEmbed blocks and observed passes take the
+step-by-step path in arch/v7.py.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from . import panel
+from .pointwise import RELU_SQUARE, _activation_serial, _group_norm_serial, _shift_mixes_serial
+from .wkv7 import _token_one
+
+
+@njit(cache=True, nogil=True)
+def _product(int8, parallel, wp, wd, x, cols, rows, threads):
+    """y (1, rows) = the panel matrix (wp, wd) times the row x (1, C): PanelMatrix._product's kernel choice."""
+    if parallel:
+        Y = panel.gemm_parallel(int8, wp, wd, x, cols, threads)
+    else:
+        Y = panel.gemm_serial(int8, wp, wd, x, cols)
+    if Y.shape[1] == rows:
+        return Y
+    return np.ascontiguousarray(Y[:, :rows])
+
+
+@njit(cache=True, nogil=True)
+def _padded(xs, cols):
+    """The rows xs[i] (1, C) stacked into (n, cols), zeros past C (gemv_many's and the chain's input)."""
+    C = xs[0].shape[1]
+    X = np.zeros((len(xs), cols), np.float32)
+    for i in range(len(xs)):
+        X[i, :C] = xs[i][0]
+    return X
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def rwkv7_block_token(x, v_first, threads, blocks, att_x, ffn_x, wkv, source, copy_source,
+                      ln_eps, ln1_w, ln1_b, mixes, C,
+                      rkv_int8, rkv_wp, rkv_wd, rkv_cols, rkv_npanels,
+                      down_wp, down_wd, up_wp, up_wd, lora_cols, dims, middles, down_tasks, up_tasks, up_groups,
+                      lora_out_cols,
+                      w0, a0, v0, k_k, k_a, r_k, ln_x_w, ln_x_b, n_head, value_residual, decay_scale, norm_floor,
+                      ln_x_eps,
+                      o_int8, o_wp, o_wd, o_cols, o_parallel,
+                      ln2_w, ln2_b, ffn_mixes,
+                      k_int8, k_wp, k_wd, k_cols, k_rows, k_parallel,
+                      v_int8, v_wp, v_wd, v_cols, v_parallel):
+    """(x, v_first) after one block for the row x (1, C) before it. The first nine arguments change from call to
+    call: the value residual v_first (1, C) (ignored by layer 0, which returns its own value in its place), the
+    thread count and WKV head blocks, the block's state rows att_x, ffn_x (C,) and wkv (H, N, N), updated in place
+    (the old WKV memory read from `source` when copy_source). The rest are the block's weights and their kernel
+    arguments (arch/v7.py: Layer.block_token), as arch/v7.py's time_mix and channel_mix pass them."""
+    # time mix: x += W_o . WKV7(r, k, v, LoRAs of the shifted LN1(x))
+    a = _group_norm_serial(x, 1, ln1_w, ln1_b, ln_eps)
+    previous = att_x.reshape(1, -1)
+    shifted = _shift_mixes_serial(a, previous, mixes, None)          # rows r, w, k, v, a, g
+    xr, xw, xk, xv, xa, xg = shifted[0], shifted[1], shifted[2], shifted[3], shifted[4], shifted[5]
+    Y = panel.gemv_many(rkv_int8, rkv_wp, rkv_wd, _padded((xr, xk, xv), rkv_cols), rkv_cols, rkv_npanels)
+    r = np.ascontiguousarray(Y[0:1, :C])
+    k = np.ascontiguousarray(Y[1:2, :C])
+    v = np.ascontiguousarray(Y[2:3, :C])
+    if value_residual:
+        U = panel.lora_chain(down_wp, down_wd, up_wp, up_wd, _padded((xw, xa, xv, xg), lora_cols), lora_cols,
+                             dims, middles, down_tasks, up_tasks, up_groups, lora_out_cols)
+        u_w, u_a = np.ascontiguousarray(U[0:1, :C]), np.ascontiguousarray(U[1:2, :C])
+        u_v, gate = np.ascontiguousarray(U[2:3, :C]), np.ascontiguousarray(U[3:4, :C])
+        vr0 = v0
+    else:
+        U = panel.lora_chain(down_wp, down_wd, up_wp, up_wd, _padded((xw, xa, xg), lora_cols), lora_cols,
+                             dims, middles, down_tasks, up_tasks, up_groups, lora_out_cols)
+        u_w, u_a, gate = np.ascontiguousarray(U[0:1, :C]), np.ascontiguousarray(U[1:2, :C]), \
+            np.ascontiguousarray(U[2:3, :C])
+        u_v, vr0, v_first = v, a0, v
+    y = _token_one(r, k, v, v_first, u_w, u_a, u_v, gate, w0, a0, vr0, k_k, k_a, r_k, ln_x_w, ln_x_b, n_head,
+                   value_residual, decay_scale, norm_floor, ln_x_eps, source, copy_source, wkv, blocks)
+    att_x[:] = a[0]
+    x = x + _product(o_int8, o_parallel, o_wp, o_wd, y, o_cols, C, threads)
+    # channel mix: x += W_v . relu(W_k . shifted LN2(x))^2
+    b = _group_norm_serial(x, 1, ln2_w, ln2_b, ln_eps)
+    xk2 = np.ascontiguousarray(_shift_mixes_serial(b, ffn_x.reshape(1, -1), ffn_mixes, None)[0])
+    hidden = _activation_serial(_product(k_int8, k_parallel, k_wp, k_wd, xk2, k_cols, k_rows, threads), RELU_SQUARE)
+    ffn_x[:] = b[0]
+    x = x + _product(v_int8, v_parallel, v_wp, v_wd, hidden, v_cols, C, threads)
+    return x, v_first

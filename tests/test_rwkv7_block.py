@@ -1,0 +1,90 @@
+"""RWKV-7's one-token block in one compiled call (kernels/rwkv7_block.py) gives the bits of the step-by-step path
+(arch/v7.py's time_mix and channel_mix), for int8 and int4 files of shapes with and without whole panels and
+groups, with one thread and with all, stepping in place and from a source state; files it does not cover take
+the step-by-step path."""
+import numba
+import numpy as np
+import pytest
+
+import checkpoint_writers as cw
+import reference_models as rm
+import rwkv_lite
+from rwkv_lite.arch import v7
+
+_MODELS = {}
+
+
+@pytest.fixture(scope="module")
+def model_of(tmp_path_factory):
+    def get(name, quant):
+        if (name, quant) not in _MODELS:
+            spec = rm.SPECS_BY_NAME[name]
+            folder = tmp_path_factory.mktemp(name)
+            src = cw.save_pth(rm.make_state_dict(spec), folder / "model.pth")
+            dst = folder / f"{quant}.safetensors"
+            rwkv_lite.convert(src, dst, quant=quant)
+            _MODELS[name, quant] = rwkv_lite.load(dst)
+        return _MODELS[name, quant]
+    yield get
+    for m in _MODELS.values():
+        m.close()
+    _MODELS.clear()
+
+
+def _decode(model, fused, tokens, source_steps):
+    """Logits of a 5-token prompt then one token at a time (every other step from a source state, as generate()'s
+    double buffering does), and the final state."""
+    model.weights.block_token = fused
+    try:
+        state = model.new_state()
+        logits = [model.forward_in_place(tokens[:5], state)]
+        spare = model.new_state()
+        for i, t in enumerate(tokens[5:]):
+            if source_steps and i % 2:
+                logits.append(model.forward_in_place([t], spare, source=state))
+                state, spare = spare, state
+            else:
+                logits.append(model.forward_in_place([t], state))
+        return np.stack(logits), state
+    finally:
+        model.weights.block_token = True
+
+
+@pytest.mark.parametrize("name", ["v7_a", "v7_b"])
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("source_steps", [False, True])
+def test_block_call_equals_the_step_by_step_path(name, quant, source_steps, model_of, monkeypatch):
+    model = model_of(name, quant)
+    assert model.weights.block_token                 # every block covered: panel matrices, a LoRA chain
+    calls = []
+    real = v7.rwkv7_block_token
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+    monkeypatch.setattr(v7, "rwkv7_block_token", counted)
+    tokens = [int(t) for t in rm.token_sequence(rm.SPECS_BY_NAME[name])[:13]]
+    for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+        with_threads = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        try:
+            calls.clear()
+            want, want_state = _decode(model, False, tokens, source_steps)
+            assert not calls
+            got, got_state = _decode(model, True, tokens, source_steps)
+            assert len(calls) == 8 * model.config["n_layer"]      # every decode step, every block
+        finally:
+            numba.set_num_threads(with_threads)
+        np.testing.assert_array_equal(got, want)
+        for key in want_state.arrays:
+            np.testing.assert_array_equal(got_state.arrays[key], want_state.arrays[key], err_msg=key)
+
+
+def test_files_it_does_not_cover_take_the_step_path(model_of, monkeypatch):
+    """fp32 matrices (no panel kernels), and a pass with an observer (it must see every product)."""
+    assert not model_of("v7_a", "fp32").weights.block_token
+    model = model_of("v7_a", "int8")
+    monkeypatch.setattr(v7, "rwkv7_block_token", lambda *a: pytest.fail("observed pass took the block call"))
+    seen = []
+    model.forward([3], observer=lambda name, x: seen.append(name))
+    assert "blocks.1.att.receptance.weight" in seen and "blocks.1.ffn.value.weight" in seen
