@@ -20,7 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import FormatError
+from ..kernels.threads import get_threads
+from ..kernels.token_blocks import rwkv5_block_token
 from ..kernels.wkv5 import wkv5, wkv5_rows
+from ..schemes.panel import PanelMatrix
 from . import common
 from .batch import linear_rows, previous_rows, row_addresses, store_rows
 from .common import (Planner, group_norm, layer_count, linear, linear_many, relu_square, sigmoid_gate, silu_gate,
@@ -171,10 +174,38 @@ class Layer:
         # the token-shift mixes stacked for one kernel call each: r, k, v[, g] and k, r
         self.mixes = np.stack([self.mix_r, self.mix_k, self.mix_v] + ([self.mix_g] if self.has_gate else []))
         self.ffn_mixes = np.stack([self.ffn_mix_k, self.ffn_mix_r])
+        self.block_token = _block_token_args(self, cfg)
+
+
+def _block_token_args(L: Layer, cfg: Config):
+    """The weights' arguments of kernels/token_blocks.rwkv5_block_token (the whole block for one token in one
+    compiled call), or None where it does not cover this block: a product not a panel-layout matrix, or the
+    projections that share a launch not of one scheme and width."""
+    C = cfg.n_embd
+    att = (L.W_r, L.W_k, L.W_v) + ((L.W_g,) if L.has_gate else ())
+    kr = (L.F_k, L.F_r)
+    if not all(isinstance(m, PanelMatrix) for m in (*att, *kr, L.W_o, L.F_v)):
+        return None
+    if len({(m.int8, m.shape, m.padded_cols) for m in att}) != 1 or att[0].shape != (C, C) or L.W_o.shape != (C, C):
+        return None
+    if len({(m.int8, m.shape[1], m.padded_cols) for m in kr}) != 1 or L.F_r.shape != (C, C):
+        return None
+    o, fv = L.W_o, L.F_v
+    return (np.float64(common.LN_EPS), L.ln1_w, L.ln1_b, L.mixes, C, L.has_gate,
+            att[0].int8, tuple(m.wp for m in att), tuple(m.words for m in att), att[0].padded_cols,
+            np.array([m.npanels for m in att], np.int64),
+            L.decay, L.bonus, cfg.n_head, L.ln_x_w, L.ln_x_b, float(cfg.ln_x_eps),
+            o.int8, o.wp, o.words, o.padded_cols, o.parallel,
+            L.ln2_w, L.ln2_b, L.ffn_mixes,
+            L.F_k.int8, tuple(m.wp for m in kr), tuple(m.words for m in kr), L.F_k.padded_cols,
+            np.array([m.npanels for m in kr], np.int64), L.F_k.shape[0],
+            fv.int8, fv.wp, fv.words, fv.padded_cols, fv.parallel)
 
 
 def load_weights(store, cfg: Config) -> common.Weights:
-    return common.Weights(store, cfg, Layer)
+    W = common.Weights(store, cfg, Layer)
+    W.block_token = all(L.block_token is not None for L in W.layers)
+    return W
 
 
 def time_mix(L: Layer, a, state, l, run):
@@ -205,7 +236,24 @@ def channel_mix(L: Layer, b, state, l, run):
 def forward(W: common.Weights, tokens: np.ndarray, state: dict, all_logits: bool, check=None,
             observer=None) -> np.ndarray:
     """Run T tokens (one chunk) through the model; returns logits (T, V) or (1, V) of the last token."""
+    if len(tokens) == 1 and observer is None and W.block_token:
+        return _forward_token(W, tokens, state, all_logits, check)
     return common.forward(time_mix, channel_mix, W, tokens, state, all_logits, check, observer)
+
+
+def _forward_token(W: common.Weights, tokens, state: dict, all_logits: bool, check=None) -> np.ndarray:
+    """forward() of one token with each block one compiled call (kernels/token_blocks.py): the same bits as
+    time_mix and channel_mix, without ~10 trips between Python and Numba per block."""
+    x = W.emb.rows(tokens)
+    threads = get_threads()
+    att_x, ffn_x, wkv = state["att_x"], state["ffn_x"], state["wkv"]
+    source = state.get("wkv" + common.SOURCE)
+    for l, L in enumerate(W.layers):
+        x = rwkv5_block_token(x, threads, att_x[l], ffn_x[l], wkv[l], wkv[l] if source is None else source[l],
+                              source is not None, *L.block_token)
+        if check is not None:
+            check(x, l)
+    return common.output_logits(W, x, all_logits)
 
 
 # ---------------------------------------------------------------------------------------------------------------

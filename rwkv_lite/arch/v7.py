@@ -34,7 +34,7 @@ import numpy as np
 from ..errors import FormatError
 from ..kernels.batched import lowrank_down_rows, lowrank_up_rows
 from ..kernels.linear import chain_runner
-from ..kernels.rwkv7_block import rwkv7_block_token
+from ..kernels.token_blocks import rwkv7_block_token
 from ..kernels.threads import get_threads
 from ..kernels.wkv7 import rwkv7_token, wkv7
 from ..schemes.panel import ChainLaunch, PanelMatrix
@@ -296,7 +296,7 @@ class Layer:
 
 
 def _block_token_args(L: Layer, cfg: Config):
-    """The weights' arguments of kernels/rwkv7_block.rwkv7_block_token (the whole block for one token in one
+    """The weights' arguments of kernels/token_blocks.rwkv7_block_token (the whole block for one token in one
     compiled call), or None where it does not cover this block: a product not a panel-layout matrix, LoRA factors
     without the one-launch chain, DeepEmbed."""
     C = cfg.n_embd
@@ -393,7 +393,7 @@ def forward(W: common.Weights, tokens: np.ndarray, state: dict, all_logits: bool
 
 
 def _forward_token(W: common.Weights, tokens, state: dict, all_logits: bool, check=None) -> np.ndarray:
-    """forward() of one token with each block one compiled call (kernels/rwkv7_block.py): the same bits as
+    """forward() of one token with each block one compiled call (kernels/token_blocks.py): the same bits as
     time_mix and channel_mix, without ~13 trips between Python and Numba per block."""
     x = W.emb.rows(tokens)
     threads = get_threads()

@@ -233,7 +233,7 @@ class PanelMatrix(Matrix):
 
 class ChainLaunch:
     """PanelMatrix._chain_runner's result: call it with n vectors (C,) for their n results (R,). Its attributes are
-    kernels/panel.lora_chain's arguments after the input (compiled callers such as kernels/rwkv7_block.py pass
+    kernels/panel.lora_chain's arguments after the input (compiled callers such as kernels/token_blocks.py pass
     them on themselves)."""
 
     def __init__(self, downs, ups, middles):

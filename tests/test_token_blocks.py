@@ -1,7 +1,7 @@
-"""RWKV-7's one-token block in one compiled call (kernels/rwkv7_block.py) gives the bits of the step-by-step path
-(arch/v7.py's time_mix and channel_mix), for int8 and int4 files of shapes with and without whole panels and
-groups, with one thread and with all, stepping in place and from a source state; files it does not cover take
-the step-by-step path."""
+"""A one-token block in one compiled call (kernels/token_blocks.py: RWKV-5 and RWKV-7) gives the bits of the
+step-by-step path (the version module's time_mix and channel_mix), for int8 and int4 files of shapes with and
+without whole panels and groups, with one thread and with all, stepping in place and from a source state; files
+it does not cover take the step-by-step path."""
 import numba
 import numpy as np
 import pytest
@@ -9,7 +9,7 @@ import pytest
 import checkpoint_writers as cw
 import reference_models as rm
 import rwkv_lite
-from rwkv_lite.arch import v7
+from rwkv_lite.arch import v5, v7
 
 _MODELS = {}
 
@@ -50,19 +50,26 @@ def _decode(model, fused, tokens, source_steps):
         model.weights.block_token = True
 
 
-@pytest.mark.parametrize("name", ["v7_a", "v7_b"])
+# version module and its block call for each spec: RWKV-7 with and without layer 0's unused value LoRA, RWKV-5.0
+# (no gate, per-head decay) and 5.2 (gate, per-channel decay, the Eagle FFN width)
+BLOCK_CALL = {"v7_a": (v7, "rwkv7_block_token"), "v7_b": (v7, "rwkv7_block_token"),
+              "v50_a": (v5, "rwkv5_block_token"), "v52_b": (v5, "rwkv5_block_token")}
+
+
+@pytest.mark.parametrize("name", list(BLOCK_CALL))
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 @pytest.mark.parametrize("source_steps", [False, True])
 def test_block_call_equals_the_step_by_step_path(name, quant, source_steps, model_of, monkeypatch):
     model = model_of(name, quant)
     assert model.weights.block_token                 # every block covered: panel matrices, a LoRA chain
     calls = []
-    real = v7.rwkv7_block_token
+    module, function = BLOCK_CALL[name]
+    real = getattr(module, function)
 
     def counted(*args):
         calls.append(1)
         return real(*args)
-    monkeypatch.setattr(v7, "rwkv7_block_token", counted)
+    monkeypatch.setattr(module, function, counted)
     tokens = [int(t) for t in rm.token_sequence(rm.SPECS_BY_NAME[name])[:13]]
     for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
         with_threads = numba.get_num_threads()
@@ -80,11 +87,13 @@ def test_block_call_equals_the_step_by_step_path(name, quant, source_steps, mode
             np.testing.assert_array_equal(got_state.arrays[key], want_state.arrays[key], err_msg=key)
 
 
-def test_files_it_does_not_cover_take_the_step_path(model_of, monkeypatch):
+@pytest.mark.parametrize("name", ["v7_a", "v52_b"])
+def test_files_it_does_not_cover_take_the_step_path(name, model_of, monkeypatch):
     """fp32 matrices (no panel kernels), and a pass with an observer (it must see every product)."""
-    assert not model_of("v7_a", "fp32").weights.block_token
-    model = model_of("v7_a", "int8")
-    monkeypatch.setattr(v7, "rwkv7_block_token", lambda *a: pytest.fail("observed pass took the block call"))
+    assert not model_of(name, "fp32").weights.block_token
+    model = model_of(name, "int8")
+    module, function = BLOCK_CALL[name]
+    monkeypatch.setattr(module, function, lambda *a: pytest.fail("observed pass took the block call"))
     seen = []
     model.forward([3], observer=lambda name, x: seen.append(name))
     assert "blocks.1.att.receptance.weight" in seen and "blocks.1.ffn.value.weight" in seen

@@ -1,15 +1,16 @@
-"""RWKV-7's block for one token as one compiled call (arch/v7.py's `time_mix` and `channel_mix` at T = 1).
+"""A whole block for one token as one compiled call: RWKV-5 (arch/v5.py) and RWKV-7 (arch/v7.py) decode steps.
 
-A decode step of RWKV-7 used to be ~13 calls from Python into Numba per block (the two norms, the token shifts,
-the r/k/v launch, the LoRA chain, the WKV step, three more products, the activation) plus the Python around them:
-~110 us a block, 2.6 ms a token over 24 blocks, whatever the model's size (docs/performance.md, "fixed cost").
-Here the same kernels run in the same order from compiled code, so a block costs one call from Python: the results
-are the same bits (tests/test_rwkv7_block.py), and the products still split over Numba's threads inside (a
-parallel kernel called from compiled code launches its own parallel region).
+A decode step used to make ~10-13 calls from Python into Numba per block (the two norms, the token shifts, the
+projections' launch, RWKV-7's LoRA chain, the WKV step, the remaining products, activations and gates) with the
+Python around them: ~110 us a block, 2.6 ms a token over 24 blocks whatever the model's size, and gaps in which
+the threads went back to waiting (docs/performance.md). Here the same kernels run in the same order from
+compiled code, so a block costs one call from Python: the results are the same bits (tests/test_token_blocks.py),
+and the products still split over Numba's threads inside (a parallel kernel called from compiled code launches
+its own parallel region).
 
-It covers the files most people run: every product a panel-layout int8 / int4 matrix (schemes/panel.py), the
-LoRA factors int8 panels in one chain launch. Other files, DeepEmbed blocks and observed passes take the
-step-by-step path in arch/v7.py.
+They cover the files most people run: every product a panel-layout int8 / int4 matrix (schemes/panel.py), for
+RWKV-7 the LoRA factors int8 panels in one chain launch. Other files, DeepEmbed blocks and observed passes take
+the step-by-step path of their version module.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import numpy as np
 from numba import njit
 
 from . import panel
-from .pointwise import RELU_SQUARE, _activation_serial, _group_norm_serial, _shift_mixes_serial
+from .pointwise import (RELU_SQUARE, SIGMOID, SILU, _activation_serial, _gate_serial, _group_norm_serial,
+                        _shift_mixes_serial, _token_mixes_serial)
+from .wkv5 import PARALLEL_MIN_WORK, _heads_parallel, _heads_serial
 from .wkv7 import _token_one
 
 
@@ -92,3 +95,48 @@ def rwkv7_block_token(x, v_first, threads, blocks, att_x, ffn_x, wkv, source, co
     ffn_x[:] = b[0]
     x = x + _product(v_int8, v_parallel, v_wp, v_wd, hidden, v_cols, C, threads)
     return x, v_first
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def rwkv5_block_token(x, threads, att_x, ffn_x, wkv, source, copy_source,
+                      ln_eps, ln1_w, ln1_b, mixes, C, has_gate,
+                      att_int8, att_wp, att_wd, att_cols, att_npanels,
+                      decay, bonus, n_head, ln_x_w, ln_x_b, ln_x_eps,
+                      o_int8, o_wp, o_wd, o_cols, o_parallel,
+                      ln2_w, ln2_b, ffn_mixes,
+                      kr_int8, kr_wp, kr_wd, kr_cols, kr_npanels, F,
+                      v_int8, v_wp, v_wd, v_cols, v_parallel):
+    """x (1, C) after one RWKV-5 block for the row x before it. The first seven arguments change from call to call:
+    the thread count, the block's state rows att_x, ffn_x (C,) and wkv (H, N, N), updated in place (the old WKV
+    memory read from `source` when copy_source). The rest are the block's weights and their kernel arguments
+    (arch/v5.py: Layer.block_token), as arch/v5.py's time_mix and channel_mix pass them."""
+    # time mix: x += W_o . [silu(W_g xg) *] GroupNorm(WKV5(W_r xr, W_k xk, W_v xv))
+    a = _group_norm_serial(x, 1, ln1_w, ln1_b, ln_eps)
+    mixed = _token_mixes_serial(a, att_x.reshape(1, -1), mixes)      # rows r, k, v[, g]
+    if has_gate:
+        X = _padded((mixed[0], mixed[1], mixed[2], mixed[3]), att_cols)
+    else:
+        X = _padded((mixed[0], mixed[1], mixed[2]), att_cols)
+    Y = panel.gemv_many(att_int8, att_wp, att_wd, X, att_cols, att_npanels)
+    r = np.ascontiguousarray(Y[0:1, :C])
+    k = np.ascontiguousarray(Y[1:2, :C])
+    v = np.ascontiguousarray(Y[2:3, :C])
+    o = np.empty_like(r)
+    N = C // n_head
+    if n_head > 1 and n_head * N * N >= PARALLEL_MIN_WORK:          # wkv5's choice: the same bits either way
+        _heads_parallel(r, k, v, decay, False, bonus, source, copy_source, wkv, o)
+    else:
+        _heads_serial(r, k, v, decay, False, bonus, source, copy_source, wkv, o)
+    y = _group_norm_serial(o, n_head, ln_x_w, ln_x_b, ln_x_eps)
+    if has_gate:
+        y = _gate_serial(y, np.ascontiguousarray(Y[3:4, :C]), SILU)
+    att_x[:] = a[0]
+    x = x + _product(o_int8, o_parallel, o_wp, o_wd, y, o_cols, C, threads)
+    # channel mix: x += sigmoid(F_r xr) * F_v relu(F_k xk)^2
+    b = _group_norm_serial(x, 1, ln2_w, ln2_b, ln_eps)
+    mixed = _token_mixes_serial(b, ffn_x.reshape(1, -1), ffn_mixes)  # rows k, r
+    Y = panel.gemv_many(kr_int8, kr_wp, kr_wd, _padded((mixed[0], mixed[1]), kr_cols), kr_cols, kr_npanels)
+    hidden = _activation_serial(np.ascontiguousarray(Y[0:1, :F]), RELU_SQUARE)
+    ffn_x[:] = b[0]
+    out = _product(v_int8, v_parallel, v_wp, v_wd, hidden, v_cols, C, threads)
+    return x + _gate_serial(out, np.ascontiguousarray(Y[1:2, :C]), SIGMOID)
