@@ -4,7 +4,8 @@
 
 Times `model.forward([t], state)` (median over --tokens calls after 2 warm-up calls), then again with every
 Matrix call timed, and prints milliseconds per token per matrix shape and the rest (norms, mixes, WKV, state
-copy, Python). With --prompt N it then does the same for sequence mode: `model.forward(ids)` over N random
+copy, Python). The timed pass runs each block step by step (the same kernels), where RWKV-5/7 panel files
+decode each block as one compiled call: its total minus the first median is what the block calls save. With --prompt N it then does the same for sequence mode: `model.forward(ids)` over N random
 tokens from a fresh state (median of 3 after one warm-up), the matrix products (dequantised tiles times the
 activations, or the scheme's own kernel) against the rest, per prompt. Weight bytes read per decode step are
 printed too (rwkv_lite.benchmark.bytes_read_per_token). Used for the profiles in docs/performance.md.
@@ -77,6 +78,10 @@ def main():
     common.gemv_many = timed_many
     for L in chains:
         L.lora_chain = timed_chain(L.lora_chain, len(L.lora_down))
+    # The products are timed from Python, so the instrumented pass takes the step-by-step path (the same kernels)
+    # where the decode above ran each block as one compiled call (kernels/token_blocks.py).
+    block_calls = getattr(model.weights, "block_token", False)
+    model.weights.block_token = False
     try:
         t0 = time.perf_counter()
         for _ in range(args.tokens):
@@ -86,7 +91,10 @@ def main():
         linear.Matrix.__call__, common.gemv_many = original_call, original_many
         for L, run in zip(chains, original_chains):
             L.lora_chain = run
-    print(f"instrumented: {1e3 * total:.1f} ms/token")
+        if block_calls:
+            model.weights.block_token = True
+    print(f"instrumented: {1e3 * total:.1f} ms/token"
+          + (" (step by step: the decode above ran each block as one compiled call)" if block_calls else ""))
     gemv = 0.0
     for key, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
         per_token = seconds / args.tokens
