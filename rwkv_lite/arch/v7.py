@@ -34,8 +34,8 @@ import numpy as np
 from ..errors import FormatError
 from ..kernels.batched import lowrank_down_rows, lowrank_up_rows
 from ..kernels.linear import chain_runner
-from ..kernels.token_blocks import rwkv7_block_token
 from ..kernels.threads import get_threads
+from ..kernels.token_blocks import rwkv7_block_token
 from ..kernels.wkv7 import rwkv7_token, wkv7
 from ..schemes.panel import ChainLaunch, PanelMatrix
 from ..kernels import pointwise
