@@ -205,7 +205,8 @@ class Model:
         loop keeps one State per sequence. Every matrix product reads each weight once for all B rows, and row b
         equals `forward([tokens[b]], states[b])` bit for bit (tests/test_batched_decode.py). A row whose logits
         are not finite is returned as it is: the caller decides what to do with that one sequence. `observer`
-        as in forward() (X holds one row per sequence)."""
+        as in forward() (X holds one row per sequence). One sequence alone takes forward()'s single-token path
+        (its fused launches and whole-block calls; the batched kernels pay off from two rows on)."""
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if ids.size != len(states) or ids.size == 0:
             raise ValueError(f"forward_batch() needs one token per state, got {ids.size} tokens and "
@@ -220,6 +221,8 @@ class Model:
         if len({id(a) for s in states for a in s.arrays.values()}) != sum(len(s.arrays) for s in states):
             raise ValueError("forward_batch() was given the same state (or shared state arrays) twice")
         use_threads()
+        if ids.size == 1:       # one sequence (a server with one client): the single-token path, the same bits
+            return self.arch.forward(self.weights, ids, states[0].arrays, False, None, observer)
         return self.arch.forward_batch(self.weights, ids, [s.arrays for s in states], observer)
 
     def verify(self, progress=None) -> list[str]:

@@ -119,6 +119,22 @@ def test_batch_of_33_identical_prompts_gives_identical_rows(quant, model_of):
     np.testing.assert_array_equal(rows, np.broadcast_to(want, rows.shape))
 
 
+@pytest.mark.parametrize("name, quant", [("v7_b", "int8"), ("v52_a", "int4"), ("v4_a", "fp32")])
+def test_one_sequence_takes_the_single_token_path(name, quant, model_of, monkeypatch):
+    """B = 1 (a server with one client) runs forward()'s single-token step, not the batched kernels: the same
+    logits and state bit for bit, and a row that is not finite still comes back instead of raising."""
+    model = model_of(name, quant)
+    _, state = model.forward([1, 2, 3])
+    want, want_state = model.forward([4], state)
+    monkeypatch.setattr(model.arch, "forward_batch", lambda *a, **k: pytest.fail("B = 1 took the batched path"))
+    rows = model.forward_batch([4], [state])
+    np.testing.assert_array_equal(rows, want[None, :])
+    for k, arr in want_state.arrays.items():
+        np.testing.assert_array_equal(state.arrays[k], arr, err_msg=k)
+    state.arrays["att_x"][0, 0] = np.nan                      # (every version has att_x)
+    assert not np.isfinite(model.forward_batch([5], [state])).all()
+
+
 def test_forward_batch_refuses_bad_input(model_of):
     model = model_of("v4_a", "fp32")
     s = model.new_state()
