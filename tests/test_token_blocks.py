@@ -1,7 +1,8 @@
 """A one-token block in one compiled call (kernels/token_blocks.py: RWKV-5 and RWKV-7) gives the bits of the
 step-by-step path (the version module's time_mix and channel_mix), for int8 and int4 files of shapes with and
-without whole panels and groups, with one thread and with all, stepping in place and from a source state; files
-it does not cover take the step-by-step path."""
+without whole panels and groups, with one thread and with all, stepping in place and from a source state; the
+same for a batched step of several sequences (rwkv5/7_block_rows); files it does not cover take the step-by-step
+path."""
 import numba
 import numpy as np
 import pytest
@@ -97,3 +98,34 @@ def test_files_it_does_not_cover_take_the_step_path(name, model_of, monkeypatch)
     seen = []
     model.forward([3], observer=lambda name, x: seen.append(name))
     assert "blocks.1.att.receptance.weight" in seen and "blocks.1.ffn.value.weight" in seen
+
+
+@pytest.mark.parametrize("name, quant", [("v7_a", "int8"), ("v7_b", "int4"), ("v50_a", "int4"), ("v52_b", "int8")])
+def test_batched_block_call_equals_the_batched_step_path(name, quant, model_of, monkeypatch):
+    """A batched step of 3 sequences runs each block as one call (rwkv5/7_block_rows) with the bits of the
+    version's time_mix_batch and channel_mix_batch: logits and every sequence's state."""
+    from rwkv_lite.arch import common
+    model = model_of(name, quant)
+    module, function = BLOCK_CALL[name]
+    function = function.replace("_token", "_rows")
+    calls = []
+    real = getattr(module, function)
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+    monkeypatch.setattr(module, function, counted)
+    tokens = [int(t) for t in rm.token_sequence(rm.SPECS_BY_NAME[name])[:12]]
+    got_states = [model.forward(tokens[3 * b: 3 * b + 2 + b])[1] for b in range(3)]
+    want_states = [s.copy() for s in got_states]
+    W = model.weights
+    for step in range(3):
+        ids = np.array(tokens[step: step + 3], np.int64)
+        got = model.forward_batch(ids, got_states)
+        want = common.forward_batch(module.time_mix_batch, module.channel_mix_batch, W, ids,
+                                    [s.arrays for s in want_states])
+        np.testing.assert_array_equal(got, want, err_msg=f"step {step}")
+    assert len(calls) == 3 * model.config["n_layer"]
+    for g, w in zip(got_states, want_states):
+        for key in w.arrays:
+            np.testing.assert_array_equal(g.arrays[key], w.arrays[key], err_msg=key)

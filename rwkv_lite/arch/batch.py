@@ -10,10 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from numba import carray, njit
 
-from ..kernels.batched import matmul_rows
-from ..kernels.simd import f32_pointer
+from ..kernels.batched import gather_rows, matmul_rows, scatter_rows
 
 
 def linear_rows(matrix, X, observer=None):
@@ -87,16 +85,3 @@ def store_rows(states: BatchStates, key: str, l: int, X) -> None:
         raise ValueError(f"rows {X.shape} do not fit state array {key!r} of {len(states)} sequences")
     scatter_rows(X, states.addresses(key, l))
 
-
-@njit(cache=True)
-def gather_rows(addresses, n):
-    out = np.empty((addresses.shape[0], n), np.float32)
-    for b in range(addresses.shape[0]):
-        out[b, :] = carray(f32_pointer(addresses[b]), (n,))
-    return out
-
-
-@njit(cache=True)
-def scatter_rows(X, addresses):
-    for b in range(addresses.shape[0]):
-        carray(f32_pointer(addresses[b]), (X.shape[1],))[:] = X[b, :]

@@ -21,11 +21,11 @@ import numpy as np
 
 from ..errors import FormatError
 from ..kernels.threads import get_threads
-from ..kernels.token_blocks import rwkv5_block_token
+from ..kernels.token_blocks import rwkv5_block_rows, rwkv5_block_token
 from ..kernels.wkv5 import wkv5, wkv5_rows
 from ..schemes.panel import PanelMatrix
 from . import common
-from .batch import linear_rows, previous_rows, row_addresses, store_rows
+from .batch import BatchStates, linear_rows, previous_rows, row_addresses, store_rows
 from .common import (Planner, group_norm, layer_count, linear, linear_many, relu_square, sigmoid_gate, silu_gate,
                      token_mixes, token_mixes_rows)
 
@@ -175,6 +175,7 @@ class Layer:
         self.mixes = np.stack([self.mix_r, self.mix_k, self.mix_v] + ([self.mix_g] if self.has_gate else []))
         self.ffn_mixes = np.stack([self.ffn_mix_k, self.ffn_mix_r])
         self.block_token = _block_token_args(self, cfg)
+        self.block_rows = None if self.block_token is None else _block_rows_args(self, cfg)
 
 
 def _block_token_args(L: Layer, cfg: Config):
@@ -200,6 +201,21 @@ def _block_token_args(L: Layer, cfg: Config):
             L.F_k.int8, tuple(m.wp for m in kr), tuple(m.words for m in kr), L.F_k.padded_cols,
             np.array([m.npanels for m in kr], np.int64), L.F_k.shape[0],
             fv.int8, fv.wp, fv.words, fv.padded_cols, fv.parallel)
+
+
+def _block_rows_args(L: Layer, cfg: Config):
+    """The weights' arguments of kernels/token_blocks.rwkv5_block_rows (a batched step's block in one call), for a
+    block that rwkv5_block_token covers."""
+    att = (L.W_r, L.W_k, L.W_v)
+    g = L.W_g if L.has_gate else L.W_r              # (not read without a gate)
+    kr, o, fv = (L.F_k, L.F_r), L.W_o, L.F_v
+    return (np.float64(common.LN_EPS), L.ln1_w, L.ln1_b, L.mixes, cfg.n_embd, L.has_gate,
+            att[0].int8, tuple(m.wp for m in att), tuple(m.words for m in att), att[0].padded_cols, g.wp, g.words,
+            L.decay, L.bonus, cfg.n_head, L.ln_x_w, L.ln_x_b, float(cfg.ln_x_eps),
+            o.int8, o.wp, o.words, o.padded_cols,
+            L.ln2_w, L.ln2_b, L.ffn_mixes,
+            L.F_k.int8, tuple(m.wp for m in kr), tuple(m.words for m in kr), L.F_k.padded_cols, L.F_k.shape[0],
+            fv.int8, fv.wp, fv.words, fv.padded_cols)
 
 
 def load_weights(store, cfg: Config) -> common.Weights:
@@ -283,4 +299,18 @@ def channel_mix_batch(L: Layer, b, states, l, run):
 
 def forward_batch(W: common.Weights, tokens: np.ndarray, states: list, observer=None) -> np.ndarray:
     """One token for each of B sequences (tokens (B,), states[b] its state dict, updated in place) -> (B, V)."""
+    if observer is None and W.block_token:
+        return _forward_rows(W, tokens, states)
     return common.forward_batch(time_mix_batch, channel_mix_batch, W, tokens, states, observer)
+
+
+def _forward_rows(W: common.Weights, tokens, states: list) -> np.ndarray:
+    """forward_batch() with each block one compiled call (kernels/token_blocks.rwkv5_block_rows): the same bits
+    as time_mix_batch and channel_mix_batch."""
+    rows = BatchStates(states)
+    x = W.emb.rows(tokens)
+    threads = get_threads()
+    for l, L in enumerate(W.layers):
+        x = rwkv5_block_rows(x, threads, row_addresses(rows, "att_x", l), row_addresses(rows, "ffn_x", l),
+                             row_addresses(rows, "wkv", l), *L.block_rows)
+    return linear_rows(W.head, common.layer_norm(x, W.ln_out_w, W.ln_out_b))

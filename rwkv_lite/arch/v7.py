@@ -35,12 +35,12 @@ from ..errors import FormatError
 from ..kernels.batched import lowrank_down_rows, lowrank_up_rows
 from ..kernels.linear import chain_runner
 from ..kernels.threads import get_threads
-from ..kernels.token_blocks import rwkv7_block_token
+from ..kernels.token_blocks import rwkv7_block_rows, rwkv7_block_token
 from ..kernels.wkv7 import rwkv7_token, wkv7
 from ..schemes.panel import ChainLaunch, PanelMatrix
 from ..kernels import pointwise
 from . import common
-from .batch import linear_rows, per_row, previous_rows, row_addresses, store_rows
+from .batch import BatchStates, linear_rows, per_row, previous_rows, row_addresses, store_rows
 from .common import (Planner, PlannedTensor, layer_count, layer_norm, linear, linear_many, lora_down, lora_up,
                      relu_square, sigmoid, tanh)
 
@@ -293,6 +293,7 @@ class Layer:
             middles = ("tanh",) + ("linear",) * (len(loras) - 2) + ("sigmoid",)
             self.lora_chain = chain_runner(self.lora_down, self.lora_up, middles)
         self.block_token = _block_token_args(self, cfg)
+        self.block_rows = None if self.block_token is None else _block_rows_args(self, cfg)
 
 
 def _block_token_args(L: Layer, cfg: Config):
@@ -322,6 +323,24 @@ def _block_token_args(L: Layer, cfg: Config):
             L.ln2_w, L.ln2_b, L.ffn_mixes,
             fk.int8, fk.wp, fk.words, fk.padded_cols, fk.shape[0], fk.parallel,
             fv.int8, fv.wp, fv.words, fv.padded_cols, fv.parallel)
+
+
+def _block_rows_args(L: Layer, cfg: Config):
+    """The weights' arguments of kernels/token_blocks.rwkv7_block_rows (a batched step's block in one call), for a
+    block that rwkv7_block_token covers."""
+    C, chain = cfg.n_embd, L.lora_chain
+    rkv, o, fk, fv = (L.W_r, L.W_k, L.W_v), L.W_o, L.F_k, L.F_v
+    lora_mixes = [MIXES.index(f) for f in ("wavg" if L.has_value_residual else "wag")]
+    return (np.float64(common.LN_EPS), L.ln1_w, L.ln1_b, L.mixes, C,
+            rkv[0].int8, tuple(m.wp for m in rkv), tuple(m.words for m in rkv), rkv[0].padded_cols,
+            chain.down_wp, chain.down_words, chain.up_wp, chain.up_words, chain.cols, chain.dims, chain.middles,
+            np.array([m.padded_cols for m in L.lora_up], np.int64), np.array(lora_mixes, np.int64),
+            L.w0, L.a0, L.v0 if L.has_value_residual else L.a0, L.k_k, L.k_a, L.r_k, L.ln_x_w, L.ln_x_b,
+            cfg.n_head, L.has_value_residual, DECAY_SCALE, NORM_FLOOR, float(cfg.ln_x_eps),
+            o.int8, o.wp, o.words, o.padded_cols,
+            L.ln2_w, L.ln2_b, L.ffn_mixes,
+            fk.int8, fk.wp, fk.words, fk.padded_cols, fk.shape[0],
+            fv.int8, fv.wp, fv.words, fv.padded_cols)
 
 
 def load_weights(store, cfg: Config) -> common.Weights:
@@ -472,4 +491,19 @@ def channel_mix_batch(L: Layer, b, states, l, run):
 
 def forward_batch(W: common.Weights, tokens: np.ndarray, states: list, observer=None) -> np.ndarray:
     """One token for each of B sequences (tokens (B,), states[b] its state dict, updated in place) -> (B, V)."""
+    if observer is None and W.block_token:
+        return _forward_rows(W, tokens, states)
     return common.forward_batch(time_mix_batch, channel_mix_batch, W, tokens, states, observer)
+
+
+def _forward_rows(W: common.Weights, tokens, states: list) -> np.ndarray:
+    """forward_batch() with each block one compiled call (kernels/token_blocks.rwkv7_block_rows): the same bits
+    as time_mix_batch and channel_mix_batch."""
+    rows = BatchStates(states)
+    x = W.emb.rows(tokens)
+    threads = get_threads()
+    v_first = x                                      # (layer 0 puts its value here)
+    for l, L in enumerate(W.layers):
+        x, v_first = rwkv7_block_rows(x, v_first, threads, row_addresses(rows, "att_x", l),
+                                      row_addresses(rows, "ffn_x", l), row_addresses(rows, "wkv", l), *L.block_rows)
+    return linear_rows(W.head, common.layer_norm(x, W.ln_out_w, W.ln_out_b))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import carray, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -33,11 +33,27 @@ from .int8_kernels import dot_i8_row, dot_i8g_g32, dot_i8g_g64, dot_i8g_g128
 from .linear import PARALLEL_MIN_WEIGHTS, Matrix
 from .lowrank import _down_layout, _down_sum, _up_layout, _up_rows_part, _up_sum
 from .simd import (DOT_BLOCK, F16, F32, FASTMATH, I8, I16, I32, I64, INT4_BLOCK, PREFETCH_BYTES, ROW_BLOCK, f16_to_f32,
-                   fma, is_c_array, load_vec, pair_madd, prefetch_ptr, row_pointer, splat, splat_const,
+                   f32_pointer, fma, is_c_array, load_vec, pair_madd, prefetch_ptr, row_pointer, splat, splat_const,
                    stack_activations, tree_sum, vec)
 
 # Products with fewer multiply-adds than this (weights x rows) run in the calling thread (see linear.py).
 PARALLEL_MIN_WORK = PARALLEL_MIN_WEIGHTS
+
+
+@njit(cache=True, nogil=True)
+def gather_rows(addresses, n):
+    """(B, n): the n float32 values at each address (each sequence's state row of a layer: arch/batch.py)."""
+    out = np.empty((addresses.shape[0], n), np.float32)
+    for b in range(addresses.shape[0]):
+        out[b, :] = carray(f32_pointer(addresses[b]), (n,))
+    return out
+
+
+@njit(cache=True, nogil=True)
+def scatter_rows(X, addresses):
+    """Row b of X (B, n) written to the n float32 values at addresses[b]."""
+    for b in range(addresses.shape[0]):
+        carray(f32_pointer(addresses[b]), (X.shape[1],))[:] = X[b, :]
 
 
 def matmul_rows(matrix: Matrix, X: np.ndarray) -> np.ndarray:
