@@ -5,9 +5,10 @@
 Times `model.forward([t], state)` (median over --tokens calls after 2 warm-up calls), then again with every
 Matrix call timed, and prints milliseconds per token per matrix shape and the rest (norms, mixes, WKV, state
 copy, Python). The timed pass runs each block step by step (the same kernels), where RWKV-5/7 panel files
-decode each block as one compiled call: its total minus the first median is what the block calls save. With --prompt N it then does the same for sequence mode: `model.forward(ids)` over N random
-tokens from a fresh state (median of 3 after one warm-up), the matrix products (dequantised tiles times the
-activations, or the scheme's own kernel) against the rest, per prompt. Weight bytes read per decode step are
+decode each block as one compiled call: its total minus the first median is what the block calls save. With
+--prompt N it then does the same for sequence mode: `model.forward(ids)` over N random tokens from a fresh state
+(median of 3 after one warm-up), the matrix products (dequantised tiles times the activations, or the scheme's
+own kernel) against the rest, per prompt. Weight bytes read per decode step are
 printed too (rwkv_lite.benchmark.bytes_read_per_token). Used for the profiles in docs/performance.md.
 """
 from __future__ import annotations

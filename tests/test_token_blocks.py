@@ -32,6 +32,17 @@ def model_of(tmp_path_factory):
     _MODELS.clear()
 
 
+def _count_calls(monkeypatch, module, function) -> list:
+    """Wrap module.function so that every call appends to the returned list."""
+    calls, real = [], getattr(module, function)
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+    monkeypatch.setattr(module, function, counted)
+    return calls
+
+
 def _decode(model, fused, tokens, source_steps):
     """Logits of a 5-token prompt then one token at a time (every other step from a source state, as generate()'s
     double buffering does), and the final state."""
@@ -63,14 +74,8 @@ BLOCK_CALL = {"v7_a": (v7, "rwkv7_block_token"), "v7_b": (v7, "rwkv7_block_token
 def test_block_call_equals_the_step_by_step_path(name, quant, source_steps, model_of, monkeypatch):
     model = model_of(name, quant)
     assert model.weights.block_token                 # every block covered: panel matrices, a LoRA chain
-    calls = []
     module, function = BLOCK_CALL[name]
-    real = getattr(module, function)
-
-    def counted(*args):
-        calls.append(1)
-        return real(*args)
-    monkeypatch.setattr(module, function, counted)
+    calls = _count_calls(monkeypatch, module, function)
     tokens = [int(t) for t in rm.token_sequence(rm.SPECS_BY_NAME[name])[:13]]
     for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
         with_threads = numba.get_num_threads()
@@ -107,14 +112,7 @@ def test_batched_block_call_equals_the_batched_step_path(name, quant, model_of, 
     from rwkv_lite.arch import common
     model = model_of(name, quant)
     module, function = BLOCK_CALL[name]
-    function = function.replace("_token", "_rows")
-    calls = []
-    real = getattr(module, function)
-
-    def counted(*args):
-        calls.append(1)
-        return real(*args)
-    monkeypatch.setattr(module, function, counted)
+    calls = _count_calls(monkeypatch, module, function.replace("_token", "_rows"))
     tokens = [int(t) for t in rm.token_sequence(rm.SPECS_BY_NAME[name])[:12]]
     got_states = [model.forward(tokens[3 * b: 3 * b + 2 + b])[1] for b in range(3)]
     want_states = [s.copy() for s in got_states]

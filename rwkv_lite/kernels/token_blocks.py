@@ -28,6 +28,49 @@ from .wkv5 import _rows as _wkv5_rows
 from .wkv7 import _token_one, _token_rows
 
 
+# Row kernels with the serial or parallel driver that pointwise.py picks for the same size (the same bits either
+# way; one token of one sequence takes the serial one below the largest widths).
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _group_norm_rows(x, n_head, weight, bias, eps):
+    if x.size * 2.2 >= PARALLEL_MIN_NS:                       # pointwise.group_norm's choice
+        return _group_norm_parallel(x, n_head, weight, bias, eps)
+    return _group_norm_serial(x, n_head, weight, bias, eps)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _layer_norm_rows(x, weight, bias, eps):
+    return _group_norm_rows(x, 1, weight, bias, eps)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _gate_rows(y, gate, fn):
+    if y.size * 0.4 >= PARALLEL_MIN_NS:                       # pointwise.silu_gate's / sigmoid_gate's choice
+        return _gate_parallel(y, gate, fn)
+    return _gate_serial(y, gate, fn)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _token_mix_rows(a, previous, mus):
+    if a.size * 0.15 * mus.shape[0] >= PARALLEL_MIN_NS:      # pointwise.token_mixes_rows's choice
+        return _token_mixes_parallel(a, previous, mus)
+    return _token_mixes_serial(a, previous, mus)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _activation_rows(x, fn, ns_per_element):
+    if x.size * ns_per_element >= PARALLEL_MIN_NS:            # pointwise's choice (tanh, sigmoid 0.4; relu^2 0.1)
+        return _activation_parallel(x, fn)
+    return _activation_serial(x, fn)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _shift_rows(a, previous, mus):
+    if a.size * 0.12 * mus.shape[0] >= PARALLEL_MIN_NS:      # pointwise.shift_mixes_rows's choice
+        return _shift_mixes_parallel(a, previous, mus, None)
+    return _shift_mixes_serial(a, previous, mus, None)
+
+
 @njit(cache=True, nogil=True)
 def _product(int8, parallel, wp, wd, x, cols, rows, threads):
     """y (1, rows) = the panel matrix (wp, wd) times the row x (1, C): PanelMatrix._product's kernel choice."""
@@ -68,9 +111,9 @@ def rwkv7_block_token(x, v_first, threads, blocks, att_x, ffn_x, wkv, source, co
     (the old WKV memory read from `source` when copy_source). The rest are the block's weights and their kernel
     arguments (arch/v7.py: Layer.block_token), as arch/v7.py's time_mix and channel_mix pass them."""
     # time mix: x += W_o . WKV7(r, k, v, LoRAs of the shifted LN1(x))
-    a = _group_norm_serial(x, 1, ln1_w, ln1_b, ln_eps)
+    a = _layer_norm_rows(x, ln1_w, ln1_b, ln_eps)
     previous = att_x.reshape(1, -1)
-    shifted = _shift_mixes_serial(a, previous, mixes, None)          # rows r, w, k, v, a, g
+    shifted = _shift_rows(a, previous, mixes)          # rows r, w, k, v, a, g
     xr, xw, xk, xv, xa, xg = shifted[0], shifted[1], shifted[2], shifted[3], shifted[4], shifted[5]
     Y = panel.gemv_many(rkv_int8, rkv_wp, rkv_wd, _padded((xr, xk, xv), rkv_cols), rkv_cols, rkv_npanels)
     r = np.ascontiguousarray(Y[0:1, :C])
@@ -93,9 +136,10 @@ def rwkv7_block_token(x, v_first, threads, blocks, att_x, ffn_x, wkv, source, co
     att_x[:] = a[0]
     x = x + _product(o_int8, o_parallel, o_wp, o_wd, y, o_cols, C, threads)
     # channel mix: x += W_v . relu(W_k . shifted LN2(x))^2
-    b = _group_norm_serial(x, 1, ln2_w, ln2_b, ln_eps)
-    xk2 = np.ascontiguousarray(_shift_mixes_serial(b, ffn_x.reshape(1, -1), ffn_mixes, None)[0])
-    hidden = _activation_serial(_product(k_int8, k_parallel, k_wp, k_wd, xk2, k_cols, k_rows, threads), RELU_SQUARE)
+    b = _layer_norm_rows(x, ln2_w, ln2_b, ln_eps)
+    xk2 = np.ascontiguousarray(_shift_rows(b, ffn_x.reshape(1, -1), ffn_mixes)[0])
+    hidden = _activation_rows(_product(k_int8, k_parallel, k_wp, k_wd, xk2, k_cols, k_rows, threads),
+                             RELU_SQUARE, 0.1)
     ffn_x[:] = b[0]
     x = x + _product(v_int8, v_parallel, v_wp, v_wd, hidden, v_cols, C, threads)
     return x, v_first
@@ -115,8 +159,8 @@ def rwkv5_block_token(x, threads, att_x, ffn_x, wkv, source, copy_source,
     memory read from `source` when copy_source). The rest are the block's weights and their kernel arguments
     (arch/v5.py: Layer.block_token), as arch/v5.py's time_mix and channel_mix pass them."""
     # time mix: x += W_o . [silu(W_g xg) *] GroupNorm(WKV5(W_r xr, W_k xk, W_v xv))
-    a = _group_norm_serial(x, 1, ln1_w, ln1_b, ln_eps)
-    mixed = _token_mixes_serial(a, att_x.reshape(1, -1), mixes)      # rows r, k, v[, g]
+    a = _layer_norm_rows(x, ln1_w, ln1_b, ln_eps)
+    mixed = _token_mix_rows(a, att_x.reshape(1, -1), mixes)      # rows r, k, v[, g]
     if has_gate:
         X = _padded((mixed[0], mixed[1], mixed[2], mixed[3]), att_cols)
     else:
@@ -131,19 +175,19 @@ def rwkv5_block_token(x, threads, att_x, ffn_x, wkv, source, copy_source,
         _heads_parallel(r, k, v, decay, False, bonus, source, copy_source, wkv, o)
     else:
         _heads_serial(r, k, v, decay, False, bonus, source, copy_source, wkv, o)
-    y = _group_norm_serial(o, n_head, ln_x_w, ln_x_b, ln_x_eps)
+    y = _group_norm_rows(o, n_head, ln_x_w, ln_x_b, ln_x_eps)
     if has_gate:
-        y = _gate_serial(y, np.ascontiguousarray(Y[3:4, :C]), SILU)
+        y = _gate_rows(y, np.ascontiguousarray(Y[3:4, :C]), SILU)
     att_x[:] = a[0]
     x = x + _product(o_int8, o_parallel, o_wp, o_wd, y, o_cols, C, threads)
     # channel mix: x += sigmoid(F_r xr) * F_v relu(F_k xk)^2
-    b = _group_norm_serial(x, 1, ln2_w, ln2_b, ln_eps)
-    mixed = _token_mixes_serial(b, ffn_x.reshape(1, -1), ffn_mixes)  # rows k, r
+    b = _layer_norm_rows(x, ln2_w, ln2_b, ln_eps)
+    mixed = _token_mix_rows(b, ffn_x.reshape(1, -1), ffn_mixes)  # rows k, r
     Y = panel.gemv_many(kr_int8, kr_wp, kr_wd, _padded((mixed[0], mixed[1]), kr_cols), kr_cols, kr_npanels)
-    hidden = _activation_serial(np.ascontiguousarray(Y[0:1, :F]), RELU_SQUARE)
+    hidden = _activation_rows(np.ascontiguousarray(Y[0:1, :F]), RELU_SQUARE, 0.1)
     ffn_x[:] = b[0]
     out = _product(v_int8, v_parallel, v_wp, v_wd, hidden, v_cols, C, threads)
-    return x + _gate_serial(out, np.ascontiguousarray(Y[1:2, :C]), SIGMOID)
+    return x + _gate_rows(out, np.ascontiguousarray(Y[1:2, :C]), SIGMOID)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -157,46 +201,6 @@ def _rows_product(int8, wp, wd, X, cols, rows, threads):
     """kernels/batched.matmul_rows of a panel matrix: Y (B, rows), row b the single-token product of X[b]."""
     parallel = rows > 1 and rows * X.shape[1] * X.shape[0] >= ROWS_PARALLEL_MIN_WORK
     return _product(int8, parallel, wp, wd, X, cols, rows, threads)
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _group_norm_rows(x, n_head, weight, bias, eps):
-    if x.size * 2.2 >= PARALLEL_MIN_NS:                       # pointwise.group_norm's choice
-        return _group_norm_parallel(x, n_head, weight, bias, eps)
-    return _group_norm_serial(x, n_head, weight, bias, eps)
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _layer_norm_rows(x, weight, bias, eps):
-    return _group_norm_rows(x, 1, weight, bias, eps)
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _gate_rows(y, gate, fn):
-    if y.size * 0.4 >= PARALLEL_MIN_NS:                       # pointwise.silu_gate's / sigmoid_gate's choice
-        return _gate_parallel(y, gate, fn)
-    return _gate_serial(y, gate, fn)
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _token_mix_rows(a, previous, mus):
-    if a.size * 0.15 * mus.shape[0] >= PARALLEL_MIN_NS:      # pointwise.token_mixes_rows's choice
-        return _token_mixes_parallel(a, previous, mus)
-    return _token_mixes_serial(a, previous, mus)
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _activation_rows(x, fn, ns_per_element):
-    if x.size * ns_per_element >= PARALLEL_MIN_NS:            # pointwise's choice (tanh, sigmoid 0.4; relu^2 0.1)
-        return _activation_parallel(x, fn)
-    return _activation_serial(x, fn)
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _shift_rows(a, previous, mus):
-    if a.size * 0.12 * mus.shape[0] >= PARALLEL_MIN_NS:      # pointwise.shift_mixes_rows's choice
-        return _shift_mixes_parallel(a, previous, mus, None)
-    return _shift_mixes_serial(a, previous, mus, None)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
