@@ -16,7 +16,8 @@ tells the two apart. It starts that many independent single-thread processes at 
 its own, and runs four phases in step (2 s each): a dependent chain of scalar operations (5 cycles an
 iteration, so its rate is the clock each CPU runs at), eight independent such chains (bound by the core's
 multiplier, not by latency: a CPU that shares its core with another busy one runs it at about half speed), the
-int8 panel product with one thread, and a one-thread fp32 GEMM (1024^3). Nothing is shared between the copies,
+int8 panel product with one thread, and a one-thread fp32 GEMM (1024^3). After each product and GEMM a short
+scalar chain reads the clock again: wide vector code can run at a lower clock, more so with more cores busy. Nothing is shared between the copies,
 so if the work per copy falls as copies are added, the machine gives n busy CPUs less than n times one CPU's
 throughput, and no threading of the kernels can scale better than the copies' total.
 """
@@ -94,19 +95,22 @@ print("ready", flush=True)
 start, phase = float(sys.stdin.readline()), float(sys.argv[2])
 
 def run(k, op, unit):
+    # op's rate over the phase; after each op a short scalar chain is timed too, to read the clock the core runs
+    # at right after that work (a core stays at a vector licence's lower clock for a while after wide vectors)
     while time.time() < start + k * phase:
         time.sleep(0.001)
-    end, n, t0 = start + k * phase + phase - 0.25, 0, time.perf_counter()
+    end, n, busy, ticks, clock_s = start + k * phase + phase - 0.25, 0, 0.0, 0, 0.0
     while time.time() < end:
-        op(); n += 1
-    return n * unit / (time.perf_counter() - t0)
+        t = time.perf_counter(); op(); busy += time.perf_counter() - t; n += 1
+        t = time.perf_counter(); chain(M, u[1]); clock_s += time.perf_counter() - t; ticks += 5 * M
+    return n * unit / busy, ticks / clock_s / 1e9
 
-N = 2_000_000
-out = {"cpu": cpu,
-       "ghz": run(0, lambda: chain(N, u[0]), 5 * N / 1e9),
-       "chains8": run(1, lambda: chains8(N, *u), 8 * N / 1e9),
-       "panel_per_s": run(2, lambda: panel.gemm_parallel(True, wp, wd, X, C, 1), 1),
-       "gemm_gflops": run(3, lambda: A @ A, 2 * 1024 ** 3 / 1e9)}
+N, M = 2_000_000, 200_000
+out = {"cpu": cpu}
+out["ghz"], _ = run(0, lambda: chain(N, u[0]), 5 * N / 1e9)
+out["chains8"], _ = run(1, lambda: chains8(N, *u), 8 * N / 1e9)
+out["panel_per_s"], out["ghz_panel"] = run(2, lambda: panel.gemm_parallel(True, wp, wd, X, C, 1), 1)
+out["gemm_gflops"], out["ghz_gemm"] = run(3, lambda: A @ A, 2 * 1024 ** 3 / 1e9)
 print(json.dumps(out), flush=True)
 """
 
@@ -140,24 +144,24 @@ def copies(counts: list[int], rounds: int, root: str) -> None:
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1",
                PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     print("Per copy: median over the copies (min-max); total: the copies' summed rate over one copy's alone")
-    print("| round | copies | clock GHz | 8 chains G iter/s (total) | int8 panel products/s (total) | "
-          "fp32 GEMM GFLOP/s (total) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| round | copies | clock GHz | 8 chains G iter/s (total) | int8 panel products/s (total) | clock after "
+          "them | fp32 GEMM GFLOP/s (total) | clock after them |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in range(1, rounds + 1):
         first = None
         for n in counts:
             rows = copies_round(n, cpus, env, 2.0)
             cell = {}
-            for key in ("ghz", "chains8", "panel_per_s", "gemm_gflops"):
+            for key in ("ghz", "chains8", "panel_per_s", "ghz_panel", "gemm_gflops", "ghz_gemm"):
                 v = [row[key] for row in rows]
                 cell[key] = (statistics.median(v), min(v), max(v), sum(v))
             first = first or cell
             def fmt(key, total=True):
                 med, lo, hi, tot = cell[key]
-                s = f"{med:.2f} ({lo:.2f}-{hi:.2f})" if key == "ghz" else f"{med:.1f} ({lo:.1f}-{hi:.1f})"
+                s = f"{med:.2f} ({lo:.2f}-{hi:.2f})" if key.startswith("ghz") else f"{med:.1f} ({lo:.1f}-{hi:.1f})"
                 return s + (f", {tot / first[key][3]:.2f}x" if total else "")
             print(f"| {r} | {n} | {fmt('ghz', False)} | {fmt('chains8')} | {fmt('panel_per_s')} | "
-                  f"{fmt('gemm_gflops')} |", flush=True)
+                  f"{fmt('ghz_panel', False)} | {fmt('gemm_gflops')} | {fmt('ghz_gemm', False)} |", flush=True)
 
 
 def main():

@@ -3,11 +3,11 @@ bit-identical between one token, batches, prompts, thread counts and instruction
 import numba
 import numpy as np
 import pytest
-from numba import njit
+from numba import njit, prange
 
 import rwkv_lite
 from conftest import shared_file
-from rwkv_lite.kernels import panel
+from rwkv_lite.kernels import panel, simd
 from rwkv_lite.schemes import get_scheme
 
 
@@ -226,3 +226,42 @@ def test_a_row_major_file_converts_to_p16_without_rounding_again(tmp_path, monke
     other = "int4" if quant == "int8" else "int8"
     with pytest.raises(FormatError, match="old.st: tensor .* already quantized file converts only"):
         rwkv_lite.convert(old, tmp_path / "x.st", other)
+
+
+@njit(parallel=True, cache=False)
+def _first_worker_held(tasks, spin_limit):
+    """prange(2) workers taking tasks from one counter; worker 0 holds on to its first task until the others are
+    all taken (or spin_limit reads have passed). Returns how many tasks each worker ran and the counter's end."""
+    counter, done = _zeros_int64(), _zeros_int64()      # apart: Numba's parfor passes do not see the atomics
+    ran = np.zeros((2, tasks), np.int64)
+    for w in prange(2):
+        t = simd.next_task(counter)
+        while t < tasks:
+            ran[w, t] += 1
+            if w == 0:
+                spins = 0
+                while simd.fetch_add(done, np.int64(0)) < tasks - 1 and spins < spin_limit:
+                    spins += 1
+            simd.fetch_add(done, np.int64(1))
+            t = simd.next_task(counter)
+    return ran, counter
+
+
+@njit(cache=False)
+def _zeros_int64():
+    return np.zeros(1, np.int64)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs two threads")
+def test_a_slow_worker_leaves_the_remaining_tasks_to_the_others():
+    # the drivers' workers take tasks as they are free (kernels/simd.next_task): a worker held up on its first task
+    # (a slower core) does not keep a share of the others waiting, and every task runs exactly once
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(2)
+        ran, end = _first_worker_held(64, 10 ** 9)
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_array_equal(ran.sum(0), np.ones(64, np.int64))
+    assert ran[0].sum() == 1 and ran[1].sum() == 63
+    assert end[0] == 64 + 2                       # each worker's last take finds none left

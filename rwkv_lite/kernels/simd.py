@@ -179,6 +179,31 @@ def f32_pointer(typingctx, address):
     return types.CPointer(types.float32)(address), codegen
 
 
+@intrinsic
+def fetch_add(typingctx, counter, value):
+    """Atomically add `value` to counter[0] (an int64 array) and return what it held before (value 0: an atomic
+    read). 'monotonic' ordering: see next_task."""
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64 and value == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        return builder.atomic_rmw("add", ary.data, args[1], "monotonic")
+    return types.int64(counter, value), codegen
+
+
+@njit(cache=True, nogil=True)
+def next_task(counter):
+    """The next task number of a parallel launch, from its shared counter (np.zeros(1, np.int64)). The drivers'
+    workers take tasks this way, each as soon as it is free, instead of Numba's schedule of an equal run of tasks
+    per thread, which makes every launch wait for its slowest thread: a core that runs slower (an efficiency core
+    of a laptop's hybrid CPU, a virtual CPU whose physical core is busy with other work) then holds up all the
+    others. Each task writes its own outputs, so results do not depend on which worker ran it. 'monotonic'
+    ordering is enough: the tasks' inputs were written before the parallel region began, and its end joins the
+    threads."""
+    return fetch_add(counter, np.int64(1))
+
+
 ALIGN = 64        # bytes: one cache line, one zmm register
 
 

@@ -115,19 +115,20 @@ def rwkv7_block_token(x, v_first, threads, blocks, att_x, ffn_x, wkv, source, co
     previous = att_x.reshape(1, -1)
     shifted = _shift_rows(a, previous, mixes)          # rows r, w, k, v, a, g
     xr, xw, xk, xv, xa, xg = shifted[0], shifted[1], shifted[2], shifted[3], shifted[4], shifted[5]
-    Y = panel.gemv_many(rkv_int8, rkv_wp, rkv_wd, _padded((xr, xk, xv), rkv_cols), rkv_cols, rkv_npanels)
+    Y = panel.gemv_many(rkv_int8, rkv_wp, rkv_wd, _padded((xr, xk, xv), rkv_cols), rkv_cols, rkv_npanels,
+                        threads)
     r = np.ascontiguousarray(Y[0:1, :C])
     k = np.ascontiguousarray(Y[1:2, :C])
     v = np.ascontiguousarray(Y[2:3, :C])
     if value_residual:
         U = panel.lora_chain(down_wp, down_wd, up_wp, up_wd, _padded((xw, xa, xv, xg), lora_cols), lora_cols,
-                             dims, middles, down_tasks, up_tasks, up_groups, lora_out_cols)
+                             dims, middles, down_tasks, up_tasks, up_groups, lora_out_cols, threads)
         u_w, u_a = np.ascontiguousarray(U[0:1, :C]), np.ascontiguousarray(U[1:2, :C])
         u_v, gate = np.ascontiguousarray(U[2:3, :C]), np.ascontiguousarray(U[3:4, :C])
         vr0 = v0
     else:
         U = panel.lora_chain(down_wp, down_wd, up_wp, up_wd, _padded((xw, xa, xg), lora_cols), lora_cols,
-                             dims, middles, down_tasks, up_tasks, up_groups, lora_out_cols)
+                             dims, middles, down_tasks, up_tasks, up_groups, lora_out_cols, threads)
         u_w, u_a, gate = np.ascontiguousarray(U[0:1, :C]), np.ascontiguousarray(U[1:2, :C]), \
             np.ascontiguousarray(U[2:3, :C])
         u_v, vr0, v_first = v, a0, v
@@ -165,7 +166,7 @@ def rwkv5_block_token(x, threads, att_x, ffn_x, wkv, source, copy_source,
         X = _padded((mixed[0], mixed[1], mixed[2], mixed[3]), att_cols)
     else:
         X = _padded((mixed[0], mixed[1], mixed[2]), att_cols)
-    Y = panel.gemv_many(att_int8, att_wp, att_wd, X, att_cols, att_npanels)
+    Y = panel.gemv_many(att_int8, att_wp, att_wd, X, att_cols, att_npanels, threads)
     r = np.ascontiguousarray(Y[0:1, :C])
     k = np.ascontiguousarray(Y[1:2, :C])
     v = np.ascontiguousarray(Y[2:3, :C])
@@ -183,7 +184,8 @@ def rwkv5_block_token(x, threads, att_x, ffn_x, wkv, source, copy_source,
     # channel mix: x += sigmoid(F_r xr) * F_v relu(F_k xk)^2
     b = _layer_norm_rows(x, ln2_w, ln2_b, ln_eps)
     mixed = _token_mix_rows(b, ffn_x.reshape(1, -1), ffn_mixes)  # rows k, r
-    Y = panel.gemv_many(kr_int8, kr_wp, kr_wd, _padded((mixed[0], mixed[1]), kr_cols), kr_cols, kr_npanels)
+    Y = panel.gemv_many(kr_int8, kr_wp, kr_wd, _padded((mixed[0], mixed[1]), kr_cols), kr_cols, kr_npanels,
+                        threads)
     hidden = _activation_rows(np.ascontiguousarray(Y[0:1, :F]), RELU_SQUARE, 0.1)
     ffn_x[:] = b[0]
     out = _product(v_int8, v_parallel, v_wp, v_wd, hidden, v_cols, C, threads)

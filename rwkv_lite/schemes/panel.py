@@ -205,7 +205,7 @@ class PanelMatrix(Matrix):
         rows = [m.shape[0] for m in matrices]
 
         def run(X):
-            Y = kernels.gemv_many(int8, wps, words, X, cols, npanels)
+            Y = kernels.gemv_many(int8, wps, words, X, cols, npanels, get_threads())
             return [Y[i, :R] for i, R in enumerate(rows)]
         return run
 
@@ -255,5 +255,6 @@ class ChainLaunch:
         for i, x in enumerate(xs):
             X[i, :self.C] = x
         Y = kernels.lora_chain(self.down_wp, self.down_words, self.up_wp, self.up_words, X, self.cols, self.dims,
-                               self.middles, self.down_tasks, self.up_tasks, self.up_groups, self.out_cols)
+                               self.middles, self.down_tasks, self.up_tasks, self.up_groups, self.out_cols,
+                               get_threads())
         return [Y[i, :self.R] for i in range(self.n)]
