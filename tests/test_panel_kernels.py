@@ -232,7 +232,7 @@ def test_a_row_major_file_converts_to_p16_without_rounding_again(tmp_path, monke
 def _first_worker_held(tasks, spin_limit):
     """prange(2) workers taking tasks from one counter; worker 0 holds on to its first task until the others are
     all taken (or spin_limit reads have passed). Returns how many tasks each worker ran and the counter's end."""
-    counter, done = _zeros_int64(), _zeros_int64()      # apart: Numba's parfor passes do not see the atomics
+    counter, done = simd.task_counter(), simd.task_counter()
     ran = np.zeros((2, tasks), np.int64)
     for w in prange(2):
         t = simd.next_task(counter)
@@ -245,11 +245,6 @@ def _first_worker_held(tasks, spin_limit):
             simd.fetch_add(done, np.int64(1))
             t = simd.next_task(counter)
     return ran, counter
-
-
-@njit(cache=False)
-def _zeros_int64():
-    return np.zeros(1, np.int64)
 
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs two threads")

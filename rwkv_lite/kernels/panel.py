@@ -51,7 +51,7 @@ from numba.extending import intrinsic
 
 from .pointwise import sigmoid_f32, tanh_f32
 from .simd import (F16, F32, I8, I16, I32, I64, PREFETCH_BYTES, bits_to_f32, fma, is_c_array,
-                   load_vec, next_task, prefetch_ptr, splat, splat_const, vec)
+                   load_vec, next_task, prefetch_ptr, splat, splat_const, task_counter, vec)
 
 PANEL = 16            # weight rows per panel: the int32 lanes of one 512-bit vector
 GROUP = 32            # columns per weight scale and per activation scale
@@ -595,7 +595,7 @@ def gemm_parallel(int8, wp, wd, X, cols, threads):
     if ptasks < wanted and B >= 2 * MIN_TASK_ROWS:
         rblocks = min(B // MIN_TASK_ROWS, (wanted + ptasks - 1) // ptasks)
     rows = (B + rblocks - 1) // rblocks
-    ntasks, counter = ptasks * rblocks, _counter()
+    ntasks, counter = ptasks * rblocks, task_counter()
     for _ in prange(min(threads, ntasks)):         # one worker per thread, each taking tasks while any are left
         t = next_task(counter)
         while t < ntasks:
@@ -649,11 +649,6 @@ def _largest(a):
 
 
 @njit(cache=CACHE, nogil=True)
-def _counter():
-    return np.zeros(1, np.int64)
-
-
-@njit(cache=CACHE, nogil=True)
 def _zeros(rows, cols):
     return np.zeros((rows, cols), np.float32)
 
@@ -667,7 +662,7 @@ def gemv_many(int8, wps, wds, X, cols, npanels, threads):
     xq, xs, xsum = quantize_rows(X, cols, 2 if int8 else 1, WIDE and int8)
     tasks = task_table(npanels)
     Y = np.empty((n, _largest(npanels) * PANEL), np.float32)
-    counter = _counter()
+    counter = task_counter()
     for _ in prange(min(threads, tasks.shape[0])):
         i = next_task(counter)
         while i < tasks.shape[0]:
@@ -698,7 +693,7 @@ def lora_chain(down_wps, down_wds, up_wps, up_wds, X, cols, dims, middles, down_
     xq, xs, xsum = quantize_rows(X, cols, 2, WIDE)
     hcols = _largest(up_groups) * GROUP
     H = _zeros(n, hcols)
-    counter = _counter()
+    counter = task_counter()
     for _ in prange(min(threads, down_tasks.shape[0])):
         i = next_task(counter)
         while i < down_tasks.shape[0]:
@@ -715,7 +710,7 @@ def lora_chain(down_wps, down_wds, up_wps, up_wds, X, cols, dims, middles, down_
                 H[m, c] = sigmoid_f32(H[m, c])
     hq, hs, hsum = quantize_rows(H, hcols, 2, WIDE)
     Y = np.empty((n, out_cols), np.float32)
-    counter = _counter()
+    counter = task_counter()
     for _ in prange(min(threads, up_tasks.shape[0])):
         i = next_task(counter)
         while i < up_tasks.shape[0]:

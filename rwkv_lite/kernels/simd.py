@@ -204,6 +204,13 @@ def next_task(counter):
     return fetch_add(counter, np.int64(1))
 
 
+@njit(cache=True, nogil=True)
+def task_counter():
+    """A launch's task counter for next_task. Allocated outside the parallel function on purpose: there Numba's
+    parfor passes would treat np.zeros as a loop of their own, and they do not see the atomic updates."""
+    return np.zeros(1, np.int64)
+
+
 ALIGN = 64        # bytes: one cache line, one zmm register
 
 

@@ -173,7 +173,7 @@ def rwkv5_block_token(x, threads, att_x, ffn_x, wkv, source, copy_source,
     o = np.empty_like(r)
     N = C // n_head
     if n_head > 1 and n_head * N * N >= PARALLEL_MIN_WORK:          # wkv5's choice: the same bits either way
-        _heads_parallel(r, k, v, decay, False, bonus, source, copy_source, wkv, o)
+        _heads_parallel(r, k, v, decay, False, bonus, source, copy_source, wkv, o, threads)
     else:
         _heads_serial(r, k, v, decay, False, bonus, source, copy_source, wkv, o)
     y = _group_norm_rows(o, n_head, ln_x_w, ln_x_b, ln_x_eps)

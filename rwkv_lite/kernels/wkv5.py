@@ -6,9 +6,10 @@ For each token t, using the OLD state:
 RWKV-6 passes a per-token decay w[t] (data dependent); RWKV-5 one decay for all tokens.
 Heads are independent, so they run in parallel; tokens run in order inside each head.
 """
+import numba
 from numba import carray, njit, prange
 
-from .simd import f32_pointer
+from .simd import f32_pointer, next_task, task_counter
 
 # Below this many state updates per call (T * H * N * N) a parallel launch costs more than it saves (and on a busy
 # machine much more): such calls run on one thread.
@@ -65,12 +66,17 @@ def _head_from(r, k, v, w, w_per_token, u, source, s, out, h):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _heads_parallel(r, k, v, w, w_per_token, u, source, copy_source, state, out):
-    for h in prange(state.shape[0]):
-        if copy_source:
-            _head_from(r, k, v, w, w_per_token, u, source[h], state[h], out, h)
-        else:
-            _head(r, k, v, w, w_per_token, u, state[h], out, h)
+def _heads_parallel(r, k, v, w, w_per_token, u, source, copy_source, state, out, threads):
+    # `threads` workers take the heads as they are free (simd.next_task): a prompt's head is a long task
+    H, counter = state.shape[0], task_counter()
+    for _ in prange(min(threads, H)):
+        h = next_task(counter)
+        while h < H:
+            if copy_source:
+                _head_from(r, k, v, w, w_per_token, u, source[h], state[h], out, h)
+            else:
+                _head(r, k, v, w, w_per_token, u, state[h], out, h)
+            h = next_task(counter)
 
 
 @njit(cache=True, error_model="numpy")
@@ -89,7 +95,7 @@ def _run(r, k, v, w, w_per_token, u, state, out, source):
         source = None
     args = (r, k, v, w, w_per_token, u, state if source is None else source, source is not None, state, out)
     if H > 1 and r.shape[0] * H * N * N >= PARALLEL_MIN_WORK:
-        _heads_parallel(*args)
+        _heads_parallel(*args, numba.get_num_threads())
     else:
         _heads_serial(*args)
 

@@ -17,7 +17,7 @@ import numpy as np
 from numba import carray, njit, prange
 
 from .pointwise import rwkv7_output_head, rwkv7_wkv_inputs_head
-from .simd import f32_pointer
+from .simd import f32_pointer, next_task, task_counter
 
 # Below this many state updates per call (T * H * N * N) one thread is faster than a parallel launch (the same
 # rule as kernels/wkv5.py).
@@ -69,16 +69,21 @@ def _wkv7_serial(r, w, k, v, a, b, state, out):
 
 
 @njit(cache=True, parallel=True)
-def _wkv7_parallel(r, w, k, v, a, b, state, out):
-    for h in prange(state.shape[0]):
-        _wkv7_head(h, r, w, k, v, a, b, state, out)
+def _wkv7_parallel(r, w, k, v, a, b, state, out, threads):
+    # `threads` workers take the heads as they are free (simd.next_task): a prompt's head is a long task
+    H, counter = state.shape[0], task_counter()
+    for _ in prange(min(threads, H)):
+        h = next_task(counter)
+        while h < H:
+            _wkv7_head(h, r, w, k, v, a, b, state, out)
+            h = next_task(counter)
 
 
 def wkv7(r, w, k, v, a, b, state, out):
     """r, w, k, v, a, b, out: (T, H*N) float32; state: (H, N, N) float32 [head][value][key], updated in place."""
     H, N = state.shape[0], state.shape[1]
     if H > 1 and r.shape[0] * H * N * N >= PARALLEL_MIN_WORK:
-        _wkv7_parallel(r, w, k, v, a, b, state, out)
+        _wkv7_parallel(r, w, k, v, a, b, state, out, numba.get_num_threads())
     else:
         _wkv7_serial(r, w, k, v, a, b, state, out)
 
