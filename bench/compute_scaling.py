@@ -17,9 +17,10 @@ its own, and runs four phases in step (2 s each): a dependent chain of scalar op
 iteration, so its rate is the clock each CPU runs at), eight independent such chains (bound by the core's
 multiplier, not by latency: a CPU that shares its core with another busy one runs it at about half speed), the
 int8 panel product with one thread, and a one-thread fp32 GEMM (1024^3). After each product and GEMM a short
-scalar chain reads the clock again: wide vector code can run at a lower clock, more so with more cores busy. Nothing is shared between the copies,
-so if the work per copy falls as copies are added, the machine gives n busy CPUs less than n times one CPU's
-throughput, and no threading of the kernels can scale better than the copies' total.
+scalar chain reads the clock again: wide vector code can run at a lower clock, more so with more cores busy.
+Nothing is shared between the copies, so if the work per copy falls as copies are added, the machine gives n
+busy CPUs less than n times one CPU's throughput, and no threading of the kernels can scale better than the
+copies' total.
 """
 from __future__ import annotations
 

@@ -194,7 +194,7 @@ def fetch_add(typingctx, counter, value):
 
 @njit(cache=True, nogil=True)
 def next_task(counter):
-    """The next task number of a parallel launch, from its shared counter (np.zeros(1, np.int64)). The drivers'
+    """The next task number of a parallel launch, from its shared counter (task_counter()). The drivers'
     workers take tasks this way, each as soon as it is free, instead of Numba's schedule of an equal run of tasks
     per thread, which makes every launch wait for its slowest thread: a core that runs slower (an efficiency core
     of a laptop's hybrid CPU, a virtual CPU whose physical core is busy with other work) then holds up all the
