@@ -64,7 +64,8 @@ import json, os, sys, time
 import numpy as np
 import numba
 cpu = int(sys.argv[1])
-os.sched_setaffinity(0, {cpu})
+if hasattr(os, "sched_setaffinity"):        # Linux; elsewhere the copies are not pinned
+    os.sched_setaffinity(0, {cpu})
 
 @numba.njit(cache=False)
 def chain(n, x):
@@ -140,7 +141,7 @@ def copies_round(n: int, cpus: list[int], env: dict, phase: float) -> list[dict]
 
 def copies(counts: list[int], rounds: int, root: str) -> None:
     import statistics
-    cpus = sorted(os.sched_getaffinity(0))
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
     counts = [n for n in counts if n <= len(cpus)]
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1",
                PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
