@@ -230,33 +230,43 @@ def test_a_row_major_file_converts_to_p16_without_rounding_again(tmp_path, monke
 
 @njit(parallel=True, cache=False)
 def _first_worker_held(tasks, spin_limit):
-    """prange(2) workers taking tasks from one counter; worker 0 holds on to its first task until the others are
-    all taken (or spin_limit reads have passed). Returns how many tasks each worker ran and the counter's end."""
-    counter, done = simd.task_counter(), simd.task_counter()
+    """Two workers sharing out `tasks` with simd.claim_task; worker 0 holds on to its first task until the others
+    are all taken (or spin_limit reads have passed). Returns how many times each worker ran each task."""
+    cursors, done = simd.task_cursors(2), simd.task_cursors(1)
     ran = np.zeros((2, tasks), np.int64)
     for w in prange(2):
-        t = simd.next_task(counter)
-        while t < tasks:
+        t = simd.claim_task(cursors, w, tasks, 2)
+        while t >= 0:
             ran[w, t] += 1
             if w == 0:
                 spins = 0
-                while simd.fetch_add(done, np.int64(0)) < tasks - 1 and spins < spin_limit:
+                while simd.fetch_add(done, 0, np.int64(0)) < tasks - 1 and spins < spin_limit:
                     spins += 1
-            simd.fetch_add(done, np.int64(1))
-            t = simd.next_task(counter)
-    return ran, counter
+            simd.fetch_add(done, 0, np.int64(1))
+            t = simd.claim_task(cursors, w, tasks, 2)
+    return ran
 
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs two threads")
-def test_a_slow_worker_leaves_the_remaining_tasks_to_the_others():
-    # the drivers' workers take tasks as they are free (kernels/simd.next_task): a worker held up on its first task
-    # (a slower core) does not keep a share of the others waiting, and every task runs exactly once
+def test_a_slow_worker_leaves_the_rest_of_its_run_to_the_others():
+    # the drivers' workers share out tasks with simd.claim_task: a worker held up on its first task (a slower core)
+    # does not keep the rest of its run waiting, and every task runs exactly once
     before = numba.get_num_threads()
     try:
         numba.set_num_threads(2)
-        ran, end = _first_worker_held(64, 10 ** 9)
+        ran = _first_worker_held(64, 10 ** 9)
     finally:
         numba.set_num_threads(before)
     np.testing.assert_array_equal(ran.sum(0), np.ones(64, np.int64))
-    assert ran[0].sum() == 1 and ran[1].sum() == 63
-    assert end[0] == 64 + 2                       # each worker's last take finds none left
+    assert ran[0, 0] == 1 and ran[0].sum() == 1          # with Numba's own split, worker 0 would run tasks 0-31
+    assert ran[1, 1:].sum() == 63
+
+
+def test_a_worker_takes_its_own_run_in_order_then_the_others():
+    cursors = simd.task_cursors(3)
+    assert simd.claim_task(cursors, 2, 10, 3) == 8                  # 10 tasks in runs of 4: 0-3, 4-7, 8-9
+    order = []
+    while (t := simd.claim_task(cursors, 0, 10, 3)) >= 0:
+        order.append(t)
+    assert order == [0, 1, 2, 3, 4, 5, 6, 7, 9]
+    assert simd.claim_task(cursors, 1, 10, 3) == -1

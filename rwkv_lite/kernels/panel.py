@@ -51,7 +51,7 @@ from numba.extending import intrinsic
 
 from .pointwise import sigmoid_f32, tanh_f32
 from .simd import (F16, F32, I8, I16, I32, I64, PREFETCH_BYTES, bits_to_f32, fma, is_c_array,
-                   load_vec, next_task, prefetch_ptr, splat, splat_const, task_counter, vec)
+                   claim_task, load_vec, prefetch_ptr, splat, splat_const, task_cursors, vec)
 
 PANEL = 16            # weight rows per panel: the int32 lanes of one 512-bit vector
 GROUP = 32            # columns per weight scale and per activation scale
@@ -595,16 +595,18 @@ def gemm_parallel(int8, wp, wd, X, cols, threads):
     if ptasks < wanted and B >= 2 * MIN_TASK_ROWS:
         rblocks = min(B // MIN_TASK_ROWS, (wanted + ptasks - 1) // ptasks)
     rows = (B + rblocks - 1) // rblocks
-    ntasks, counter = ptasks * rblocks, task_counter()
-    for _ in prange(min(threads, ntasks)):         # one worker per thread, each taking tasks while any are left
-        t = next_task(counter)
-        while t < ntasks:
+    ntasks = ptasks * rblocks
+    workers = min(threads, ntasks)
+    cursors = task_cursors(workers)
+    for worker in prange(workers):                   # one worker per thread: its own run of tasks, then the others'
+        t = claim_task(cursors, worker, ntasks, workers)
+        while t >= 0:
             pt, rb = t // rblocks, t % rblocks
             b0, b1 = rb * rows, min(B, (rb + 1) * rows)
             if b0 < b1:
                 _run_panels(int8, wp, wd, xq, xs, xsum, pt * PANELS_PER_TASK,
                             min(npanels, (pt + 1) * PANELS_PER_TASK), b0, b1, Y)
-            t = next_task(counter)
+            t = claim_task(cursors, worker, ntasks, workers)
     return Y
 
 
@@ -634,8 +636,8 @@ def balanced_panels_per_task(panel_bytes):
     """Panels per task for matrices whose panels hold panel_bytes[m] bytes: PANELS_PER_TASK for the largest, more
     for smaller ones, so every task streams about as many bytes (when Numba handed each thread an equal run of tasks,
     PANELS_PER_TASK for all of RWKV-7's four LoRA up factors, panels of 96, 96, 64 and 256 columns, gave one of
-    two threads 384 KB and the other 640 KB per layer; the workers now take tasks as they are free, and tasks of
-    even size still end a launch with the least waiting)."""
+    two threads 384 KB and the other 640 KB per layer; workers now take over the rest of another's run when their
+    own is done, and tasks of even size still end a launch with the least waiting)."""
     largest = max(panel_bytes)
     return np.array([max(1, round(PANELS_PER_TASK * largest / b)) for b in panel_bytes], np.int64)
 
@@ -657,18 +659,20 @@ def _zeros(rows, cols):
 def gemv_many(int8, wps, wds, X, cols, npanels, threads):
     """Y (n, max panels * 16): row m = matrix m (wps[m], wds[m]) times X[m], for one token of n matrices of one
     width in one parallel launch (a layer's r/k/v/g projections); identical to one gemm per matrix. `threads`
-    workers take the tasks (runs of panels) as gemm_parallel's do."""
+    workers share out the tasks (runs of panels) as gemm_parallel's do."""
     n = X.shape[0]
     xq, xs, xsum = quantize_rows(X, cols, 2 if int8 else 1, WIDE and int8)
     tasks = task_table(npanels)
     Y = np.empty((n, _largest(npanels) * PANEL), np.float32)
-    counter = task_counter()
-    for _ in prange(min(threads, tasks.shape[0])):
-        i = next_task(counter)
-        while i < tasks.shape[0]:
+    ntasks = tasks.shape[0]
+    workers = min(threads, ntasks)
+    cursors = task_cursors(workers)
+    for worker in prange(workers):
+        i = claim_task(cursors, worker, ntasks, workers)
+        while i >= 0:
             m = tasks[i, 0]
             _run_panels(int8, wps[m], wds[m], xq, xs, xsum, tasks[i, 1], tasks[i, 2], m, m + 1, Y)
-            i = next_task(counter)
+            i = claim_task(cursors, worker, ntasks, workers)
     return Y
 
 
@@ -688,19 +692,21 @@ def lora_chain(down_wps, down_wds, up_wps, up_wds, X, cols, dims, middles, down_
     dims[m] = D_m; down_tasks / up_tasks: task_table of the factors' panel counts; up_groups[m]: B_m's 32-column
     groups (D_m padded); out_cols: R padded to whole panels. H rows are zero past D_m (after f_m too, as the
     padding of a separate product would be), and B_m reads only its own groups of the rounded H (a group's
-    rounding does not depend on the others). `threads` workers take each product's tasks as gemm_parallel's do."""
+    rounding does not depend on the others). `threads` workers share out each product's tasks as gemm_parallel's do."""
     n = X.shape[0]
     xq, xs, xsum = quantize_rows(X, cols, 2, WIDE)
     hcols = _largest(up_groups) * GROUP
     H = _zeros(n, hcols)
-    counter = task_counter()
-    for _ in prange(min(threads, down_tasks.shape[0])):
-        i = next_task(counter)
-        while i < down_tasks.shape[0]:
+    ntasks = down_tasks.shape[0]
+    workers = min(threads, ntasks)
+    cursors = task_cursors(workers)
+    for worker in prange(workers):
+        i = claim_task(cursors, worker, ntasks, workers)
+        while i >= 0:
             m = down_tasks[i, 0]
             _run_panels(True, down_wps[m], down_wds[m], xq, xs, xsum, down_tasks[i, 1], down_tasks[i, 2], m, m + 1,
                         H)
-            i = next_task(counter)
+            i = claim_task(cursors, worker, ntasks, workers)
     for m in range(n):
         if middles[m] == TANH:
             for c in range(dims[m]):
@@ -710,13 +716,15 @@ def lora_chain(down_wps, down_wds, up_wps, up_wds, X, cols, dims, middles, down_
                 H[m, c] = sigmoid_f32(H[m, c])
     hq, hs, hsum = quantize_rows(H, hcols, 2, WIDE)
     Y = np.empty((n, out_cols), np.float32)
-    counter = task_counter()
-    for _ in prange(min(threads, up_tasks.shape[0])):
-        i = next_task(counter)
-        while i < up_tasks.shape[0]:
+    ntasks = up_tasks.shape[0]
+    workers = min(threads, ntasks)
+    cursors = task_cursors(workers)
+    for worker in prange(workers):
+        i = claim_task(cursors, worker, ntasks, workers)
+        while i >= 0:
             m = up_tasks[i, 0]
             g = up_groups[m]
             _run_panels(True, up_wps[m], up_wds[m], hq[:g], hs[:g], hsum[:g], up_tasks[i, 1], up_tasks[i, 2], m,
                         m + 1, Y)
-            i = next_task(counter)
+            i = claim_task(cursors, worker, ntasks, workers)
     return Y

@@ -180,35 +180,52 @@ def f32_pointer(typingctx, address):
 
 
 @intrinsic
-def fetch_add(typingctx, counter, value):
-    """Atomically add `value` to counter[0] (an int64 array) and return what it held before (value 0: an atomic
-    read). 'monotonic' ordering: see next_task."""
-    if not (isinstance(counter, types.Array) and counter.dtype == types.int64 and value == types.int64):
+def fetch_add(typingctx, counters, index, value):
+    """Atomically add `value` to counters[index] (an int64 array) and return what it held before. 'monotonic'
+    ordering: see claim_task."""
+    if not (isinstance(counters, types.Array) and counters.dtype == types.int64 and counters.ndim == 1
+            and isinstance(index, types.Integer) and value == types.int64):
         return None
 
     def codegen(context, builder, sig, args):
         ary = context.make_array(sig.args[0])(context, builder, args[0])
-        return builder.atomic_rmw("add", ary.data, args[1], "monotonic")
-    return types.int64(counter, value), codegen
+        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [args[1]])
+        return builder.atomic_rmw("add", ptr, args[2], "monotonic")
+    return types.int64(counters, index, value), codegen
+
+
+CURSOR_STRIDE = 8       # int64s between two runs' cursors: one cache line each, so workers do not contend
 
 
 @njit(cache=True, nogil=True)
-def next_task(counter):
-    """The next task number of a parallel launch, from its shared counter (task_counter()). The drivers'
-    workers take tasks this way, each as soon as it is free, instead of Numba's schedule of an equal run of tasks
-    per thread, which makes every launch wait for its slowest thread: a core that runs slower (an efficiency core
-    of a laptop's hybrid CPU, a virtual CPU whose physical core is busy with other work) then holds up all the
-    others. Each task writes its own outputs, so results do not depend on which worker ran it. 'monotonic'
-    ordering is enough: the tasks' inputs were written before the parallel region began, and its end joins the
-    threads."""
-    return fetch_add(counter, np.int64(1))
+def task_cursors(workers):
+    """The cursors of a parallel launch's `workers` runs of tasks, for claim_task. Allocated outside the parallel
+    function on purpose: there Numba's parfor passes would treat np.zeros as a loop of their own, and they do not
+    see the atomic updates."""
+    return np.zeros(workers * CURSOR_STRIDE, np.int64)
 
 
 @njit(cache=True, nogil=True)
-def task_counter():
-    """A launch's task counter for next_task. Allocated outside the parallel function on purpose: there Numba's
-    parfor passes would treat np.zeros as a loop of their own, and they do not see the atomic updates."""
-    return np.zeros(1, np.int64)
+def claim_task(cursors, worker, tasks, workers):
+    """The next task (0..tasks-1) for `worker`, or -1 when none is left. The tasks are cut into `workers` runs of
+    consecutive tasks, as Numba's own schedule cuts a loop; each worker takes its own run's tasks in order, then
+    what is left of the other runs, one task at a time.
+
+    Why not Numba's schedule: it gives each thread its run and nothing else, so every launch waits for its
+    slowest thread. A core that runs slower (an efficiency core of a laptop's hybrid CPU, a virtual CPU whose
+    physical core is busy with other work) then holds up all the others; here the others take over the rest of
+    its run. Why runs rather than one shared counter: a worker that walks consecutive tasks streams its weights
+    in one pass, and its prefetches ahead land in its own next task (handing out tasks in turn made int4 decode
+    steps 15% slower on 2 cores). Each task writes its own outputs, so results do not depend on which worker ran
+    it. 'monotonic' ordering is enough: the tasks' inputs were written before the parallel region began, and its
+    end joins the threads."""
+    per = (tasks + workers - 1) // workers
+    for j in range(workers):
+        run = (worker + j) % workers
+        t = fetch_add(cursors, run * CURSOR_STRIDE, np.int64(1))
+        if t < per and run * per + t < tasks:
+            return run * per + t
+    return -1
 
 
 ALIGN = 64        # bytes: one cache line, one zmm register

@@ -9,7 +9,7 @@ Heads are independent, so they run in parallel; tokens run in order inside each 
 import numba
 from numba import carray, njit, prange
 
-from .simd import f32_pointer, next_task, task_counter
+from .simd import claim_task, f32_pointer, task_cursors
 
 # Below this many state updates per call (T * H * N * N) a parallel launch costs more than it saves (and on a busy
 # machine much more): such calls run on one thread.
@@ -67,16 +67,18 @@ def _head_from(r, k, v, w, w_per_token, u, source, s, out, h):
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def _heads_parallel(r, k, v, w, w_per_token, u, source, copy_source, state, out, threads):
-    # `threads` workers take the heads as they are free (simd.next_task): a prompt's head is a long task
-    H, counter = state.shape[0], task_counter()
-    for _ in prange(min(threads, H)):
-        h = next_task(counter)
-        while h < H:
+    # `threads` workers share out the heads (simd.claim_task): a prompt's head is a long task
+    H = state.shape[0]
+    workers = min(threads, H)
+    cursors = task_cursors(workers)
+    for worker in prange(workers):
+        h = claim_task(cursors, worker, H, workers)
+        while h >= 0:
             if copy_source:
                 _head_from(r, k, v, w, w_per_token, u, source[h], state[h], out, h)
             else:
                 _head(r, k, v, w, w_per_token, u, state[h], out, h)
-            h = next_task(counter)
+            h = claim_task(cursors, worker, H, workers)
 
 
 @njit(cache=True, error_model="numpy")

@@ -17,7 +17,7 @@ import numpy as np
 from numba import carray, njit, prange
 
 from .pointwise import rwkv7_output_head, rwkv7_wkv_inputs_head
-from .simd import f32_pointer, next_task, task_counter
+from .simd import claim_task, f32_pointer, task_cursors
 
 # Below this many state updates per call (T * H * N * N) one thread is faster than a parallel launch (the same
 # rule as kernels/wkv5.py).
@@ -70,13 +70,15 @@ def _wkv7_serial(r, w, k, v, a, b, state, out):
 
 @njit(cache=True, parallel=True)
 def _wkv7_parallel(r, w, k, v, a, b, state, out, threads):
-    # `threads` workers take the heads as they are free (simd.next_task): a prompt's head is a long task
-    H, counter = state.shape[0], task_counter()
-    for _ in prange(min(threads, H)):
-        h = next_task(counter)
-        while h < H:
+    # `threads` workers share out the heads (simd.claim_task): a prompt's head is a long task
+    H = state.shape[0]
+    workers = min(threads, H)
+    cursors = task_cursors(workers)
+    for worker in prange(workers):
+        h = claim_task(cursors, worker, H, workers)
+        while h >= 0:
             _wkv7_head(h, r, w, k, v, a, b, state, out)
-            h = next_task(counter)
+            h = claim_task(cursors, worker, H, workers)
 
 
 def wkv7(r, w, k, v, a, b, state, out):
