@@ -145,7 +145,8 @@ def copies(counts: list[int], rounds: int, root: str) -> None:
     counts = [n for n in counts if n <= len(cpus)]
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1",
                PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    print("Per copy: median over the copies (min-max); total: the copies' summed rate over one copy's alone")
+    print(f"Per copy: median over the copies (min-max); total: the copies' summed rate over the {counts[0]} "
+          "copies' of the round's first row")
     print("| round | copies | clock GHz | 8 chains G iter/s (total) | int8 panel products/s (total) | clock after "
           "them | fp32 GEMM GFLOP/s (total) | clock after them |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
